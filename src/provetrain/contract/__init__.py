@@ -1,0 +1,25 @@
+"""The contract as code: schema, located loading, clause enumeration, predicates and the registry."""
+
+from provetrain.contract.clauses import Clause as Clause
+from provetrain.contract.clauses import enumerate_clauses as enumerate_clauses
+from provetrain.contract.load import bundled_contract_path as bundled_contract_path
+from provetrain.contract.load import load_contract as load_contract
+from provetrain.contract.load import parse_contract as parse_contract
+from provetrain.contract.registry import Binding as Binding
+from provetrain.contract.registry import ClauseStatus as ClauseStatus
+from provetrain.contract.registry import Evidence as Evidence
+from provetrain.contract.registry import clause_statuses as clause_statuses
+from provetrain.contract.schema import Contract as Contract
+
+__all__ = [
+    "Binding",
+    "Clause",
+    "ClauseStatus",
+    "Contract",
+    "Evidence",
+    "bundled_contract_path",
+    "clause_statuses",
+    "enumerate_clauses",
+    "load_contract",
+    "parse_contract",
+]

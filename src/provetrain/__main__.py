@@ -1,0 +1,3 @@
+from provetrain.cli import main
+
+main()

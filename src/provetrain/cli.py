@@ -1,0 +1,133 @@
+"""The ``provetrain`` command line: parse, call the library, format. No logic of its own."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from provetrain import __version__
+from provetrain.contract.load import load_contract
+from provetrain.contract.registry import ClauseStatus, clause_statuses
+from provetrain.errors import ContractError
+
+app = typer.Typer(
+    help="Train PyTorch models under a machine-checked contract.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+contract_app = typer.Typer(help="Show the contract and how each clause is enforced and evidenced.")
+app.add_typer(contract_app, name="contract")
+
+# Piped output (CI logs, files) gets a wide table instead of rich's 80-column default.
+stdout = Console(soft_wrap=False, width=None if sys.stdout.isatty() else 180)
+stderr = Console(stderr=True)
+
+ContractFile = Annotated[
+    Path | None,
+    typer.Argument(help="Contract YAML (default: the bundled training-loop-v1.yaml).", show_default=False),
+]
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of a table.")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        stdout.print(f"provetrain {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Train PyTorch models under a machine-checked contract."""
+
+
+def _statuses_or_exit(path: Path | None) -> list[ClauseStatus]:
+    try:
+        return clause_statuses(load_contract(path))
+    except ContractError as error:
+        stderr.print(f"[bold red]error:[/] {error}", highlight=False, markup=True)
+        raise typer.Exit(2) from None
+
+
+def _as_json(status: ClauseStatus) -> dict[str, Any]:
+    clause = status.clause
+    return {
+        "id": clause.id,
+        "kind": clause.kind,
+        "owner": clause.owner,
+        "text": clause.text,
+        "predicate": status.predicate.name if status.predicate else None,
+        "enforced_by": list(status.binding.enforced_by),
+        "evidence": [{"kind": e.kind, "ref": e.ref} for e in status.binding.evidence],
+        "bound": status.bound,
+        "gaps": list(status.gaps),
+    }
+
+
+def _table(statuses: list[ClauseStatus], title: str) -> Table:
+    table = Table(title=title, show_lines=False, expand=False)
+    for column in ("clause", "kind", "text", "binding", "evidence", "status"):
+        table.add_column(column, overflow="fold")
+    for status in statuses:
+        clause = status.clause
+        binding = [status.predicate.function.__name__] if status.predicate else []
+        binding += [site.rsplit(".", 1)[-1] for site in status.binding.enforced_by]
+        evidence = sorted({e.kind for e in status.binding.evidence})
+        verdict = "[green]bound[/]" if status.bound else "[yellow]" + "; ".join(status.gaps) + "[/]"
+        table.add_row(
+            clause.id,
+            clause.kind,
+            clause.text,
+            ", ".join(binding) or "-",
+            f"{len(status.binding.evidence)} ({', '.join(evidence)})" if evidence else "-",
+            verdict,
+        )
+    return table
+
+
+@contract_app.command("status")
+def contract_status(path: ContractFile = None, as_json: JsonFlag = False) -> None:
+    """List every clause with its binding (predicate, enforcing code) and its evidence."""
+    statuses = _statuses_or_exit(path)
+    if as_json:
+        print(json.dumps([_as_json(s) for s in statuses], indent=2))
+        return
+    bound = sum(s.bound for s in statuses)
+    stdout.print(_table(statuses, f"{path or 'training-loop-v1.yaml (bundled)'}"))
+    stdout.print(f"{bound} of {len(statuses)} clauses bound.")
+
+
+@contract_app.command("audit")
+def contract_audit(path: ContractFile = None, as_json: JsonFlag = False) -> None:
+    """Exit 1 and list each unbound clause or untested falsification id; exit 0 when all are bound."""
+    statuses = _statuses_or_exit(path)
+    gaps = [s for s in statuses if not s.bound]
+    if as_json:
+        print(json.dumps({"ok": not gaps, "total": len(statuses), "unbound": [_as_json(s) for s in gaps]}, indent=2))
+    elif gaps:
+        for status in gaps:
+            stdout.print(f"UNBOUND {status.clause.id} `{status.clause.text}`: {'; '.join(status.gaps)}", highlight=False)
+        stdout.print(f"{len(gaps)} of {len(statuses)} clauses unbound.")
+    else:
+        stdout.print(f"All {len(statuses)} clauses bound and evidenced.")
+    if gaps:
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        stderr.print("interrupted")
+        sys.exit(130)

@@ -1,0 +1,115 @@
+"""The clause registry: each clause of the contract, the code that enforces it, and its evidence.
+
+A clause is *bound* only when all that it needs is present:
+
+- an equation's precondition or postcondition: a predicate for its exact text (``predicates.py``), the
+  code that evaluates it at run time, and evidence (tests, proofs) that the code keeps it;
+- an invariant or proof obligation: the code that enforces or checks it, and evidence;
+- a falsification test or proof harness: the tests or proof that carry it out.
+
+Anything missing is a gap, reported by ``provetrain contract audit``; nothing is silently true. Bindings
+are plain data below, keyed by ``(owner, kind, text)`` so they follow the clause if the file is reordered.
+Enforcement sites are dotted paths (checked importable by the test suite) and evidence names pytest node
+ids or proof commands (checked to exist by the test suite), so this table cannot drift from the code.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Literal
+
+from provetrain.contract.clauses import Clause, ClauseKind, enumerate_clauses
+from provetrain.contract.predicates import Predicate, predicate_for
+from provetrain.contract.schema import Contract
+
+__all__ = [
+    "BINDINGS",
+    "Binding",
+    "ClauseStatus",
+    "Evidence",
+    "EvidenceKind",
+    "clause_statuses",
+    "resolve_dotted",
+]
+
+EvidenceKind = Literal["unit-test", "property-test", "smt-proof", "parity", "falsification-test"]
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """One piece of evidence: ``ref`` is a pytest node id or a ``provetrain`` command."""
+
+    kind: EvidenceKind
+    ref: str
+
+
+@dataclass(frozen=True)
+class Binding:
+    """How one clause is kept: the code that enforces it and the evidence that it does."""
+
+    enforced_by: tuple[str, ...] = ()
+    evidence: tuple[Evidence, ...] = ()
+
+
+@dataclass(frozen=True)
+class ClauseStatus:
+    """A clause with its binding, and the gaps that keep it from being bound."""
+
+    clause: Clause
+    predicate: Predicate | None
+    binding: Binding
+    gaps: tuple[str, ...] = field(default=())
+
+    @property
+    def bound(self) -> bool:
+        return not self.gaps
+
+
+BindingKey = tuple[str, ClauseKind, str]
+
+# Filled in by the issues that deliver each piece; an absent key is an unbound clause.
+BINDINGS: dict[BindingKey, Binding] = {}
+
+_NEEDS_PREDICATE: frozenset[ClauseKind] = frozenset({"precondition", "postcondition"})
+_NEEDS_ENFORCEMENT: frozenset[ClauseKind] = frozenset(
+    {"precondition", "postcondition", "invariant", "obligation"}
+)
+
+
+def clause_statuses(
+    contract: Contract, bindings: dict[BindingKey, Binding] | None = None
+) -> list[ClauseStatus]:
+    """Every clause of ``contract`` with its predicate, binding and gaps, in file order."""
+    table = BINDINGS if bindings is None else bindings
+    statuses = []
+    for clause in enumerate_clauses(contract):
+        predicate = predicate_for(clause.text) if clause.kind in _NEEDS_PREDICATE else None
+        binding = table.get(clause.key, Binding())
+        statuses.append(ClauseStatus(clause, predicate, binding, _gaps(clause, predicate, binding)))
+    return statuses
+
+
+def _gaps(clause: Clause, predicate: Predicate | None, binding: Binding) -> tuple[str, ...]:
+    gaps = []
+    if clause.kind in _NEEDS_PREDICATE and predicate is None:
+        gaps.append("no predicate for this clause text")
+    if clause.kind in _NEEDS_ENFORCEMENT and not binding.enforced_by:
+        gaps.append("no code enforces it")
+    if not binding.evidence:
+        gaps.append("no test" if clause.kind == "falsification" else "no evidence")
+    return tuple(gaps)
+
+
+def resolve_dotted(path: str) -> object:
+    """Import ``package.module.attr.attr`` and return the object (raises ImportError/AttributeError)."""
+    parts = path.split(".")
+    for split in range(len(parts), 0, -1):
+        try:
+            target: object = importlib.import_module(".".join(parts[:split]))
+        except ModuleNotFoundError:
+            continue
+        for attribute in parts[split:]:
+            target = getattr(target, attribute)
+        return target
+    raise ImportError(f"cannot import any prefix of {path!r}")
