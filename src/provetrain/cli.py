@@ -27,7 +27,7 @@ app.add_typer(contract_app, name="contract")
 
 # Piped output (CI logs, files) gets a wide table instead of rich's 80-column default.
 stdout = Console(soft_wrap=False, width=None if sys.stdout.isatty() else 180)
-stderr = Console(stderr=True)
+stderr = Console(stderr=True, soft_wrap=True)
 
 ContractFile = Annotated[
     Path | None,
@@ -116,7 +116,9 @@ def contract_audit(path: ContractFile = None, as_json: JsonFlag = False) -> None
         print(json.dumps({"ok": not gaps, "total": len(statuses), "unbound": [_as_json(s) for s in gaps]}, indent=2))
     elif gaps:
         for status in gaps:
-            stdout.print(f"UNBOUND {status.clause.id} `{status.clause.text}`: {'; '.join(status.gaps)}", highlight=False)
+            stdout.print(
+                f"UNBOUND {status.clause.id} `{status.clause.text}`: {'; '.join(status.gaps)}", highlight=False
+            )
         stdout.print(f"{len(gaps)} of {len(statuses)} clauses unbound.")
     else:
         stdout.print(f"All {len(statuses)} clauses bound and evidenced.")

@@ -28,10 +28,7 @@ def test_shipped_contract_loads_with_every_section() -> None:
         "grad_norm <= clip_value",
         "gradients.iter().all(|g| g.is_finite())",
     ]
-    assert (
-        contract.equations["loss_decrease"].lean_theorem
-        == "ProvableContracts.Theorems.CrossEntropy.NonNegativity"
-    )
+    assert contract.equations["loss_decrease"].lean_theorem == "ProvableContracts.Theorems.CrossEntropy.NonNegativity"
     assert [o.type for o in contract.proof_obligations] == ["bound", "invariant", "equivalence"]
     assert contract.proof_obligations[2].tolerance == pytest.approx(1e-4)
     assert [t.id for t in contract.falsification_tests] == [f"FALSIFY-TRAIN-00{i}" for i in (1, 2, 3)]
@@ -40,9 +37,7 @@ def test_shipped_contract_loads_with_every_section() -> None:
     assert harness.obligation == contract.proof_obligations[0].property
 
 
-@pytest.mark.skipif(
-    not SHARED_CONTRACT.exists(), reason="the project's shared/ folder is not beside this checkout"
-)
+@pytest.mark.skipif(not SHARED_CONTRACT.exists(), reason="the project's shared/ folder is not beside this checkout")
 def test_shipped_contract_is_identical_to_the_users_file() -> None:
     assert bundled_contract_path().read_bytes() == SHARED_CONTRACT.read_bytes()
 
@@ -66,7 +61,14 @@ def _edit(old: str, new: str) -> str:
 
 # (name, contract text, key named in the error, line, column, regex the message must match)
 BAD_CONTRACTS = [
-    ("unclosed flow list", _edit('  version: "1.0.0"', "  version: [1.0.0"), None, 3, 10, r"invalid YAML: expected ',' or ']'"),
+    (
+        "unclosed flow list",
+        _edit('  version: "1.0.0"', "  version: [1.0.0"),
+        None,
+        3,
+        10,
+        r"invalid YAML: expected ',' or ']'",
+    ),
     (
         "wrong type in a clause list",
         _edit('      - "lr > 0.0"', "      - 5"),
@@ -170,9 +172,7 @@ BAD_CONTRACTS = [
 @pytest.mark.parametrize(
     ("name", "text", "key", "line", "column", "pattern"), BAD_CONTRACTS, ids=[c[0] for c in BAD_CONTRACTS]
 )
-def test_bad_contract_is_located(
-    name: str, text: str, key: str | None, line: int, column: int, pattern: str
-) -> None:
+def test_bad_contract_is_located(name: str, text: str, key: str | None, line: int, column: int, pattern: str) -> None:
     with pytest.raises(ContractError) as caught:
         parse_contract(text, path="bad.yaml")
     error = caught.value

@@ -82,15 +82,15 @@ def _reject_duplicate_keys(node: yaml.Node, loc: Loc, path: str | Path | None) -
                 raise ContractError(
                     "duplicate key (YAML would silently keep only the last one)",
                     path=path,
-                    key=_dotted(loc + (key,)),
+                    key=_dotted((*loc, key)),
                     expected="each key once per mapping",
                     **_position(key_node.start_mark),
                 )
             seen.add(key)
-            _reject_duplicate_keys(value_node, loc + (key,), path)
+            _reject_duplicate_keys(value_node, (*loc, key), path)
     elif isinstance(node, yaml.SequenceNode):
         for index, item in enumerate(node.value):
-            _reject_duplicate_keys(item, loc + (index,), path)
+            _reject_duplicate_keys(item, (*loc, index), path)
 
 
 def _located(error: ValidationError, root: yaml.Node, path: str | Path | None) -> ContractError:

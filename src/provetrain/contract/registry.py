@@ -72,14 +72,10 @@ BindingKey = tuple[str, ClauseKind, str]
 BINDINGS: dict[BindingKey, Binding] = {}
 
 _NEEDS_PREDICATE: frozenset[ClauseKind] = frozenset({"precondition", "postcondition"})
-_NEEDS_ENFORCEMENT: frozenset[ClauseKind] = frozenset(
-    {"precondition", "postcondition", "invariant", "obligation"}
-)
+_NEEDS_ENFORCEMENT: frozenset[ClauseKind] = frozenset({"precondition", "postcondition", "invariant", "obligation"})
 
 
-def clause_statuses(
-    contract: Contract, bindings: dict[BindingKey, Binding] | None = None
-) -> list[ClauseStatus]:
+def clause_statuses(contract: Contract, bindings: dict[BindingKey, Binding] | None = None) -> list[ClauseStatus]:
     """Every clause of ``contract`` with its predicate, binding and gaps, in file order."""
     table = BINDINGS if bindings is None else bindings
     statuses = []

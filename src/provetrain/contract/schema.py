@@ -26,6 +26,7 @@ __all__ = [
 OBLIGATION_TYPES = ("bound", "invariant", "equivalence", "monotonicity", "idempotence", "linearity")
 HARNESS_STRATEGIES = ("stub_float", "exhaustive", "compositional", "bounded_int")
 
+
 def _not_blank(text: str) -> str:
     if not text.strip():
         raise ValueError("the clause is blank")

@@ -1,0 +1,87 @@
+"""The registry cannot drift from the code and the tests it names.
+
+Every enforcement site must import; every pytest node id named as evidence must exist; every test marked
+``@pytest.mark.contract(ID)`` must be listed as evidence for that id, and vice versa.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from provetrain.cli import app
+from provetrain.contract.registry import BINDINGS, resolve_dotted
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _test_names(path: Path) -> set[str]:
+    """``test_x`` and ``TestY::test_z`` node names defined in a test file."""
+    names = set()
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.name.startswith("test"):
+            names.add(node.name)
+        elif isinstance(node, ast.ClassDef):
+            names |= {f"{node.name}::{f.name}" for f in node.body if isinstance(f, ast.FunctionDef)}
+    return names
+
+
+def _contract_markers() -> dict[str, set[str]]:
+    """Marker id -> node ids of the tests carrying ``@pytest.mark.contract(id)``."""
+    marked: dict[str, set[str]] = defaultdict(set)
+    for path in (ROOT / "tests").rglob("test_*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not isinstance(node, ast.FunctionDef):
+                continue
+            for decorator in node.decorator_list:
+                if (
+                    isinstance(decorator, ast.Call)
+                    and ast.unparse(decorator.func) == "pytest.mark.contract"
+                    and decorator.args
+                    and isinstance(decorator.args[0], ast.Constant)
+                ):
+                    marked[decorator.args[0].value].add(f"{path.relative_to(ROOT).as_posix()}::{node.name}")
+    return marked
+
+
+ENFORCEMENT_SITES = sorted({site for b in BINDINGS.values() for site in b.enforced_by})
+EVIDENCE = sorted({(e.kind, e.ref) for b in BINDINGS.values() for e in b.evidence})
+
+
+@pytest.mark.parametrize("site", ENFORCEMENT_SITES or ["provetrain.contract.registry.resolve_dotted"])
+def test_enforcement_site_imports(site: str) -> None:
+    assert callable(resolve_dotted(site)) or isinstance(resolve_dotted(site), type)
+
+
+@pytest.mark.parametrize(
+    ("kind", "ref"), EVIDENCE or [("unit-test", "tests/contract/test_bindings.py::test_evidence_exists")]
+)
+def test_evidence_exists(kind: str, ref: str) -> None:
+    if ref.startswith("tests/"):
+        file, _, name = ref.partition("::")
+        assert (ROOT / file).exists(), f"evidence file {file} is missing"
+        assert name.split("[")[0] in _test_names(ROOT / file), f"evidence test {ref} is missing"
+    else:
+        assert ref.startswith("provetrain "), f"evidence {ref!r} is neither a test node id nor a provetrain command"
+        result = CliRunner().invoke(app, [*ref.split()[1:], "--help"])
+        assert result.exit_code == 0, f"evidence command {ref!r} does not exist"
+
+
+def test_marked_tests_and_registry_agree() -> None:
+    marked = _contract_markers()
+    listed: dict[str, set[str]] = defaultdict(set)
+    for (_, kind, text), binding in BINDINGS.items():
+        if kind == "falsification":
+            listed[text] |= {e.ref for e in binding.evidence}
+    for test_id, tests in marked.items():
+        assert tests <= listed[test_id], (
+            f"tests marked {test_id} but not listed as its evidence: {tests - listed[test_id]}"
+        )
+    for test_id, refs in listed.items():
+        assert refs <= marked[test_id], (
+            f"evidence for {test_id} not marked @pytest.mark.contract: {refs - marked[test_id]}"
+        )

@@ -1,0 +1,91 @@
+"""The command line: contract status and audit, human and JSON, and exit codes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from provetrain.cli import app
+from provetrain.contract import bundled_contract_path
+
+runner = CliRunner()
+
+
+def test_status_lists_all_19_clauses_as_json() -> None:
+    result = runner.invoke(app, ["contract", "status", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert len(rows) == 19
+    assert {r["kind"] for r in rows} == {
+        "precondition",
+        "postcondition",
+        "invariant",
+        "obligation",
+        "falsification",
+        "harness",
+    }
+    first = rows[0]
+    assert first["text"] == "lr > 0.0"
+    assert first["predicate"] == "provetrain.contract.predicates.lr_is_positive"
+
+
+def test_status_table_names_every_clause() -> None:
+    result = runner.invoke(app, ["contract", "status"])
+    assert result.exit_code == 0, result.output
+    for text in (
+        "gradient_norm.postconditions[0]",
+        "FALSIFY-TRAIN-003",
+        "train-kani-001",
+        "proof_obligations[2]",
+    ):
+        assert text in result.stdout
+    assert "clauses bound." in result.stdout
+
+
+def test_audit_exit_code_follows_the_gaps() -> None:
+    status = json.loads(runner.invoke(app, ["contract", "status", "--json"]).stdout)
+    result = runner.invoke(app, ["contract", "audit", "--json"])
+    report = json.loads(result.stdout)
+    unbound = [r["id"] for r in status if not r["bound"]]
+    assert [r["id"] for r in report["unbound"]] == unbound
+    assert report["ok"] is (not unbound)
+    assert result.exit_code == (1 if unbound else 0)
+
+
+def test_audit_lists_unbound_clause_of_a_users_contract(tmp_path: Path) -> None:
+    contract = tmp_path / "mine.yaml"
+    contract.write_text(
+        bundled_contract_path().read_text(encoding="utf-8").replace('"lr < lr_max"', '"lr <= lr_ceiling"'),
+        encoding="utf-8",
+    )
+    result = runner.invoke(app, ["contract", "audit", str(contract)])
+    assert result.exit_code == 1
+    assert (
+        "UNBOUND loss_decrease.preconditions[1] `lr <= lr_ceiling`: no predicate for this clause text" in result.stdout
+    )
+
+
+def test_bad_contract_prints_one_located_message_and_exits_2(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(bundled_contract_path().read_text(encoding="utf-8").replace("bound: 4", "bound: four"))
+    for command in ("status", "audit"):
+        result = runner.invoke(app, ["contract", command, str(bad)])
+        assert result.exit_code == 2
+        assert "bad.yaml:71:12: key 'kani_harnesses[0].bound'" in result.stderr
+        assert "Traceback" not in result.output
+
+
+def test_module_entry_point_runs_without_a_traceback(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.yaml"
+    done = subprocess.run(
+        [sys.executable, "-m", "provetrain", "contract", "status", str(missing)],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2
+    assert "cannot read the contract file" in done.stderr
+    assert "Traceback" not in done.stderr
