@@ -14,11 +14,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ContractError", "ContractViolation"]
+__all__ = ["ConfigError", "ContractError", "ContractViolation", "LocatedError"]
 
 
-class ContractError(ValueError):
-    """A contract file that cannot be loaded, located as precisely as the YAML allows.
+class LocatedError(ValueError):
+    """A YAML file (contract or training config) that cannot be used, located as precisely as the YAML allows.
 
     Attributes:
         path: the file, or ``None`` for text that did not come from a file.
@@ -46,10 +46,12 @@ class ContractError(ValueError):
         self.expected = expected
         super().__init__(self._format())
 
+    default_source = "<yaml>"
+
     @property
     def location(self) -> str:
         """``file:line:column`` with whatever parts are known."""
-        parts = [self.path or "<contract>"]
+        parts = [self.path or self.default_source]
         if self.line is not None:
             parts.append(str(self.line))
             if self.column is not None:
@@ -64,6 +66,18 @@ class ContractError(ValueError):
         if self.expected:
             text += f" (expected {self.expected})"
         return text
+
+
+class ContractError(LocatedError):
+    """A contract file that cannot be loaded (bad YAML, wrong type, unknown strategy, dangling reference)."""
+
+    default_source = "<contract>"
+
+
+class ConfigError(LocatedError):
+    """A training configuration that cannot be used; nothing has been written when it is raised."""
+
+    default_source = "<config>"
 
 
 def _format_value(value: Any) -> str:

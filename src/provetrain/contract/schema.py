@@ -12,6 +12,8 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from provetrain.yaml_schema import LocatedProblem
+
 __all__ = [
     "HARNESS_STRATEGIES",
     "OBLIGATION_TYPES",
@@ -113,7 +115,7 @@ class Contract(_Strict):
         known = [o.property for o in self.proof_obligations]
         for index, harness in enumerate(self.kani_harnesses):
             if harness.obligation not in known:
-                raise DanglingReference(
+                raise LocatedProblem(
                     ("kani_harnesses", index, "obligation"),
                     f"names obligation {harness.obligation!r}, which no proof obligation has as its property",
                     expected="one of " + ", ".join(repr(k) for k in known) if known else "a proof obligation",
@@ -121,21 +123,11 @@ class Contract(_Strict):
         return self
 
 
-class DanglingReference(ValueError):
-    """A cross-reference problem, located by its key path so the loader can report line and column."""
-
-    def __init__(self, loc: tuple[str | int, ...], problem: str, *, expected: str) -> None:
-        self.loc = loc
-        self.problem = problem
-        self.expected = expected
-        super().__init__(problem)
-
-
 def _require_unique(section: str, field: str, values: list[str]) -> None:
     seen: dict[str, int] = {}
     for index, value in enumerate(values):
         if value in seen:
-            raise DanglingReference(
+            raise LocatedProblem(
                 (section, index, field),
                 f"duplicate {field} {value!r} (already used by entry {seen[value]})",
                 expected=f"each {field} to be unique within {section}",
