@@ -14,7 +14,7 @@ from rich.table import Table
 from provetrain import __version__
 from provetrain.contract.load import load_contract
 from provetrain.contract.registry import ClauseStatus, clause_statuses
-from provetrain.errors import ContractError
+from provetrain.errors import ConfigError, ContractError, ContractViolation
 
 app = typer.Typer(
     help="Train PyTorch models under a machine-checked contract.",
@@ -124,6 +124,57 @@ def contract_audit(path: ContractFile = None, as_json: JsonFlag = False) -> None
         stdout.print(f"All {len(statuses)} clauses bound and evidenced.")
     if gaps:
         raise typer.Exit(1)
+
+
+@app.command("train")
+def train(
+    config: Annotated[
+        Path | None, typer.Argument(help="Training config YAML (default: the embedded digits + MLP job).")
+    ] = None,
+    output_dir: Annotated[str | None, typer.Option(help="Where to write the run outputs.")] = None,
+    steps: Annotated[int | None, typer.Option(min=1, help="Override the number of steps.")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Override the seed.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or messages; results only.")] = False,
+) -> None:
+    """Train under the contract; print test accuracy, the clause summary and where the outputs are."""
+    from provetrain.train.config import load_config
+    from provetrain.train.run import default_config_path, prepare_trainer
+
+    overrides = {"output_dir": output_dir, "steps": steps, "device": device, "seed": seed}
+    if steps is not None:
+        overrides["epochs"] = None
+    try:
+        settings = load_config(default_config_path() if config is None else config)
+        trainer = prepare_trainer(settings, console=None if quiet else stdout, **overrides)
+        result = trainer.fit()
+    except (ConfigError, ContractError) as error:
+        stderr.print(f"[bold red]error:[/] {error}", highlight=False)
+        raise typer.Exit(2) from None
+    except ContractViolation as violation:
+        stderr.print(f"[bold red]contract violation:[/] {violation}", highlight=False)
+        raise typer.Exit(1) from None
+    _print_run_summary(result, quiet=quiet)
+
+
+def _print_run_summary(result: Any, *, quiet: bool) -> None:
+    if not quiet:
+        table = Table(title="contract clauses checked during training")
+        for column in ("clause", "text", "checks", "violations", "policy actions"):
+            table.add_column(column, overflow="fold")
+        for clause in result.certificate["clauses"]:
+            if clause["kind"] in ("precondition", "postcondition", "invariant"):
+                actions = ", ".join(f"{k} x{v}" for k, v in clause["actions"].items()) or "-"
+                table.add_row(clause["id"], clause["text"], str(clause["checks"]), str(clause["violations"]), actions)
+        stdout.print(table)
+    evaluation = result.evaluation or {}
+    if "accuracy" in evaluation:
+        stdout.print(f"test accuracy: {evaluation['accuracy']:.4f}  (test loss {evaluation['loss']:.4f})")
+    stdout.print(
+        f"steps: {result.steps} ({result.applied_steps} applied, {result.skipped_steps} skipped, "
+        f"{result.rollbacks} rollbacks); final train loss {result.final_loss:.4f}"
+    )
+    stdout.print(f"outputs: {result.output_dir}/ (metrics.jsonl, certificate.json, report.png)", highlight=False)
 
 
 def main() -> None:

@@ -1,0 +1,96 @@
+"""The run certificate: for each clause of the contract, how often it was checked, how often it failed, and
+what the declared policy did about it.
+
+The Trainer records into a :class:`ClauseLedger` at fixed points (before training, after each step read
+back from the device, at checkpoint); :meth:`ClauseLedger.certificate` turns it into the JSON written as
+``certificate.json``, with each clause's evidence taken from the clause registry.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from provetrain.contract.clauses import Clause
+from provetrain.contract.registry import clause_statuses
+from provetrain.contract.schema import Contract
+
+__all__ = ["ClauseLedger", "ClauseRecord"]
+
+
+@dataclass
+class ClauseRecord:
+    """Counters for one clause: checks, violations, and policy actions by name (``skip``, ``rollback``...)."""
+
+    checks: int = 0
+    violations: int = 0
+    first_violation_step: int | None = None
+    actions: Counter[str] = field(default_factory=Counter)
+
+
+class ClauseLedger:
+    """Per-clause counters for one run, keyed like the registry: ``(owner, kind, text)``."""
+
+    def __init__(self, contract: Contract) -> None:
+        self.contract = contract
+        self._statuses = clause_statuses(contract)
+        self.records: dict[tuple[str, str, str], ClauseRecord] = {s.clause.key: ClauseRecord() for s in self._statuses}
+
+    def clause(self, owner: str, kind: str, text: str) -> Clause:
+        """The contract's clause at this key (KeyError names it if the contract lacks it)."""
+        for status in self._statuses:
+            if status.clause.key == (owner, kind, text):
+                return status.clause
+        raise KeyError(f"the contract has no {kind} {text!r} in {owner}")
+
+    def check(
+        self,
+        owner: str,
+        kind: str,
+        text: str,
+        *,
+        passed: int = 1,
+        failed: int = 0,
+        first_failed_step: int | None = None,
+    ) -> None:
+        """Record ``passed + failed`` evaluations of a clause, ``failed`` of them violations."""
+        record = self.records.get((owner, kind, text))
+        if record is None:  # the user's contract does not have this clause: nothing to certify
+            return
+        record.checks += passed + failed
+        record.violations += failed
+        if failed and record.first_violation_step is None:
+            record.first_violation_step = first_failed_step
+
+    def act(self, owner: str, kind: str, text: str, action: str, count: int = 1) -> None:
+        """Record that a policy acted on a violation of this clause."""
+        record = self.records.get((owner, kind, text))
+        if record is not None:
+            record.actions[action] += count
+
+    def certificate(self, *, run: dict[str, Any], outcome: str) -> dict[str, Any]:
+        """The JSON-ready certificate: the contract, the run, and each clause with counts and evidence."""
+        clauses = []
+        for status in self._statuses:
+            record = self.records[status.clause.key]
+            clauses.append(
+                {
+                    "id": status.clause.id,
+                    "kind": status.clause.kind,
+                    "text": status.clause.text,
+                    "checks": record.checks,
+                    "violations": record.violations,
+                    "first_violation_step": record.first_violation_step,
+                    "actions": dict(record.actions),
+                    "enforced_by": list(status.binding.enforced_by),
+                    "evidence": [{"kind": e.kind, "ref": e.ref} for e in status.binding.evidence],
+                    "bound": status.bound,
+                }
+            )
+        return {
+            "contract": {"description": self.contract.metadata.description, "version": self.contract.metadata.version},
+            "outcome": outcome,
+            "run": run,
+            "clauses": clauses,
+        }

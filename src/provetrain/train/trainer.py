@@ -1,0 +1,542 @@
+"""The contract-governed training loop.
+
+One step, in order (each phase a short helper):
+
+1. learning rate from the schedule of *applied* steps; check ``lr > 0.0`` and ``lr < lr_max``;
+2. the batch for this step (the data position advances even when the step is later skipped: a bad batch
+   is dropped, so the run equals one that never saw it);
+3. forward, loss, backward; check ``!gradients.is_empty()``;
+4. ``optimizer.step(loss=...)``: global-norm clip, finite guard and update, with the skip decided on the
+   device (provetrain's Adam/AdamW);
+5. record the step's loss, gradient norms and skip count as device tensors.
+
+Recorded values are read on the host in one batch every ``read_every`` steps (every step on CPU, where a
+read is free; every ``log_every`` steps on CUDA, so there is no host-device sync per step). Reading them
+is when the contract's postconditions are counted in the certificate, the loss-trend invariant is tested,
+and the non-finite and trend policies act. With ``on_nonfinite="raise"`` the error names the exact first
+bad step; the bad update itself was never applied, whatever the policy.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from torch import Tensor, nn
+from torch.utils.data import TensorDataset
+
+from provetrain.contract.load import load_contract
+from provetrain.contract.predicates import PREDICATES
+from provetrain.contract.schema import Contract
+from provetrain.data.sources import DataSplits
+from provetrain.errors import ContractViolation
+from provetrain.ops.adam import Adam, AdamW
+from provetrain.train.certificate import ClauseLedger
+from provetrain.train.config import TrainConfig, make_config
+from provetrain.train.outputs import RunOutputs
+from provetrain.train.schedule import Schedule
+
+__all__ = ["Callback", "TrainResult", "Trainer"]
+
+LOSS = "loss_decrease"
+GRAD = "gradient_norm"
+LOSS_FINITE = "loss.is_finite()"
+LOSS_NOT_NAN = "!loss.is_nan()"
+GRADS_FINITE = "gradients.iter().all(|g| g.is_finite())"
+NORM_BOUND = "grad_norm <= clip_value"
+LOSS_TREND = "Loss monotonically non-increasing (in expectation)"
+NORM_INVARIANT = "Gradient norm bounded by clip_value"
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+class Callback:
+    """Hooks called by :class:`Trainer`; override the ones you need."""
+
+    def on_step_end(self, trainer: Trainer, row: dict[str, Any]) -> None:
+        """After a step's values were read back (``row`` is its metrics.jsonl line)."""
+
+    def on_evaluate(self, trainer: Trainer, row: dict[str, Any]) -> None:
+        """After an evaluation on the held-out set."""
+
+    def on_train_end(self, trainer: Trainer, result: TrainResult) -> None:
+        """After the run, outputs written."""
+
+
+@dataclass
+class TrainResult:
+    """What a run did: counts, the last evaluation, where its outputs are, and its certificate."""
+
+    steps: int
+    applied_steps: int
+    skipped_steps: int
+    rollbacks: int
+    final_loss: float
+    evaluation: dict[str, float] | None
+    output_dir: Path
+    certificate: dict[str, Any] = field(repr=False)
+    lr_max: float | None = None
+
+
+@dataclass
+class _Pending:
+    step: int
+    lr: float
+    loss: Tensor
+    grad_norm: Tensor
+    clipped_norm: Tensor
+    skipped_total: Tensor
+
+
+@dataclass
+class _Snapshot:
+    model: dict[str, Tensor]
+    optimizer: dict[str, Any]
+    applied_steps: int
+
+
+def _default_loss(task: str) -> LossFn:
+    if task == "language-model":
+        return lambda logits, targets: F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    return F.cross_entropy
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' was asked for but torch.cuda.is_available() is False; use 'auto' or 'cpu'")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class Trainer:
+    """Train ``model`` on ``data`` under the training-loop contract.
+
+    Args:
+        model: any ``torch.nn.Module``.
+        data: a :class:`~provetrain.data.sources.DataSplits` (train and test sets) or a ``TensorDataset``
+            of ``(x, y)`` for classification.
+        eval_data: a held-out ``TensorDataset`` when ``data`` is a plain dataset.
+        loss_fn: ``loss_fn(outputs, targets) -> scalar``; default cross-entropy (per token for a language model).
+        config: a :class:`TrainConfig`; keyword ``overrides`` replace its fields (``lr=1e-3, steps=500``...).
+        callbacks: :class:`Callback` objects.
+        contract: the contract to enforce and certify; default the bundled ``training-loop-v1.yaml``.
+        console: where the progress bar and messages go; ``None`` for a quiet run.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        data: DataSplits | TensorDataset,
+        *,
+        eval_data: TensorDataset | None = None,
+        loss_fn: LossFn | None = None,
+        config: TrainConfig | None = None,
+        callbacks: Sequence[Callback] = (),
+        contract: Contract | None = None,
+        console: Console | None = None,
+        **overrides: Any,
+    ) -> None:
+        base = config.model_dump() if config is not None else {}
+        self.config = make_config({**base, **overrides})
+        if isinstance(data, TensorDataset):
+            data = DataSplits(data, eval_data, "classification", tuple(data.tensors[0].shape[1:]), 0)
+        self.data = data
+        self.device = _resolve_device(self.config.device)
+        self.model = model.to(self.device)
+        self.loss_fn = loss_fn or _default_loss(data.task)
+        self.callbacks = list(callbacks)
+        self.contract = contract or load_contract()
+        self.console = console
+        self.ledger = ClauseLedger(self.contract)
+        self.steps_per_epoch = math.ceil(len(data.train) / self.config.batch_size)
+        self.total_steps = self.config.steps or self.config.epochs * self.steps_per_epoch  # type: ignore[operator]
+        self.schedule = Schedule(
+            self.config.lr,
+            self.total_steps,
+            self.config.schedule,
+            self.config.warmup_steps,
+            self.config.min_lr_ratio,
+        )
+        # On CPU a host read costs nothing, so every step is checked as it happens.
+        self.read_every = 1 if self.device.type == "cpu" else self.config.log_every
+        self.lr_max: float | None = None
+        self.applied_steps = 0
+        self.rollbacks = 0
+        self.lr_scale = 1.0
+        self._consecutive_skips = 0
+        self._skips_seen = 0
+        self._pending: list[_Pending] = []
+        self._rows: list[dict[str, Any]] = []
+        self._snapshot: _Snapshot | None = None
+        self._last_trained_step = -1
+
+    # ----------------------------------------------------------------------------------------------- setup
+    def _build_optimizer(self) -> Adam:
+        cls = AdamW if self.config.optimizer == "adamw" else Adam
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        if not PREDICATES["!params.is_empty()"](params=[p for _, p in named]):
+            raise ContractViolation(
+                LOSS,
+                "!params.is_empty()",
+                observed={"trainable_parameters": len(named)},
+                hint="The model has no trainable parameters; check requires_grad or the model factory.",
+            )
+        self.ledger.check(LOSS, "precondition", "!params.is_empty()")
+        if self.config.clip_value is not None:
+            self.ledger.check(GRAD, "precondition", "clip_value > 0.0")
+        return cls(
+            named,
+            lr=self.config.lr,
+            betas=self.config.betas,
+            eps=self.config.eps,
+            weight_decay=self.config.weight_decay,
+            clip_value=self.config.clip_value,
+            on_nonfinite="skip",
+        )
+
+    def _preflight_lr(self) -> None:
+        """``lr > 0.0`` and ``lr < lr_max`` for every learning rate the schedule will produce."""
+        low, high = self.schedule.extremes()
+        if not PREDICATES["lr > 0.0"](lr=low):
+            raise ContractViolation(LOSS, "lr > 0.0", observed={"lr": low}, hint="Use a schedule that stays above 0.")
+        if self.lr_max is not None and not PREDICATES["lr < lr_max"](lr=high, lr_max=self.lr_max):
+            raise ContractViolation(
+                LOSS,
+                "lr < lr_max",
+                observed={"lr": high, "lr_max": self.lr_max},
+                hint=f"Lower lr below {self.lr_max:.4g} (the estimated largest stable learning rate) or set lr_max.",
+            )
+
+    def _output_dir(self) -> Path:
+        if self.config.output_dir is not None:
+            return Path(self.config.output_dir)
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        return Path("runs") / f"{self.config.data}-{self.config.model}-{stamp}"
+
+    # ------------------------------------------------------------------------------------------------ loop
+    def fit(self) -> TrainResult:
+        """Train for the configured steps or epochs; returns the run's result and writes its outputs."""
+        torch.manual_seed(self.config.seed)
+        self.optimizer = self._build_optimizer()
+        self.lr_max = self._lr_max()
+        self._preflight_lr()
+        self.outputs = RunOutputs(self._output_dir())
+        self._take_snapshot()
+        outcome = "kept"
+        started = time.perf_counter()
+        try:
+            with self._progress() as advance:
+                for step in range(self.total_steps):
+                    self._train_step(step)
+                    if (step + 1) % self.read_every == 0 or step + 1 == self.total_steps:
+                        self._read_back()
+                    if self.config.eval_every and self._due(step, self.config.eval_every):
+                        self._evaluate(step)
+                    advance()
+            evaluation = self._evaluate(self.total_steps - 1)
+        except ContractViolation as violation:
+            outcome = f"violated: {violation}"
+            raise
+        finally:
+            self._finish(outcome, time.perf_counter() - started)
+        result = TrainResult(
+            steps=self.total_steps,
+            applied_steps=self.applied_steps,
+            skipped_steps=self._skips_seen,
+            rollbacks=self.rollbacks,
+            final_loss=next((r["loss"] for r in reversed(self._rows) if "loss" in r and not r["skipped"]), math.nan),
+            evaluation=evaluation,
+            output_dir=self.outputs.directory,
+            certificate=self._certificate(outcome),
+            lr_max=self.lr_max,
+        )
+        for callback in self.callbacks:
+            callback.on_train_end(self, result)
+        return result
+
+    def _due(self, step: int, every: int) -> bool:
+        return (step + 1) % every == 0 and step + 1 < self.total_steps
+
+    def _train_step(self, step: int) -> None:
+        # 1. learning rate of the applied-step schedule, checked against the contract's preconditions
+        lr = self.schedule.lr(self.applied_steps) * self.lr_scale
+        self._check_lr(lr, step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        # 2. this step's batch (a fixed function of the step, so a resumed run sees the same data)
+        inputs, targets = self._batch(step)
+        # 3. forward, loss, backward
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.loss_fn(self.model(inputs), targets)
+        loss.backward()
+        self._check_gradients_present(step)
+        # 4. clip + finite guard + update; a non-finite loss or gradient skips it on the device
+        self.optimizer.step(loss=loss.detach())
+        # 5. keep this step's values on the device until the next read-back
+        self._last_trained_step = step
+        self._pending.append(
+            _Pending(
+                step,
+                lr,
+                loss.detach().reshape(()).to(torch.float64),
+                self.optimizer.last_grad_norm.clone(),
+                self.optimizer.last_clipped_grad_norm.clone(),
+                self.optimizer.skipped_steps.clone(),
+            )
+        )
+
+    def _check_lr(self, lr: float, step: int) -> None:
+        self.ledger.check(LOSS, "precondition", "lr > 0.0", passed=int(lr > 0.0), failed=int(not lr > 0.0))
+        if not PREDICATES["lr > 0.0"](lr=lr):
+            raise ContractViolation(LOSS, "lr > 0.0", step=step, observed={"lr": lr})
+        if self.lr_max is None:
+            return
+        below = bool(PREDICATES["lr < lr_max"](lr=lr, lr_max=self.lr_max))
+        self.ledger.check(LOSS, "precondition", "lr < lr_max", passed=int(below), failed=int(not below))
+        if not below:
+            raise ContractViolation(LOSS, "lr < lr_max", step=step, observed={"lr": lr, "lr_max": self.lr_max})
+
+    def _check_gradients_present(self, step: int) -> None:
+        present = any(p.grad is not None for group in self.optimizer.param_groups for p in group["params"])
+        self.ledger.check(GRAD, "precondition", "!gradients.is_empty()", passed=int(present), failed=int(not present))
+        if not present:
+            raise ContractViolation(
+                GRAD,
+                "!gradients.is_empty()",
+                step=step,
+                hint="loss.backward() produced no gradient: is the loss connected to the model's parameters?",
+            )
+
+    def _batch(self, step: int) -> tuple[Tensor, Tensor]:
+        epoch, index = divmod(step, self.steps_per_epoch)
+        generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
+        order = torch.randperm(len(self.data.train), generator=generator)
+        chosen = order[index * self.config.batch_size : (index + 1) * self.config.batch_size]
+        inputs, targets = (t[chosen] for t in self.data.train.tensors)
+        return inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
+
+    # ------------------------------------------------------------------------------------------ read-back
+    def _read_back(self) -> None:
+        """Read the pending steps' device values in one transfer, then certify and apply policies."""
+        pending, self._pending = self._pending, []
+        # The one host read per read_every steps: everything recorded since the last one, in a single copy.
+        values = torch.stack(
+            [torch.stack([p.loss, p.grad_norm, p.clipped_norm, p.skipped_total.to(torch.float64)]) for p in pending]
+        ).tolist()
+        previous_total = self._skips_seen
+        for record, (loss, grad_norm, clipped, skipped_total) in zip(pending, values, strict=True):
+            skipped = int(skipped_total) > previous_total
+            previous_total = int(skipped_total)
+            row = {
+                "step": record.step,
+                "loss": loss,
+                "grad_norm": grad_norm,
+                "grad_norm_clipped": clipped,
+                "lr": record.lr,
+                "skipped": skipped,
+            }
+            self._certify_step(record.step, loss, clipped, skipped)
+            self.outputs.log(row)
+            self._rows.append(row)
+            for callback in self.callbacks:
+                callback.on_step_end(self, row)
+            if skipped:
+                self._skips_seen += 1
+                if self._on_nonfinite(record.step, loss, grad_norm):
+                    return  # rolled back: the rest of this window was discarded with the state
+            else:
+                self._consecutive_skips = 0
+                self.applied_steps += 1
+                if self._on_trend(record.step, loss):
+                    return
+        if pending and self.applied_steps % self.config.log_every == 0:
+            self._take_snapshot()
+
+    def _certify_step(self, step: int, loss: float, clipped: float, skipped: bool) -> None:
+        finite = math.isfinite(loss)
+        self.ledger.check(
+            LOSS, "postcondition", LOSS_FINITE, passed=int(finite), failed=int(not finite), first_failed_step=step
+        )
+        nan = math.isnan(loss)
+        self.ledger.check(
+            LOSS, "postcondition", LOSS_NOT_NAN, passed=int(not nan), failed=int(nan), first_failed_step=step
+        )
+        grads_bad = skipped and finite
+        self.ledger.check(
+            GRAD, "precondition", GRADS_FINITE, passed=int(not grads_bad), failed=int(grads_bad), first_failed_step=step
+        )
+        if skipped or self.config.clip_value is None:
+            return
+        within = clipped <= self.config.clip_value
+        for kind, text in (("postcondition", NORM_BOUND), ("invariant", NORM_INVARIANT)):
+            self.ledger.check(GRAD, kind, text, passed=int(within), failed=int(not within), first_failed_step=step)
+        self.ledger.check(
+            GRAD,
+            "postcondition",
+            GRADS_FINITE,
+            passed=int(math.isfinite(clipped)),
+            failed=int(not math.isfinite(clipped)),
+        )
+        if not within:  # impossible by construction (see provetrain.ops.clip); never let it pass silently
+            raise ContractViolation(
+                GRAD,
+                NORM_BOUND,
+                kind="postcondition",
+                step=step,
+                observed={"grad_norm": clipped, "clip_value": self.config.clip_value},
+                hint="This is a provetrain bug; please report it with the run's metrics.jsonl.",
+            )
+
+    def _on_nonfinite(self, step: int, loss: float, grad_norm: float) -> bool:
+        """Apply the non-finite policy to a skipped step; True when the state was rolled back."""
+        equation, clause, kind = (
+            (LOSS, LOSS_FINITE, "postcondition") if not math.isfinite(loss) else (GRAD, GRADS_FINITE, "precondition")
+        )
+        observed = {"loss": loss, "grad_norm": grad_norm} | self._first_nonfinite_parameter(step)
+        policy = self.config.on_nonfinite
+        if policy == "raise":
+            raise ContractViolation(
+                equation,
+                clause,
+                kind=kind,
+                step=step,
+                observed=observed,
+                hint="The update was not applied. Lower the learning rate, or use on_nonfinite='skip' or 'rollback'.",
+            )
+        if policy == "rollback":
+            self.rollbacks += 1
+            self.ledger.act(equation, kind, clause, "rollback")
+            if self.rollbacks > self.config.max_rollbacks:
+                raise ContractViolation(
+                    equation,
+                    clause,
+                    kind=kind,
+                    step=step,
+                    observed=observed | {"rollbacks": self.rollbacks - 1},
+                    hint=f"Gave up after {self.config.max_rollbacks} rollbacks; lower lr or inspect the data.",
+                )
+            self._restore_snapshot(factor=self.config.rollback_lr_factor)
+            self._say(
+                f"step {step}: non-finite {'loss' if equation == LOSS else 'gradient'}; rolled back to applied step "
+                f"{self.applied_steps}, lr x{self.lr_scale:g}"
+            )
+            return True
+        self.ledger.act(equation, kind, clause, "skip")
+        self._consecutive_skips += 1
+        if (
+            self._consecutive_skips > self.config.max_consecutive_skips
+            or self._skips_seen > self.config.max_total_skips
+        ):
+            raise ContractViolation(
+                equation,
+                clause,
+                kind=kind,
+                step=step,
+                observed=observed | {"consecutive_skips": self._consecutive_skips, "total_skips": self._skips_seen},
+                hint=f"Skip budget exhausted (max {self.config.max_consecutive_skips} in a row, "
+                f"{self.config.max_total_skips} in total): training is unstable; lower lr or inspect the data.",
+            )
+        return False
+
+    def _first_nonfinite_parameter(self, step: int) -> dict[str, Any]:
+        """Name the first parameter with a non-finite gradient, while this step's gradients still exist."""
+        if step == self._last_trained_step:
+            for name, p in self.model.named_parameters():
+                if p.grad is not None and not torch.isfinite(p.grad).all():
+                    return {"parameter": name, "non_finite_values": int((~torch.isfinite(p.grad)).sum())}
+        return {}
+
+    def _on_trend(self, step: int, loss: float) -> bool:
+        """Feed the loss-trend monitor; act by policy when it fires. True when the state was rolled back."""
+        return False
+
+    # -------------------------------------------------------------------------------- snapshots, outputs
+    def _take_snapshot(self) -> None:
+        self._snapshot = _Snapshot(
+            {k: v.detach().clone() for k, v in self.model.state_dict().items()},
+            copy.deepcopy(self.optimizer.state_dict()),
+            self.applied_steps,
+        )
+
+    def _restore_snapshot(self, *, factor: float) -> None:
+        assert self._snapshot is not None  # taken before the first step
+        self.model.load_state_dict(self._snapshot.model)
+        self.optimizer.load_state_dict(copy.deepcopy(self._snapshot.optimizer))
+        self.applied_steps = self._snapshot.applied_steps
+        self.lr_scale *= factor
+        self._pending.clear()
+        self._consecutive_skips = 0
+
+    def _lr_max(self) -> float | None:
+        value = self.config.lr_max
+        return None if value in (None, "auto") else float(value)
+
+    @torch.no_grad()
+    def _evaluate(self, step: int) -> dict[str, float] | None:
+        test = self.data.test
+        if test is None:
+            return None
+        self.model.eval()
+        total_loss, correct, count = 0.0, 0, 0
+        for start in range(0, len(test), 1024):
+            inputs, targets = (t[start : start + 1024].to(self.device) for t in test.tensors)
+            outputs = self.model(inputs)
+            total_loss += float(self.loss_fn(outputs, targets)) * len(inputs)
+            correct += int((outputs.argmax(-1) == targets).sum())
+            count += targets.numel()
+        evaluation = {"loss": total_loss / len(test), "accuracy": correct / count}
+        row = {"step": step, "eval": evaluation}
+        self.outputs.log(row)
+        self._rows.append(row)
+        for callback in self.callbacks:
+            callback.on_evaluate(self, row)
+        return evaluation
+
+    def _certificate(self, outcome: str) -> dict[str, Any]:
+        run = {
+            "config": self.config.model_dump(mode="json"),
+            "device": str(self.device),
+            "steps": self.total_steps,
+            "applied_steps": self.applied_steps,
+            "skipped_steps": self._skips_seen,
+            "rollbacks": self.rollbacks,
+            "lr_max": self.lr_max,
+            "torch": torch.__version__,
+        }
+        return self.ledger.certificate(run=run, outcome=outcome)
+
+    def _finish(self, outcome: str, seconds: float) -> None:
+        self.outputs.write_certificate(self._certificate(outcome) | {"seconds": round(seconds, 3)})
+        self.outputs.write_report(self._rows, clip_value=self.config.clip_value)
+        self.outputs.close()
+
+    def _say(self, message: str) -> None:
+        if self.console is not None:
+            self.console.print(message, highlight=False)
+
+    def _progress(self) -> Any:
+        from contextlib import contextmanager
+
+        @contextmanager
+        def bar() -> Any:
+            if self.console is None or not self.console.is_terminal:
+                yield lambda: None
+                return
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+            with Progress("train", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=self.console) as p:
+                task = p.add_task("train", total=self.total_steps)
+                yield lambda: p.advance(task)
+
+        return bar()
