@@ -94,7 +94,7 @@ class _Pending:
     loss: Tensor
     grad_norm: Tensor
     clipped_norm: Tensor
-    skipped_total: Tensor
+    skipped: Tensor
 
 
 @dataclass
@@ -282,6 +282,7 @@ class Trainer:
         loss.backward()
         self._check_gradients_present(step)
         # 4. clip + finite guard + update; a non-finite loss or gradient skips it on the device
+        skipped_before = self.optimizer.skipped_steps.clone()
         self.optimizer.step(loss=loss.detach())
         # 5. keep this step's values on the device until the next read-back
         self._last_trained_step = step
@@ -292,7 +293,7 @@ class Trainer:
                 loss.detach().reshape(()).to(torch.float64),
                 self.optimizer.last_grad_norm.clone(),
                 self.optimizer.last_clipped_grad_norm.clone(),
-                self.optimizer.skipped_steps.clone(),
+                self.optimizer.skipped_steps - skipped_before,
             )
         )
 
@@ -332,12 +333,10 @@ class Trainer:
         pending, self._pending = self._pending, []
         # The one host read per read_every steps: everything recorded since the last one, in a single copy.
         values = torch.stack(
-            [torch.stack([p.loss, p.grad_norm, p.clipped_norm, p.skipped_total.to(torch.float64)]) for p in pending]
+            [torch.stack([p.loss, p.grad_norm, p.clipped_norm, p.skipped.to(torch.float64)]) for p in pending]
         ).tolist()
-        previous_total = self._skips_seen
-        for record, (loss, grad_norm, clipped, skipped_total) in zip(pending, values, strict=True):
-            skipped = int(skipped_total) > previous_total
-            previous_total = int(skipped_total)
+        for record, (loss, grad_norm, clipped, skipped_flag) in zip(pending, values, strict=True):
+            skipped = skipped_flag > 0
             row = {
                 "step": record.step,
                 "loss": loss,
@@ -347,19 +346,19 @@ class Trainer:
                 "skipped": skipped,
             }
             self._certify_step(record.step, loss, clipped, skipped)
+            if skipped:
+                self._skips_seen += 1
+                row["action"] = self._on_nonfinite(record.step, loss, grad_norm)
+            else:
+                self._consecutive_skips = 0
+                self.applied_steps += 1
+                row["action"] = self._on_trend(record.step, loss)
             self.outputs.log(row)
             self._rows.append(row)
             for callback in self.callbacks:
                 callback.on_step_end(self, row)
-            if skipped:
-                self._skips_seen += 1
-                if self._on_nonfinite(record.step, loss, grad_norm):
-                    return  # rolled back: the rest of this window was discarded with the state
-            else:
-                self._consecutive_skips = 0
-                self.applied_steps += 1
-                if self._on_trend(record.step, loss):
-                    return
+            if row["action"] == "rollback":
+                return  # the rest of this window was discarded with the state it was computed from
         if pending and self.applied_steps % self.config.log_every == 0:
             self._take_snapshot()
 
@@ -398,8 +397,8 @@ class Trainer:
                 hint="This is a provetrain bug; please report it with the run's metrics.jsonl.",
             )
 
-    def _on_nonfinite(self, step: int, loss: float, grad_norm: float) -> bool:
-        """Apply the non-finite policy to a skipped step; True when the state was rolled back."""
+    def _on_nonfinite(self, step: int, loss: float, grad_norm: float) -> str:
+        """Apply the non-finite policy to a skipped step; returns the action taken (``skip``, ``rollback``)."""
         equation, clause, kind = (
             (LOSS, LOSS_FINITE, "postcondition") if not math.isfinite(loss) else (GRAD, GRADS_FINITE, "precondition")
         )
@@ -431,7 +430,7 @@ class Trainer:
                 f"step {step}: non-finite {'loss' if equation == LOSS else 'gradient'}; rolled back to applied step "
                 f"{self.applied_steps}, lr x{self.lr_scale:g}"
             )
-            return True
+            return "rollback"
         self.ledger.act(equation, kind, clause, "skip")
         self._consecutive_skips += 1
         if (
@@ -447,7 +446,7 @@ class Trainer:
                 hint=f"Skip budget exhausted (max {self.config.max_consecutive_skips} in a row, "
                 f"{self.config.max_total_skips} in total): training is unstable; lower lr or inspect the data.",
             )
-        return False
+        return "skip"
 
     def _first_nonfinite_parameter(self, step: int) -> dict[str, Any]:
         """Name the first parameter with a non-finite gradient, while this step's gradients still exist."""
@@ -457,9 +456,9 @@ class Trainer:
                     return {"parameter": name, "non_finite_values": int((~torch.isfinite(p.grad)).sum())}
         return {}
 
-    def _on_trend(self, step: int, loss: float) -> bool:
-        """Feed the loss-trend monitor; act by policy when it fires. True when the state was rolled back."""
-        return False
+    def _on_trend(self, step: int, loss: float) -> str | None:
+        """Feed the loss-trend monitor; act by policy when it fires. Returns the action taken, if any."""
+        return None
 
     # -------------------------------------------------------------------------------- snapshots, outputs
     def _take_snapshot(self) -> None:

@@ -1,0 +1,205 @@
+"""The Trainer: contract checks at fixed points, non-finite policies and budgets, run outputs."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from provetrain import ContractViolation
+from provetrain.data.sources import DataSplits
+from provetrain.errors import ConfigError
+from provetrain.train.trainer import Callback, Trainer
+
+
+def blobs(n: int = 256, seed: int = 0) -> DataSplits:
+    """Two well-separated Gaussian classes in 8 dimensions."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 2, (n,), generator=g)
+    x = torch.randn(n, 8, generator=g) + 3.0 * y[:, None].float()
+    return DataSplits(TensorDataset(x[:200], y[:200]), TensorDataset(x[200:], y[200:]), "classification", (8,), 2)
+
+
+class Poisoned(nn.Module):
+    """An MLP whose output becomes NaN (or huge, for exploding gradients) on chosen training calls."""
+
+    def __init__(self, bad_calls: set[int], *, value: float = math.nan) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+        self.bad_calls = bad_calls
+        self.value = value
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.net(x)
+        if self.training:
+            self.calls += 1
+            if self.calls - 1 in self.bad_calls:
+                return out * self.value
+        return out
+
+
+class Recorder(Callback):
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.rows: list[dict[str, Any]] = []
+        self.weights: dict[int, list[torch.Tensor]] = {}
+
+    def on_step_end(self, trainer: Trainer, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        self.weights[row["step"]] = [p.detach().clone() for p in self.model.parameters()]
+
+
+def train(tmp_path: Path, model: nn.Module, **overrides: Any) -> tuple[Any, Recorder]:
+    recorder = Recorder(model)
+    settings = {"steps": 12, "batch_size": 32, "lr": 1e-2, "lr_max": None, "output_dir": str(tmp_path / "run")}
+    trainer = Trainer(model, blobs(), callbacks=[recorder], **(settings | overrides))
+    return trainer.fit(), recorder
+
+
+def certificate(tmp_path: Path) -> dict[str, Any]:
+    return json.loads((tmp_path / "run" / "certificate.json").read_text())
+
+
+def clause(cert: dict[str, Any], clause_id: str) -> dict[str, Any]:
+    return next(c for c in cert["clauses"] if c["id"] == clause_id)
+
+
+def test_healthy_run_checks_every_clause_each_step(tmp_path: Path) -> None:
+    result, recorder = train(tmp_path, Poisoned(set()))
+    assert (result.applied_steps, result.skipped_steps) == (12, 0)
+    assert result.evaluation is not None
+    assert result.final_loss < recorder.rows[0]["loss"]
+    cert = certificate(tmp_path)
+    assert cert["outcome"] == "kept"
+    for clause_id in (
+        "loss_decrease.postconditions[0]",
+        "gradient_norm.postconditions[0]",
+        "loss_decrease.preconditions[0]",
+    ):
+        assert (clause(cert, clause_id)["checks"], clause(cert, clause_id)["violations"]) == (12, 0)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(12))
+    assert all(r["grad_norm_clipped"] <= 1.0 for r in steps)
+    assert all(r["grad_norm_clipped"] == min(r["grad_norm"], r["grad_norm_clipped"]) for r in steps)
+    assert (tmp_path / "run" / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_skip_drops_the_batch_and_changes_nothing(tmp_path: Path) -> None:
+    result, recorder = train(tmp_path, Poisoned({5}))
+    assert (result.applied_steps, result.skipped_steps) == (11, 1)
+    for before, after in zip(recorder.weights[4], recorder.weights[5], strict=True):
+        assert torch.equal(before, after)
+    assert not all(torch.equal(a, b) for a, b in zip(recorder.weights[5], recorder.weights[6], strict=True))
+    cert = certificate(tmp_path)
+    finite = clause(cert, "loss_decrease.postconditions[0]")
+    assert (finite["violations"], finite["first_violation_step"], finite["actions"]) == (1, 5, {"skip": 1})
+    assert [r["skipped"] for r in recorder.rows].count(True) == 1
+
+
+def test_skipped_step_does_not_advance_the_schedule(tmp_path: Path) -> None:
+    _, recorder = train(tmp_path, Poisoned({3}), schedule="linear")
+    lrs = [r["lr"] for r in recorder.rows]
+    assert lrs[4] == lrs[3]  # step 3 was skipped: step 4 reuses its learning rate
+    assert lrs[3] > lrs[5]
+
+
+def test_raise_names_the_exact_first_bad_step_and_leaves_weights_untouched(tmp_path: Path) -> None:
+    model = Poisoned({4, 7})
+    with pytest.raises(ContractViolation, match=r"loss\.is_finite\(\)` violated at step 4") as caught:
+        train(tmp_path, model, on_nonfinite="raise")
+    assert caught.value.step == 4
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert certificate(tmp_path)["outcome"].startswith("violated: contract loss_decrease postcondition")
+
+
+def test_raise_on_exploding_gradient_names_the_parameter(tmp_path: Path) -> None:
+    model = Poisoned({2}, value=1e38)  # finite loss of ~1e38, gradients overflow to inf
+    with pytest.raises(ContractViolation) as caught:
+        train(tmp_path, model, on_nonfinite="raise", clip_value=None)
+    error = caught.value
+    assert error.step == 2
+    assert error.clause in ("gradients.iter().all(|g| g.is_finite())", "loss.is_finite()")
+    if error.clause.startswith("gradients"):
+        assert error.observed["parameter"].startswith("net.")
+
+
+def test_consecutive_skip_budget_escalates(tmp_path: Path) -> None:
+    with pytest.raises(ContractViolation, match=r"Skip budget exhausted") as caught:
+        train(tmp_path, Poisoned({2, 3, 4, 5}), max_consecutive_skips=3)
+    assert caught.value.step == 5
+    assert caught.value.observed["consecutive_skips"] == 4
+
+
+def test_total_skip_budget_escalates(tmp_path: Path) -> None:
+    with pytest.raises(ContractViolation, match=r"Skip budget exhausted"):
+        train(tmp_path, Poisoned({1, 3, 5}), max_total_skips=2)
+
+
+def test_rollback_restores_the_last_good_state_and_lowers_lr(tmp_path: Path) -> None:
+    result, recorder = train(tmp_path, Poisoned({6}), on_nonfinite="rollback", log_every=4)
+    assert result.rollbacks == 1
+    cert = certificate(tmp_path)
+    assert clause(cert, "loss_decrease.postconditions[0]")["actions"] == {"rollback": 1}
+    # the snapshot was taken after 4 applied steps: after rolling back at step 6 the weights are those after step 3
+    assert recorder.rows[6]["action"] == "rollback"
+    for a, b in zip(recorder.weights[3], recorder.weights[6], strict=True):
+        assert torch.equal(a, b)
+    later = [r["lr"] for r in recorder.rows if r["step"] > 6]
+    assert later and later[0] < recorder.rows[3]["lr"]
+
+
+def test_rollback_gives_up_after_max_rollbacks(tmp_path: Path) -> None:
+    with pytest.raises(ContractViolation, match=r"Gave up after 2 rollbacks"):
+        train(tmp_path, Poisoned({2, 4, 6}), on_nonfinite="rollback", max_rollbacks=2, log_every=1)
+
+
+def test_lr_above_lr_max_is_refused_before_training(tmp_path: Path) -> None:
+    with pytest.raises(ContractViolation, match=r"`lr < lr_max` violated: observed lr=0.01, lr_max=0.005"):
+        train(tmp_path, Poisoned(set()), lr_max=0.005)
+    assert not (tmp_path / "run").exists()
+
+
+def test_model_without_trainable_parameters_is_refused(tmp_path: Path) -> None:
+    model = Poisoned(set())
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ContractViolation, match=r"`!params\.is_empty\(\)` violated"):
+        train(tmp_path, model)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key", "pattern"),
+    [
+        ({"lr": 0.0}, "lr", "greater than 0"),
+        ({"clip_value": -1.0}, "clip_value", "greater than 0"),
+        ({"on_nonfinite": "ignore"}, "on_nonfinite", "'skip', 'raise' or 'rollback'"),
+        ({"betas": (0.9, 1.0)}, None, r"betas must each be in \[0, 1\)"),
+        ({"steps": 10, "epochs": 2}, None, "only one of steps or epochs"),
+        ({"lr_max": -1.0}, None, "lr_max must be a finite number > 0"),
+        ({"unknown_setting": 1}, "unknown_setting", "Extra inputs are not permitted"),
+    ],
+)
+def test_bad_settings_name_the_key_and_write_nothing(
+    tmp_path: Path, overrides: dict, key: str | None, pattern: str
+) -> None:
+    with pytest.raises(ConfigError, match=pattern) as caught:
+        Trainer(Poisoned(set()), blobs(), output_dir=str(tmp_path / "run"), **({"steps": 3} | overrides))
+    assert caught.value.key == key
+    assert not (tmp_path / "run").exists()
+
+
+def test_existing_outputs_are_never_overwritten(tmp_path: Path) -> None:
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text("precious\n")
+    with pytest.raises(FileExistsError, match="already holds files"):
+        train(tmp_path, Poisoned(set()))
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == "precious\n"
