@@ -89,3 +89,21 @@ def test_module_entry_point_runs_without_a_traceback(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert "cannot read the contract file" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_parity_without_cuda_compares_against_float64() -> None:
+    result = runner.invoke(app, ["parity", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["ok"] is True
+    (row,) = [r for r in report["results"] if r["obligation"]] if not report["cuda"] else report["results"][:1]
+    assert row["max_abs_error"] < 1e-4
+
+
+def test_parity_of_a_users_factory_needs_an_input_shape() -> None:
+    result = runner.invoke(app, ["parity", "--model", "torch.nn:Identity"])
+    assert result.exit_code == 2
+    assert "give --input-shape" in result.stderr
+    result = runner.invoke(app, ["parity", "--model", "torch.nn:Identity", "--input-shape", "2,3", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["results"][0]["max_abs_error"] == 0.0

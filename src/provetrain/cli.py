@@ -177,6 +177,79 @@ def _print_run_summary(result: Any, *, quiet: bool) -> None:
     stdout.print(f"outputs: {result.output_dir}/ (metrics.jsonl, certificate.json, report.png)", highlight=False)
 
 
+def _model_and_inputs(spec: str | None, input_shape: str | None) -> tuple[Any, Any]:
+    """The built-in digits MLP on digits test images, or a user's ``module:factory``.
+
+    A factory returns a model, or ``(model, example_inputs)``; with a model alone, ``--input-shape`` gives
+    the shape of a random standard-normal input batch.
+    """
+    import torch
+
+    from provetrain.data.sources import load_digits, resolve_function
+    from provetrain.models.builtin import build_model
+
+    if spec is None:
+        data = load_digits(seed=0)
+        torch.manual_seed(0)
+        return build_model("mlp", data), data.test.tensors[0][:256]
+    made = resolve_function(spec, "model")()
+    if isinstance(made, tuple):
+        return made
+    if input_shape is None:
+        raise ValueError(
+            f"model {spec!r} returned only a model: give --input-shape (e.g. 8,64) or return (model, inputs)"
+        )
+    shape = tuple(int(part) for part in input_shape.split(","))
+    return made, torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+
+
+@app.command("parity")
+def parity(
+    model: Annotated[str | None, typer.Option(help="module:factory returning a model or (model, inputs).")] = None,
+    input_shape: Annotated[str | None, typer.Option(help="Input batch shape for a factory's model, e.g. 8,64.")] = None,
+    tolerance: Annotated[float, typer.Option(min=0.0, help="Per-element absolute tolerance.")] = 1e-4,
+    as_json: JsonFlag = False,
+) -> None:
+    """CUDA forward vs CPU forward per element (TF32 off; TF32 on reported apart); without CUDA, float32 vs
+    a float64 CPU reference. Exits 1 when the obligation fails."""
+    from provetrain.verify.parity import forward_parity
+
+    try:
+        net, inputs = _model_and_inputs(model, input_shape)
+        results = forward_parity(net, inputs, tolerance=tolerance)
+    except (ValueError, TypeError) as error:
+        stderr.print(f"[bold red]error:[/] {error}", highlight=False)
+        raise typer.Exit(2) from None
+    failed = [r for r in results if r.obligation and not r.passed]
+    if as_json:
+        rows = [r.__dict__ | {"passed": r.passed} for r in results]
+        print(
+            json.dumps({"ok": not failed, "cuda": results[0].candidate.startswith("cuda"), "results": rows}, indent=2)
+        )
+    else:
+        import torch
+
+        if not torch.cuda.is_available():
+            stdout.print("no CUDA device: comparing float32 CPU against a float64 CPU reference instead")
+        table = Table(title=f"forward parity (tolerance {tolerance:g} per element)")
+        for column in ("output", "reference", "candidate", "elements", "max abs error", "max rel error", "result"):
+            table.add_column(column)
+        for r in results:
+            verdict = ("[green]pass[/]" if r.passed else "[red]FAIL[/]") if r.obligation else "(informational)"
+            table.add_row(
+                r.output,
+                r.reference,
+                r.candidate,
+                str(r.elements),
+                f"{r.max_abs_error:.3e}",
+                f"{r.max_rel_error:.3e}",
+                verdict,
+            )
+        stdout.print(table)
+    if failed:
+        raise typer.Exit(1)
+
+
 def main() -> None:
     """Console-script entry point."""
     try:
