@@ -1,0 +1,845 @@
+r"""Adam and AdamW behind a global-norm clip and a finite guard, decided on the device.
+
+One step, for the gradients :math:`g` of every parameter that has one (all groups together):
+
+.. math::
+    S &= \sum_i g_i^2 \quad\text{(float64)}, \qquad
+    \text{skip} = \lnot\operatorname{isfinite}(S) \lor \lnot\operatorname{isfinite}(\text{loss}) \\
+    k &= \text{clip\_coefficient}(S, c), \qquad y = \operatorname{fl}(g \cdot k) \\
+    t &\leftarrow t + 1, \quad y \leftarrow -y \text{ if maximize}, \quad
+    y \leftarrow y + \lambda\theta \text{ (Adam)} \quad\text{or}\quad
+    \theta \leftarrow \theta (1 - \eta\lambda) \text{ (AdamW)} \\
+    m &\leftarrow \operatorname{lerp}(m, y, 1 - \beta_1), \qquad
+    v \leftarrow \beta_2 v + (1 - \beta_2)\, y^2 \\
+    \theta &\leftarrow \theta - \frac{\eta}{1 - \beta_1^t}
+        \cdot \frac{m}{\sqrt{v} / \sqrt{1 - \beta_2^t} + \epsilon}
+
+and when ``skip`` holds, :math:`\theta, m, v, t` keep their previous values. The clip (:math:`c` =
+``clip_value``, one global norm over all parameters, like ``clip_grad_norm_(model.parameters())``) comes
+from :mod:`provetrain.ops.clip`; Adam is Kingma & Ba's bias-corrected update with the operations in the
+order ``torch.optim.Adam(foreach=False)`` uses, and AdamW decouples the weight decay from the moments as
+Loshchilov & Hutter propose.
+
+Two implementations: :func:`adam_step_`, the reference (any device and floating dtype, all decisions on
+the device), and the C kernel of :mod:`provetrain.ops.fused` for contiguous float32 CPU tensors, which the
+optimizers use when it is available. They are tested against each other and against ``torch.optim``.
+
+Guarantees:
+    * A skipped step leaves parameters, both moments and the step counts bit-for-bit unchanged: the new
+      values are computed out of place and ``torch.where(skip, old, new)`` keeps the old bits (a NaN is
+      never multiplied by 0). With ``on_nonfinite="skip"`` the reference path makes no host-device
+      synchronisation: the decision, the step counts and the bias corrections stay on the device.
+    * ``skip`` holds exactly when the loss or some gradient element is NaN or infinite: the sum of squares
+      is formed by :func:`~provetrain.ops.clip.scaled_sum_of_squares`, finite iff every gradient is, for
+      every dtype (float64 included).
+    * The gradient that Adam sees is :math:`y`, whose norm obeys the bound of the contract clause
+      ``grad_norm <= clip_value`` (``gradient_norm``), as proven for :mod:`provetrain.ops.clip`; it is
+      reported as ``last_clipped_grad_norm``. With ``k == 1`` (or no clip), :math:`y = g` bit for bit.
+    * Without clipping, on CPU, the reference path performs torch's own kernels on the same values in the
+      same order as ``torch.optim.Adam(foreach=False)``, for float32, bfloat16 and float16 parameters.
+
+References:
+    * D. P. Kingma, J. Ba. *Adam: A Method for Stochastic Optimization*. ICLR 2015. arXiv:1412.6980.
+    * I. Loshchilov, F. Hutter. *Decoupled Weight Decay Regularization*. ICLR 2019. arXiv:1711.05101.
+    * R. Pascanu, T. Mikolov, Y. Bengio. *On the difficulty of training recurrent neural networks*.
+      ICML 2013 (gradient-norm clipping).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from itertools import chain
+from typing import Any, Literal, NoReturn
+
+import torch
+from torch import Tensor
+from torch.optim.optimizer import Optimizer
+
+from provetrain.errors import ContractViolation
+from provetrain.ops import fused
+from provetrain.ops.clip import clip_coefficient, global_sum_of_squares, scale_gradient, scaled_sum_of_squares
+
+__all__ = ["Adam", "AdamW", "adam_step_"]
+
+OnNonfinite = Literal["skip", "raise"]
+
+_GRADIENTS_FINITE = "gradients.iter().all(|g| g.is_finite())"
+_STATE_KEYS = frozenset({"step", "exp_avg", "exp_avg_sq"})
+# Keys torch.optim.Adam keeps in each parameter group that mean nothing here (amsgrad and differentiable
+# are refused on load when True).
+_TORCH_ONLY_GROUP_KEYS = ("amsgrad", "foreach", "capturable", "differentiable", "fused")
+# Where state_dict() keeps the counters; torch.optim ignores keys it does not know.
+_COUNTERS_KEY = "provetrain"
+_REDUCED_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def adam_step_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    state_steps: Sequence[Tensor],
+    *,
+    skip: Tensor | None = None,
+    k: Tensor | None = None,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled_weight_decay: bool,
+    maximize: bool,
+) -> Tensor | None:
+    r"""One clipped Adam (or AdamW) step, in place, unless ``skip``: the reference implementation.
+
+    For each parameter :math:`\theta` with gradient :math:`g`, moments :math:`m, v` and step count
+    :math:`t` (a 0-d tensor on :math:`\theta`'s device):
+
+    .. math::
+        y &= \operatorname{scale\_gradient}(g, k), \qquad t \leftarrow t + 1 \\
+        m &\leftarrow \operatorname{lerp}(m, y, 1 - \beta_1), \qquad
+        v \leftarrow \beta_2 v + (1 - \beta_2) y^2 \\
+        \theta &\leftarrow \theta - \frac{\eta}{1 - \beta_1^t}
+            \cdot \frac{m}{\sqrt{v} / \sqrt{1 - \beta_2^t} + \epsilon}
+
+    with ``maximize`` negating :math:`y` first, then L2 weight decay :math:`y \leftarrow y + \lambda\theta`,
+    or with ``decoupled_weight_decay`` :math:`\theta \leftarrow \theta(1 - \eta\lambda)` before the update.
+
+    Args:
+        params, grads, exp_avgs, exp_avg_sqs: one tensor per parameter, each list in the same order; the
+            moments have their parameter's dtype, as in ``torch.optim.Adam``.
+        state_steps: the step counts, 0-d float tensors on their parameter's device.
+        skip: 0-d bool tensor on any device; where it holds, nothing changes (bit for bit). ``None`` steps.
+        k: 0-d float64 clip coefficient from :func:`provetrain.ops.clip.clip_coefficient`, or ``None`` to
+            use the gradients as they are.
+        lr, beta1, beta2, eps, weight_decay: :math:`\eta, \beta_1, \beta_2, \epsilon, \lambda`.
+        decoupled_weight_decay: AdamW's decay instead of Adam's L2 penalty.
+        maximize: ascend instead of descend.
+
+    Returns:
+        With ``k``: the 0-d float64 sum of squares of the clipped gradients :math:`y` (before maximize
+        and weight decay), on the device of :func:`~provetrain.ops.clip.global_sum_of_squares`. Without:
+        ``None``, since :math:`y = g` and the caller has their sum already.
+
+    Guarantees:
+        No host-device synchronisation: ``skip``, ``k`` and the step counts are read only by device
+        kernels. Under ``skip`` every input keeps its bits, however non-finite ``g`` or ``k`` are.
+
+    Call it under ``torch.no_grad()``, as ``torch.optim``'s functional forms are called.
+    """
+    if not params:
+        return None
+    ys = list(grads) if k is None else [scale_gradient(g, k.to(g.device, non_blocking=True)) for g in grads]
+    clipped_sum_sq = None if k is None else global_sum_of_squares(ys)
+    for indices in _group_by_device_and_dtype(params).values():
+        device = params[indices[0]].device
+        _adam_group_(
+            [params[i] for i in indices],
+            [ys[i] for i in indices],
+            [exp_avgs[i] for i in indices],
+            [exp_avg_sqs[i] for i in indices],
+            [state_steps[i] for i in indices],
+            skip=None if skip is None else skip.to(device, non_blocking=True),
+            lr=lr,
+            beta1=beta1,
+            beta2=beta2,
+            eps=eps,
+            weight_decay=weight_decay,
+            decoupled_weight_decay=decoupled_weight_decay,
+            maximize=maximize,
+        )
+    return clipped_sum_sq
+
+
+def _adam_group_(
+    params: list[Tensor],
+    ys: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: list[Tensor],
+    *,
+    skip: Tensor | None,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled_weight_decay: bool,
+    maximize: bool,
+) -> None:
+    """:func:`adam_step_` for tensors of one device and dtype, with foreach kernels where they help."""
+    # Adding 0.0 leaves a count bitwise unchanged: the step advances or not without a host branch.
+    advance = torch.ones_like(steps[0]) if skip is None else (~skip).to(steps[0].dtype)
+    torch._foreach_add_(steps, [advance] * len(steps))
+    neg_step_sizes, bias_correction2_sqrts = zip(*(_step_scalars(t, lr, beta1, beta2) for t in steps), strict=True)
+
+    if maximize:
+        ys = torch._foreach_neg(ys)
+    start = params
+    if weight_decay != 0:
+        if decoupled_weight_decay:
+            start = torch._foreach_mul(params, 1 - lr * weight_decay)
+        else:
+            ys = torch._foreach_add(ys, params, alpha=weight_decay)
+
+    new_exp_avgs = torch._foreach_lerp(exp_avgs, ys, 1 - beta1)
+    new_exp_avg_sqs = torch._foreach_mul(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(new_exp_avg_sqs, ys, ys, value=1 - beta2)
+    denoms = torch._foreach_sqrt(new_exp_avg_sqs)
+    torch._foreach_div_(denoms, list(bias_correction2_sqrts))
+    torch._foreach_add_(denoms, eps)
+    # torch computes addcdiv(theta, m, denom, value=-step_size) as theta + (value * m) / denom, the product
+    # in float32 for reduced dtypes; a tensor step size cannot be `value`, so the product is formed first.
+    opmath = torch.float32 if params[0].dtype in _REDUCED_DTYPES else params[0].dtype
+    scaled = torch._foreach_mul([m.to(opmath) for m in new_exp_avgs], list(neg_step_sizes))
+    new_params = [torch.addcdiv(p, s, d).to(p.dtype) for p, s, d in zip(start, scaled, denoms, strict=True)]
+
+    for old, new in zip(
+        chain(params, exp_avgs, exp_avg_sqs), chain(new_params, new_exp_avgs, new_exp_avg_sqs), strict=True
+    ):
+        if skip is None:
+            old.copy_(new)
+        else:
+            torch.where(skip, old, new, out=old)
+
+
+def _step_scalars(step: Tensor, lr: float, beta1: float, beta2: float) -> tuple[Tensor, Tensor]:
+    r"""``(-lr / (1 - beta1**t), sqrt(1 - beta2**t))`` as 0-d float64 tensors on the step's device.
+
+    On CPU each is rounded as torch's Python float arithmetic rounds it (a 0-d ``pow`` takes the scalar
+    libm path, where a vectorised one may differ in the last bit); the division is a true division, not the
+    ``reciprocal() * lr`` that ``lr / tensor`` would give.
+    """
+    t = step.to(torch.float64)
+    bias_correction1 = 1 - beta1**t
+    bias_correction2 = 1 - beta2**t
+    neg_step_size = torch.full_like(t, -lr).div_(bias_correction1)
+    return neg_step_size, bias_correction2.sqrt()
+
+
+def _group_by_device_and_dtype(tensors: Sequence[Tensor]) -> dict[tuple[torch.device, torch.dtype], list[int]]:
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault((t.device, t.dtype), []).append(i)
+    return groups
+
+
+@dataclass
+class _GroupBatch:
+    """The parameters of one group that have a gradient this step, with their state, in group order."""
+
+    group_index: int
+    group: dict[str, Any]
+    positions: list[int] = field(default_factory=list)
+    params: list[Tensor] = field(default_factory=list)
+    grads: list[Tensor] = field(default_factory=list)
+    exp_avgs: list[Tensor] = field(default_factory=list)
+    exp_avg_sqs: list[Tensor] = field(default_factory=list)
+    steps: list[Tensor] = field(default_factory=list)
+
+    def hyperparameters(self) -> dict[str, Any]:
+        g = self.group
+        beta1, beta2 = g["betas"]
+        return {
+            "lr": g["lr"],
+            "beta1": beta1,
+            "beta2": beta2,
+            "eps": g["eps"],
+            "weight_decay": g["weight_decay"],
+            "decoupled_weight_decay": g["decoupled_weight_decay"],
+            "maximize": g["maximize"],
+        }
+
+
+class Adam(Optimizer):
+    r"""Adam with a global-norm gradient clip and a finite guard (Kingma & Ba, 2015).
+
+    Each :meth:`step` clips the gradients of all parameters together to the norm ``clip_value`` (one
+    global norm, like ``torch.nn.utils.clip_grad_norm_(model.parameters(), clip_value)``), checks that the
+    loss and every gradient element are finite, and takes one Adam step with the clipped gradients
+    (see the module docstring for the math). When something is non-finite, ``on_nonfinite`` decides:
+
+    * ``"skip"`` (default): the step changes nothing (parameters, moments and step counts keep their bits)
+      and ``skipped_steps`` grows by one. The decision stays on the device: on CUDA the step makes **no
+      host-device synchronisation**, so reading the counters, and when, is the caller's choice.
+    * ``"raise"``: nothing changes and :class:`~provetrain.errors.ContractViolation` names the first
+      parameter (by name when given with ``named_parameters()``) whose gradient is non-finite and how many
+      of its values are, or the non-finite loss. This mode reads one flag on the host every step (a
+      synchronisation on CUDA).
+
+    Counters, 0-d tensors on the device of the first parameter, saved by :meth:`state_dict`:
+
+    * ``skipped_steps`` (int64): steps skipped for a non-finite loss or gradient.
+    * ``last_grad_norm`` (float64): the global gradient norm of the last step, before clipping (NaN
+      before the first step).
+    * ``last_clipped_grad_norm`` (float64): the norm of the clipped gradient the last step used: at most
+      ``clip_value`` (contract clause ``grad_norm <= clip_value``); NaN when the last step was skipped.
+
+    Args:
+        params: tensors, ``model.named_parameters()`` (names then appear in errors), or parameter-group
+            dicts that may override ``lr``, ``betas``, ``eps``, ``weight_decay`` and ``maximize``.
+        lr: learning rate :math:`\eta > 0` (contract clause ``lr > 0.0``).
+        betas: :math:`(\beta_1, \beta_2)`, each in ``[0, 1)``.
+        eps: :math:`\epsilon \ge 0`, added to the denominator.
+        weight_decay: :math:`\lambda \ge 0`; an L2 penalty added to the gradient (decoupled in AdamW).
+        clip_value: the bound on the global gradient norm (contract clause ``clip_value > 0.0``), or
+            ``None`` for no clipping.
+        on_nonfinite: ``"skip"`` or ``"raise"``, as above.
+        maximize: ascend the objective instead of descending it.
+        fused: ``True`` to require the C kernel of :mod:`provetrain.ops.fused` (contiguous float32 CPU
+            tensors), ``False`` for the reference path, ``None`` to use the kernel whenever it is available
+            and supports every tensor of the step.
+        decoupled_weight_decay: AdamW's decay (Loshchilov & Hutter, 2019); prefer :class:`AdamW`.
+
+    The state of each parameter is ``step`` (0-d float32 tensor on the parameter's device), ``exp_avg`` and
+    ``exp_avg_sq`` (the parameter's dtype), the layout of ``torch.optim.Adam(capturable=True)``: state
+    dicts move both ways between this class and ``torch.optim.Adam``/``AdamW`` (without ``amsgrad``).
+
+    Example:
+        >>> model = torch.nn.Linear(3, 1)
+        >>> opt = Adam(model.named_parameters(), lr=1e-2, clip_value=1.0)
+        >>> model(torch.ones(2, 3)).sum().backward()
+        >>> opt.step()
+        >>> opt.last_clipped_grad_norm <= 1.0
+        tensor(True)
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        *,
+        clip_value: float | None = None,
+        on_nonfinite: OnNonfinite = "skip",
+        maximize: bool = False,
+        fused: bool | None = None,
+        decoupled_weight_decay: bool = False,
+    ) -> None:
+        if isinstance(params, Tensor):
+            raise TypeError(
+                "params must be an iterable of tensors, (name, tensor) pairs or parameter-group dicts, "
+                "got a single tensor; pass [tensor] or model.parameters()."
+            )
+        params = list(params)
+        defaults = _check_hyperparameters(
+            {
+                "lr": lr,
+                "betas": betas,
+                "eps": eps,
+                "weight_decay": weight_decay,
+                "maximize": maximize,
+                "decoupled_weight_decay": decoupled_weight_decay,
+            },
+            where="",
+        )
+        self.clip_value = _check_clip_value(clip_value)
+        self.on_nonfinite: OnNonfinite = _check_on_nonfinite(on_nonfinite)
+        self.fused = _check_fused(fused)
+        if not params:
+            _raise_no_params()
+        super().__init__(params, defaults)
+        first = next((p for g in self.param_groups for p in g["params"]), None)
+        if first is None:
+            _raise_no_params()
+        self._counters = _fresh_counters(first.device)
+
+    # -- counters ---------------------------------------------------------------------------------
+
+    @property
+    def skipped_steps(self) -> Tensor:
+        """Steps skipped for a non-finite loss or gradient: 0-d int64 tensor (reading it may synchronise)."""
+        return self._counters["skipped_steps"]
+
+    @property
+    def last_grad_norm(self) -> Tensor:
+        """Global gradient norm of the last step, before clipping: 0-d float64 tensor."""
+        return self._counters["last_grad_norm"]
+
+    @property
+    def last_clipped_grad_norm(self) -> Tensor:
+        """Norm of the clipped gradient the last step used (NaN if it was skipped): 0-d float64 tensor."""
+        return self._counters["last_clipped_grad_norm"]
+
+    # -- the step ---------------------------------------------------------------------------------
+
+    def step(  # type: ignore[override]
+        self, closure: Callable[[], Any] | None = None, *, loss: Tensor | float | None = None
+    ) -> Any:
+        """Clip, guard and take one Adam step; return the closure's loss (or ``loss``), like torch.
+
+        Args:
+            closure: re-evaluates the model and returns the loss (optional, as in ``torch.optim``).
+            loss: this step's loss, checked for finiteness with the gradients (not with ``closure``).
+
+        Raises:
+            ContractViolation: ``!gradients.is_empty()`` when no parameter has a gradient; with
+                ``on_nonfinite="raise"``, ``loss.is_finite()`` or ``gradients.iter().all(|g|
+                g.is_finite())`` when the loss or a gradient is non-finite (nothing is changed).
+        """
+        if closure is not None:
+            if loss is not None:
+                raise ValueError("pass either closure or loss to step(), not both: the closure returns the loss")
+            with torch.enable_grad():
+                loss = closure()
+        with torch.no_grad():
+            batches = self._gather()
+            if self._use_fused(batches):
+                self._step_fused(batches, loss)
+            else:
+                self._step_reference(batches, loss)
+        return loss
+
+    def _gather(self) -> list[_GroupBatch]:
+        batches = []
+        for group_index, group in enumerate(self.param_groups):
+            batch = _GroupBatch(group_index, group)
+            for position, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError(
+                        f"{_param_label(group, group_index, position)} has a sparse gradient, which Adam "
+                        "does not support; use torch.optim.SparseAdam for it."
+                    )
+                batch.positions.append(position)
+                batch.params.append(p)
+                batch.grads.append(p.grad)
+            if batch.params:
+                batches.append(batch)
+        if not batches:
+            raise ContractViolation(
+                "gradient_norm",
+                "!gradients.is_empty()",
+                observed={"parameters_with_grad": 0},
+                hint="No parameter has a gradient: call loss.backward() before step().",
+            )
+        return batches
+
+    def _attach_state(self, batches: list[_GroupBatch]) -> None:
+        """Fetch each parameter's state, creating it (zeros, step 0) on first use, after the raise check."""
+        for b in batches:
+            for p in b.params:
+                state = self.state[p]
+                if not state:
+                    state.update(_fresh_state(p))
+                b.exp_avgs.append(state["exp_avg"])
+                b.exp_avg_sqs.append(state["exp_avg_sq"])
+                b.steps.append(state["step"])
+
+    def _use_fused(self, batches: list[_GroupBatch]) -> bool:
+        if self.fused is False:
+            return False
+        # The state takes its parameter's device, dtype and layout (zeros_like, or cast on load).
+        tensors = [t for b in batches for t in chain(b.params, b.grads)]
+        if self.fused is None:
+            return fused.fused_available() and fused.supports(tensors)
+        unsupported = next((t for t in tensors if not fused.supports([t])), None)
+        if unsupported is not None:
+            raise ValueError(
+                f"fused=True, but a {unsupported.dtype} tensor on {unsupported.device} (contiguous="
+                f"{unsupported.is_contiguous()}) takes part in this step and the fused kernel takes "
+                "contiguous float32 CPU tensors only; construct with fused=None to fall back to the "
+                "reference path."
+            )
+        return True
+
+    def _step_reference(self, batches: list[_GroupBatch], loss: Tensor | float | None) -> None:
+        grads = [g for b in batches for g in b.grads]
+        # Finite guard: S = s 4^e, and s is finite iff every gradient element is (any dtype).
+        sum_sq, exponent = scaled_sum_of_squares(grads)
+        skip = ~torch.isfinite(sum_sq)
+        loss_nonfinite = _loss_nonfinite_flag(loss, sum_sq.device)
+        if loss_nonfinite is not None:
+            skip = skip | loss_nonfinite
+        # Host read of the device flag: the one synchronisation of raise mode; skip mode never reads it.
+        if self.on_nonfinite == "raise" and bool(skip):
+            self._raise_nonfinite(batches, loss)
+
+        self._attach_state(batches)
+        # The exponent goes in as a device tensor: a Python int would be copied to the device, a sync.
+        max_norm = math.inf if self.clip_value is None else self.clip_value  # inf: measure, never clip
+        total_norm, k_clip = clip_coefficient(sum_sq, max_norm, exponent=exponent, **_clip_metadata(grads))
+        k = None if self.clip_value is None else k_clip
+        clipped_sum_sqs = []
+        for b in batches:
+            clipped = adam_step_(
+                b.params, b.grads, b.exp_avgs, b.exp_avg_sqs, b.steps, skip=skip, k=k, **b.hyperparameters()
+            )
+            if clipped is not None:
+                clipped_sum_sqs.append(clipped.to(sum_sq.device, non_blocking=True))
+        clipped_norm = total_norm if k is None else torch.stack(clipped_sum_sqs).sum().sqrt()
+        self._record(skip, total_norm, clipped_norm)
+
+    def _step_fused(self, batches: list[_GroupBatch], loss: Tensor | float | None) -> None:
+        # Everything here is on the CPU: reading a flag or a count costs no device synchronisation.
+        grads = [g for b in batches for g in b.grads]
+        sum_sq, grads_finite = fused.sum_sq_and_finite(grads)
+        skip = not (grads_finite and _loss_is_finite(loss))
+        if skip and self.on_nonfinite == "raise":
+            self._raise_nonfinite(batches, loss)
+        self._attach_state(batches)
+        sum_sq_t = torch.tensor(sum_sq, dtype=torch.float64)
+        if skip or self.clip_value is None:
+            total_norm, k = sum_sq_t.sqrt(), 1.0
+        else:
+            total_norm, k_t = clip_coefficient(sum_sq_t, self.clip_value, **_clip_metadata(grads))
+            k = float(k_t)
+        clipped_sum_sq = math.nan
+        if not skip:  # pass 2 advances the moments: it must not run on a skipped step
+            clipped_sum_sq = sum(_fused_group_step_(b, k) for b in batches)
+        self._record(
+            torch.tensor(skip),
+            total_norm,
+            torch.tensor(math.sqrt(clipped_sum_sq), dtype=torch.float64),
+        )
+
+    def _record(self, skip: Tensor, total_norm: Tensor, clipped_norm: Tensor) -> None:
+        counters = self._counters
+        counters["skipped_steps"].add_(skip.to(counters["skipped_steps"].device, non_blocking=True))
+        counters["last_grad_norm"].copy_(total_norm, non_blocking=True)
+        unused = torch.where(skip, torch.full_like(clipped_norm, math.nan), clipped_norm)
+        counters["last_clipped_grad_norm"].copy_(unused, non_blocking=True)
+
+    def _raise_nonfinite(self, batches: list[_GroupBatch], loss: Tensor | float | None) -> NoReturn:
+        """Name the non-finite loss or the first non-finite gradient; the state is still untouched."""
+        step = self._current_step()
+        untouched = "Nothing was updated: parameters, moments and step counts are as before this step."
+        remedy = "Check the batch and lower the learning rate, or construct with on_nonfinite='skip'."
+        if not _loss_is_finite(loss):
+            raise ContractViolation(
+                "loss_decrease",
+                "loss.is_finite()",
+                kind="postcondition",
+                step=step,
+                observed={"loss": loss},
+                hint=f"{untouched} {remedy}",
+            )
+        # The loss was finite, so some gradient is not (the guard's sum is finite iff all gradients are).
+        label, grad = next(
+            (_param_label(b.group, b.group_index, position), g)
+            for b in batches
+            for position, g in zip(b.positions, b.grads, strict=True)
+            if not bool(torch.isfinite(g).all())
+        )
+        nans, infs = int(torch.isnan(grad).sum()), int(torch.isinf(grad).sum())
+        raise ContractViolation(
+            "gradient_norm",
+            _GRADIENTS_FINITE,
+            step=step,
+            observed={"parameter": label, "nonfinite": nans + infs, "nan": nans, "inf": infs},
+            hint=f"The gradient of {label!r} holds {nans + infs} non-finite values out of {grad.numel()}. "
+            f"{untouched} {remedy}",
+        )
+
+    def _current_step(self) -> int:
+        """1-based number of this step: the most advanced step count plus the skipped steps, plus one."""
+        steps = max((int(state["step"]) for state in self.state.values() if "step" in state), default=0)
+        return steps + int(self.skipped_steps) + 1
+
+    def __repr__(self) -> str:
+        policy = f"clip_value={self.clip_value}, on_nonfinite={self.on_nonfinite!r}, fused={self.fused}"
+        return super().__repr__().replace(" (", f" ({policy}", 1)
+
+    # -- parameter groups and state dicts ---------------------------------------------------------
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a parameter group, checking its hyper-parameters like the constructor's."""
+        merged = {**self.defaults, **param_group}
+        _check_hyperparameters(merged, where=f"param_groups[{len(self.param_groups)}]: ")
+        super().add_param_group(param_group)
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's state dict plus the counters under ``"provetrain"`` (copies, so later steps leave them)."""
+        state = super().state_dict()
+        state[_COUNTERS_KEY] = {name: value.clone() for name, value in self._counters.items()}
+        return state
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Load a state dict of this class or of ``torch.optim.Adam``/``AdamW`` (without ``amsgrad``).
+
+        A torch state dict has no counters: they restart (0 skipped, NaN norms).
+        """
+        self._check_loadable(state_dict)
+        super().load_state_dict(dict(state_dict))
+        saved = state_dict.get(_COUNTERS_KEY)
+        fresh = _fresh_counters(self._counters["skipped_steps"].device)
+        for name, counter in self._counters.items():
+            if saved is not None and name not in saved:
+                raise ValueError(
+                    f"state_dict[{_COUNTERS_KEY!r}] has no {name!r} (it has {sorted(saved)}); pass a state "
+                    "dict saved by provetrain.ops.adam.Adam.state_dict()."
+                )
+            counter.copy_(fresh[name] if saved is None else torch.as_tensor(saved[name]))
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key in _TORCH_ONLY_GROUP_KEYS:
+                group.pop(key, None)
+            group.setdefault("maximize", False)
+            group.setdefault("decoupled_weight_decay", False)
+            for p in group["params"]:
+                p_state = self.state.get(p)
+                if p_state and "step" in p_state:
+                    # torch.optim.Adam keeps its count on the CPU (capturable=False): move it to the device.
+                    p_state["step"] = torch.as_tensor(p_state["step"], dtype=torch.float32).to(p.device)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        for name in ("clip_value", "on_nonfinite", "fused", "_counters"):
+            state[name] = self.__dict__[name]
+        return state
+
+    def _check_loadable(self, state_dict: Mapping[str, Any]) -> None:
+        if not isinstance(state_dict, Mapping) or not {"state", "param_groups"} <= state_dict.keys():
+            raise ValueError(
+                "state_dict must be a mapping with 'state' and 'param_groups', as Optimizer.state_dict() "
+                f"returns; got {type(state_dict).__name__}"
+                + (f" with keys {sorted(map(str, state_dict))}" if isinstance(state_dict, Mapping) else "")
+            )
+        saved_groups = state_dict["param_groups"]
+        for i, group in enumerate(saved_groups):
+            for flag in ("amsgrad", "differentiable"):
+                if group.get(flag):
+                    raise ValueError(
+                        f"state_dict param_groups[{i}] was saved with {flag}=True, which provetrain's Adam "
+                        f"does not implement; load it into torch.optim.Adam({flag}=True) instead."
+                    )
+        if len(saved_groups) != len(self.param_groups) or any(
+            len(s["params"]) != len(g["params"]) for s, g in zip(saved_groups, self.param_groups, strict=True)
+        ):
+            return  # torch's load_state_dict explains the mismatch
+        by_id = dict(
+            zip(
+                chain.from_iterable(s["params"] for s in saved_groups),
+                ((g, gi, pi, p) for gi, g in enumerate(self.param_groups) for pi, p in enumerate(g["params"])),
+                strict=True,
+            )
+        )
+        for param_id, p_state in state_dict["state"].items():
+            if param_id not in by_id:
+                continue
+            group, gi, pi, p = by_id[param_id]
+            label = _param_label(group, gi, pi)
+            if set(p_state) != _STATE_KEYS:
+                raise ValueError(
+                    f"state_dict holds keys {sorted(p_state)} for {label}, expected {sorted(_STATE_KEYS)}: "
+                    "it was not saved by Adam or AdamW (provetrain or torch.optim)."
+                )
+            for key in ("exp_avg", "exp_avg_sq"):
+                if tuple(p_state[key].shape) != tuple(p.shape):
+                    raise ValueError(
+                        f"state_dict {key} for {label} has shape {tuple(p_state[key].shape)} but the parameter "
+                        f"has shape {tuple(p.shape)}: the state dict belongs to a different model."
+                    )
+
+
+class AdamW(Adam):
+    r"""Adam with decoupled weight decay (Loshchilov & Hutter, 2019), clip and finite guard as :class:`Adam`.
+
+    The decay shrinks the parameters directly, :math:`\theta \leftarrow \theta(1 - \eta\lambda)`, before
+    the Adam update, instead of adding :math:`\lambda\theta` to the gradient, so the moments never see it.
+    Defaults follow ``torch.optim.AdamW`` (``weight_decay=1e-2``); everything else is as in :class:`Adam`.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        clip_value: float | None = None,
+        on_nonfinite: OnNonfinite = "skip",
+        maximize: bool = False,
+        fused: bool | None = None,
+    ) -> None:
+        super().__init__(
+            params,
+            lr,
+            betas,
+            eps,
+            weight_decay,
+            clip_value=clip_value,
+            on_nonfinite=on_nonfinite,
+            maximize=maximize,
+            fused=fused,
+            decoupled_weight_decay=True,
+        )
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # Like torch.optim.AdamW: a loaded Adam state dict does not turn the decay back into L2.
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group["decoupled_weight_decay"] = True
+
+
+# -- helpers ----------------------------------------------------------------------------------------
+
+
+def _fused_group_step_(batch: _GroupBatch, k: float) -> float:
+    """Pass 2 of the fused kernel for one group, once per distinct step count; returns sum of y**2."""
+    h = batch.hyperparameters()
+    by_step: dict[float, list[int]] = {}
+    for i, s in enumerate(batch.steps):
+        by_step.setdefault(float(s), []).append(i)  # CPU tensors: no device synchronisation
+    clipped_sum_sq = 0.0
+    for step, indices in by_step.items():
+        t = step + 1
+        clipped_sum_sq += fused.adam_update_(
+            [batch.params[i] for i in indices],
+            [batch.grads[i] for i in indices],
+            [batch.exp_avgs[i] for i in indices],
+            [batch.exp_avg_sqs[i] for i in indices],
+            k=k,
+            lr=h["lr"],
+            beta1=h["beta1"],
+            beta2=h["beta2"],
+            eps=h["eps"],
+            weight_decay=h["weight_decay"],
+            decoupled=h["decoupled_weight_decay"],
+            maximize=h["maximize"],
+            bias_correction1=1 - h["beta1"] ** t,
+            bias_correction2_sqrt=(1 - h["beta2"] ** t) ** 0.5,
+        )
+    torch._foreach_add_(batch.steps, 1.0)
+    return clipped_sum_sq
+
+
+def _fresh_state(p: Tensor) -> dict[str, Tensor]:
+    return {
+        "step": torch.zeros((), dtype=torch.float32, device=p.device),
+        "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+        "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
+    }
+
+
+def _fresh_counters(device: torch.device) -> dict[str, Tensor]:
+    return {
+        "skipped_steps": torch.zeros((), dtype=torch.int64, device=device),
+        "last_grad_norm": torch.full((), math.nan, dtype=torch.float64, device=device),
+        "last_clipped_grad_norm": torch.full((), math.nan, dtype=torch.float64, device=device),
+    }
+
+
+def _clip_metadata(grads: Sequence[Tensor]) -> dict[str, Any]:
+    return {"numel": sum(g.numel() for g in grads), "dtypes": tuple(dict.fromkeys(g.dtype for g in grads))}
+
+
+def _loss_nonfinite_flag(loss: Tensor | float | None, device: torch.device) -> Tensor | None:
+    """A 0-d bool device tensor, True when the loss is non-finite; made without a host read."""
+    if loss is None:
+        return None
+    if isinstance(loss, Tensor):
+        return ~torch.isfinite(loss.detach()).all().to(device, non_blocking=True)
+    # A Python number is already on the host: choosing the fill costs no synchronisation.
+    return torch.full((), not math.isfinite(loss), dtype=torch.bool, device=device)
+
+
+def _loss_is_finite(loss: Tensor | float | None) -> bool:
+    """Host-side check (a synchronisation for a device tensor): raise mode and the CPU-only fused path."""
+    if loss is None:
+        return True
+    if isinstance(loss, Tensor):
+        return bool(torch.isfinite(loss.detach()).all())
+    return math.isfinite(loss)
+
+
+def _param_label(group: Mapping[str, Any], group_index: int, position: int) -> str:
+    names = group.get("param_names")
+    if names is not None:
+        return str(names[position])
+    shape = tuple(group["params"][position].shape)
+    return f"param_groups[{group_index}]['params'][{position}] (shape {shape})"
+
+
+def _raise_no_params() -> NoReturn:
+    raise ContractViolation(
+        "loss_decrease",
+        "!params.is_empty()",
+        observed={"params": 0},
+        hint="The optimizer got no parameters: pass model.parameters() of a model that has some.",
+    )
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_hyperparameters(values: dict[str, Any], *, where: str) -> dict[str, Any]:
+    """Raise for the first invalid value, naming it, its valid range and a fix; return ``values``."""
+    lr = values["lr"]
+    if not _is_real(lr):
+        raise TypeError(f"{where}lr={lr!r} must be a float (tensor learning rates are not supported); e.g. lr=1e-3")
+    if not lr > 0.0:
+        raise ContractViolation(
+            "loss_decrease",
+            "lr > 0.0",
+            observed={"lr": lr},
+            hint=f"{where}Pass a positive, finite learning rate, e.g. lr=1e-3.",
+        )
+    if not math.isfinite(lr):
+        raise ValueError(f"{where}lr={lr!r} must be finite; pass a positive learning rate, e.g. lr=1e-3")
+    betas = values["betas"]
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2 or not all(_is_real(b) for b in betas):
+        raise TypeError(f"{where}betas={betas!r} must be a pair of floats, e.g. betas=(0.9, 0.999)")
+    for i, beta in enumerate(betas):
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(
+                f"{where}betas[{i}]={beta!r} is outside [0, 1): each moment decay rate must satisfy "
+                "0 <= beta < 1, e.g. betas=(0.9, 0.999)"
+            )
+    values["betas"] = (float(betas[0]), float(betas[1]))
+    for name, typical in (("eps", "1e-8"), ("weight_decay", "0.0 or 1e-2")):
+        value = values[name]
+        if not _is_real(value):
+            raise TypeError(f"{where}{name}={value!r} must be a float, e.g. {name}={typical}")
+        if not (value >= 0.0 and math.isfinite(value)):
+            raise ValueError(f"{where}{name}={value!r} must be finite and >= 0, e.g. {name}={typical}")
+    for name in ("maximize", "decoupled_weight_decay"):
+        if not isinstance(values[name], bool):
+            raise TypeError(f"{where}{name}={values[name]!r} must be True or False")
+    return values
+
+
+def _check_clip_value(clip_value: float | None) -> float | None:
+    if clip_value is None:
+        return None
+    if not _is_real(clip_value):
+        raise TypeError(f"clip_value={clip_value!r} must be a float or None (no clipping), e.g. clip_value=1.0")
+    if not clip_value > 0.0:
+        raise ContractViolation(
+            "gradient_norm",
+            "clip_value > 0.0",
+            observed={"clip_value": clip_value},
+            hint="Pass a positive bound on the gradient norm, e.g. clip_value=1.0, or None for no clipping.",
+        )
+    if not math.isfinite(clip_value):
+        raise ValueError(f"clip_value={clip_value!r} must be finite; pass clip_value=None for no clipping")
+    return float(clip_value)
+
+
+def _check_on_nonfinite(on_nonfinite: object) -> OnNonfinite:
+    if on_nonfinite not in ("skip", "raise"):
+        raise ValueError(
+            f"on_nonfinite={on_nonfinite!r} is not one of 'skip' (skip the step, count it in skipped_steps) "
+            "or 'raise' (raise ContractViolation)"
+        )
+    return on_nonfinite  # type: ignore[return-value]
+
+
+def _check_fused(value: object) -> bool | None:
+    if value is not None and not isinstance(value, bool):
+        raise TypeError(f"fused={value!r} must be True, False or None (use the kernel when available)")
+    if value is True and not fused.fused_available():
+        raise RuntimeError(
+            f"fused=True, but the fused Adam kernel is unavailable ({fused.fused_unavailable_reason()}); "
+            "pass fused=None to use it only when available, or fused=False."
+        )
+    return value

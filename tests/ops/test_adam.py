@@ -1,0 +1,616 @@
+"""provetrain.ops.adam: parity with torch.optim, the clip, the finite guard, state dicts, bad arguments."""
+
+from __future__ import annotations
+
+import io
+import math
+import re
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from provetrain.errors import ContractViolation
+from provetrain.ops import fused
+from provetrain.ops.adam import Adam, AdamW, adam_step_
+from provetrain.ops.clip import clip_coefficient, global_sum_of_squares, scale_gradient
+
+FUSED_PATHS = [
+    pytest.param(False, id="reference"),
+    pytest.param(
+        True,
+        id="fused",
+        marks=pytest.mark.skipif(
+            not fused.fused_available(), reason=f"fused kernel unavailable: {fused.fused_unavailable_reason()}"
+        ),
+    ),
+]
+OPTIMIZERS = [
+    pytest.param(Adam, torch.optim.Adam, id="Adam"),
+    pytest.param(AdamW, torch.optim.AdamW, id="AdamW"),
+]
+
+
+class MLP(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = torch.nn.Linear(6, 12)
+        self.fc2 = torch.nn.Linear(12, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+def make_model(dtype: torch.dtype = torch.float32) -> MLP:
+    torch.manual_seed(0)
+    return MLP().to(dtype)
+
+
+def make_batches(n: int, dtype: torch.dtype = torch.float32, seed: int = 1) -> list[tuple[torch.Tensor, ...]]:
+    generator = torch.Generator().manual_seed(seed)
+    return [
+        (torch.randn(16, 6, generator=generator).to(dtype), torch.randn(16, 3, generator=generator).to(dtype))
+        for _ in range(n)
+    ]
+
+
+def train(model: MLP, opt: torch.optim.Optimizer, batches: list[tuple[torch.Tensor, ...]]) -> None:
+    for x, y in batches:
+        opt.zero_grad()
+        F.mse_loss(model(x), y).backward()
+        opt.step()
+
+
+def snapshot(model: MLP, opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """Parameters, both moments and step counts by name, cloned."""
+    out = {}
+    for name, p in model.named_parameters():
+        out[name] = p.detach().clone()
+        for key, value in opt.state.get(p, {}).items():
+            out[f"{name}/{key}"] = torch.as_tensor(value).detach().clone()
+    return out
+
+
+def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        x, y = a[key].cpu(), b[key].cpu()
+        assert x.dtype == y.dtype and x.shape == y.shape, key
+        assert torch.equal(x.reshape(-1).view(torch.uint8), y.reshape(-1).view(torch.uint8)), key
+
+
+def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+
+
+# -- parity with torch.optim ----------------------------------------------------------------------
+
+PARITY_CASES = {
+    "plain": {"lr": 1e-2},
+    "weight_decay": {"lr": 1e-2, "weight_decay": 0.1, "betas": (0.8, 0.99), "eps": 1e-6},
+    "maximize": {"lr": 1e-3, "maximize": True, "weight_decay": 0.05},
+}
+
+
+@pytest.mark.parametrize("use_fused", FUSED_PATHS)
+@pytest.mark.parametrize(("ours", "theirs"), OPTIMIZERS)
+@pytest.mark.parametrize("case", [*PARITY_CASES, "param_groups"])
+def test_trajectory_matches_torch(ours: type[Adam], theirs: type, case: str, use_fused: bool) -> None:
+    a, b = make_model(), make_model()
+    if case == "param_groups":
+
+        def groups(m: MLP) -> list[dict[str, Any]]:
+            return [
+                {"params": m.fc1.parameters(), "lr": 3e-3, "betas": (0.5, 0.9), "weight_decay": 0.2},
+                {"params": m.fc2.parameters(), "maximize": True},
+            ]
+
+        opt_a, opt_b = ours(groups(a), lr=1e-2, fused=use_fused), theirs(groups(b), lr=1e-2, foreach=False)
+    else:
+        kwargs = PARITY_CASES[case]
+        opt_a, opt_b = ours(a.parameters(), **kwargs, fused=use_fused), theirs(b.parameters(), **kwargs, foreach=False)
+    batches = make_batches(300)
+    train(a, opt_a, batches)
+    train(b, opt_b, batches)
+    ours_state, torch_state = snapshot(a, opt_a), snapshot(b, opt_b)
+    names = [name for name, _ in a.named_parameters()]
+    assert max_difference({n: ours_state[n] for n in names}, {n: torch_state[n] for n in names}) <= 1e-5
+    for key in ours_state:  # the moments grow large here: compare them relative to their largest value
+        scale = max(1.0, torch_state[key].abs().max().item())
+        assert (ours_state[key] - torch_state[key]).abs().max().item() <= 1e-5 * scale, key
+    if not use_fused:
+        # The reference path runs torch's own kernels in torch's order: the same bits, not just close.
+        assert_bitwise_equal(ours_state, torch_state)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "eps", "tolerance"),
+    [
+        pytest.param(torch.bfloat16, 1e-8, 2e-2, id="bfloat16"),
+        # eps=1e-8 underflows to 0 in float16 and torch's own step divides by zero: use a float16 eps.
+        pytest.param(torch.float16, 1e-3, 2e-3, id="float16"),
+        pytest.param(torch.float64, 1e-8, 1e-12, id="float64"),
+    ],
+)
+@pytest.mark.parametrize(("ours", "theirs"), OPTIMIZERS)
+def test_low_and_high_precision_params_follow_torch(ours: type[Adam], theirs: type, dtype, eps, tolerance) -> None:
+    a, b = make_model(dtype), make_model(dtype)
+    opt_a = ours(a.parameters(), lr=1e-2, eps=eps, weight_decay=0.01)
+    opt_b = theirs(b.parameters(), lr=1e-2, eps=eps, weight_decay=0.01, foreach=False)
+    batches = make_batches(60, dtype)
+    train(a, opt_a, batches)
+    train(b, opt_b, batches)
+    assert all(s["exp_avg"].dtype == dtype for s in opt_a.state.values())
+    assert opt_a.skipped_steps.item() == 0
+    ours_state, torch_state = snapshot(a, opt_a), snapshot(b, opt_b)
+    assert max_difference(ours_state, torch_state) <= tolerance
+    assert_bitwise_equal(ours_state, torch_state)  # same kernels, same order, same float32 opmath
+
+
+def test_mixed_dtypes_share_one_global_norm() -> None:
+    model = make_model()
+    model.fc2.to(torch.bfloat16)
+    opt = Adam(model.parameters(), lr=1e-2, clip_value=0.05)
+    for x, y in make_batches(5):
+        opt.zero_grad()
+        F.mse_loss(model.fc2(torch.tanh(model.fc1(x)).bfloat16()).float(), y).backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        opt.step()
+        expected = torch.sqrt(sum(g.double().pow(2).sum() for g in grads))
+        assert opt.last_grad_norm.item() == pytest.approx(expected.item(), rel=1e-12)
+        assert opt.last_clipped_grad_norm.item() <= 0.05
+    assert model.fc2.weight.dtype == torch.bfloat16
+
+
+# -- the clip -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ours", [Adam, AdamW])
+def test_clipped_step_is_clip_then_unclipped_step_bitwise(ours: type[Adam]) -> None:
+    clip_value = 0.3
+    a, b = make_model(), make_model()
+    opt_a = ours(a.parameters(), lr=1e-2, clip_value=clip_value, fused=False)
+    opt_b = ours(b.parameters(), lr=1e-2, fused=False)
+    clipped_steps = 0
+    for x, y in make_batches(20):
+        for model, opt in ((a, opt_a), (b, opt_b)):
+            opt.zero_grad()
+            F.mse_loss(model(x), y).backward()
+        grads = [p.grad for p in b.parameters()]
+        total_norm, k = clip_coefficient(
+            global_sum_of_squares(grads), clip_value, numel=sum(g.numel() for g in grads), dtypes={torch.float32}
+        )
+        clipped_steps += int(k < 1)
+        for p in b.parameters():
+            p.grad = scale_gradient(p.grad, k)
+        used = torch.sqrt(global_sum_of_squares([p.grad for p in b.parameters()]))
+        opt_a.step()
+        opt_b.step()
+        assert_bitwise_equal(snapshot(a, opt_a), snapshot(b, opt_b))
+        assert torch.equal(opt_a.last_grad_norm, total_norm)
+        assert torch.equal(opt_a.last_clipped_grad_norm, used)
+        assert opt_a.last_clipped_grad_norm.item() <= clip_value
+    assert clipped_steps > 10
+
+
+@pytest.mark.parametrize("use_fused", FUSED_PATHS)
+def test_clipped_norm_is_bounded_and_unclipped_norm_is_reported(use_fused: bool) -> None:
+    model = make_model()
+    opt = AdamW(model.parameters(), lr=1e-2, clip_value=1e-3, fused=use_fused)
+    for x, y in make_batches(10):
+        opt.zero_grad()
+        F.mse_loss(model(x), y).backward()
+        reference = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])
+        opt.step()
+        assert opt.last_grad_norm.dtype == torch.float64
+        assert opt.last_grad_norm.item() == pytest.approx(reference.item(), rel=1e-6)
+        assert 1e-3 * (1 - 1e-6) <= opt.last_clipped_grad_norm.item() <= 1e-3
+
+
+# -- the finite guard: skip ------------------------------------------------------------------------
+
+
+def poisoned_step(model: MLP, opt: Adam, batch: tuple[torch.Tensor, ...], poison: str) -> None:
+    x, y = batch
+    opt.zero_grad()
+    if poison == "nan_batch":
+        x = x.clone()
+        x[3, 2] = math.nan
+    loss = F.mse_loss(model(x), y)
+    loss.backward()
+    if poison == "nan_grad":
+        model.fc2.weight.grad[1, 4] = math.nan
+    if poison == "inf_loss":
+        opt.step(lambda: loss.detach() + math.inf)
+    else:
+        opt.step(loss=loss)
+
+
+@pytest.mark.parametrize("use_fused", FUSED_PATHS)
+@pytest.mark.parametrize("clip_value", [None, 0.2])
+@pytest.mark.parametrize("ours", [Adam, AdamW])
+@pytest.mark.parametrize("poison", ["nan_batch", "nan_grad", "inf_loss"])
+def test_skipped_step_leaves_no_trace(ours: type[Adam], clip_value, use_fused: bool, poison: str) -> None:
+    a, b = make_model(), make_model()
+    opt_a = ours(a.parameters(), lr=1e-2, clip_value=clip_value, fused=use_fused)
+    opt_b = ours(b.parameters(), lr=1e-2, clip_value=clip_value, fused=use_fused)
+    batches = make_batches(10)
+    train(a, opt_a, batches[:5])
+    poisoned_step(a, opt_a, batches[5], poison)
+    assert torch.isnan(opt_a.last_clipped_grad_norm)
+    train(a, opt_a, batches[5:])
+    train(b, opt_b, batches)
+    assert_bitwise_equal(snapshot(a, opt_a), snapshot(b, opt_b))
+    assert (opt_a.skipped_steps.item(), opt_b.skipped_steps.item()) == (1, 0)
+    assert all(s["step"].item() == 10 for s in opt_a.state.values())
+
+
+def test_skip_at_the_first_step_leaves_zero_state() -> None:
+    model = make_model()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = Adam(model.parameters(), fused=False)
+    poisoned_step(model, opt, make_batches(1)[0], "nan_batch")
+    after = snapshot(model, opt)
+    assert_bitwise_equal({n: after[n] for n in before}, before)
+    assert all(not s["exp_avg"].any() and not s["exp_avg_sq"].any() and s["step"] == 0 for s in opt.state.values())
+
+
+def test_pure_step_with_skip_keeps_every_bit_of_nonfinite_inputs() -> None:
+    params = [torch.tensor([1.0, -0.0, 2.0]), torch.tensor([[3.0]])]
+    state = [
+        [torch.tensor([0.5, -0.0, 1.0]), torch.tensor([[0.25]])],
+        [torch.tensor([1.0, 0.0, 2.0]), torch.ones(1, 1)],
+    ]
+    steps = [torch.tensor(3.0), torch.tensor(0.0)]
+    before = [t.clone() for t in [*params, *state[0], *state[1], *steps]]
+    grads = [torch.tensor([math.nan, math.inf, -math.inf]), torch.tensor([[math.nan]])]
+    adam_step_(
+        params, grads, *state, steps, skip=torch.tensor(True), k=torch.tensor(math.nan, dtype=torch.float64),
+        lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, decoupled_weight_decay=False, maximize=False,
+    )  # fmt: skip
+    after = [*params, *state[0], *state[1], *steps]
+    assert_bitwise_equal(dict(enumerate(before)), dict(enumerate(after)))
+
+
+@pytest.mark.parametrize("k", [None, 0.5])
+def test_pure_step_with_false_skip_equals_no_skip(k: float | None) -> None:
+    def run(skip: torch.Tensor | None) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        params, grads = [torch.randn(5), torch.randn(2, 3)], [torch.randn(5), torch.randn(2, 3)]
+        state = [[torch.zeros_like(p) for p in params] for _ in range(2)] + [[torch.tensor(0.0), torch.tensor(0.0)]]
+        coefficient = None if k is None else torch.tensor(k, dtype=torch.float64)
+        for _ in range(3):
+            adam_step_(
+                params, grads, *state, skip=skip, k=coefficient, lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8,
+                weight_decay=0.1, decoupled_weight_decay=True, maximize=True,
+            )  # fmt: skip
+        return [*params, *state[0], *state[1], *state[2]]
+
+    assert_bitwise_equal(dict(enumerate(run(None))), dict(enumerate(run(torch.tensor(False)))))
+
+
+# -- the finite guard: raise -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("use_fused", FUSED_PATHS)
+@pytest.mark.parametrize("named", [True, False])
+def test_raise_names_the_parameter_and_changes_nothing(use_fused: bool, named: bool) -> None:
+    model = make_model()
+    params = model.named_parameters() if named else model.parameters()
+    opt = Adam(params, lr=1e-2, clip_value=1.0, on_nonfinite="raise", fused=use_fused)
+    batches = make_batches(3)
+    train(model, opt, batches[:2])
+    x, y = batches[2]
+    opt.zero_grad()
+    F.mse_loss(model(x), y).backward()
+    model.fc2.weight.grad[0, :3] = torch.tensor([math.nan, math.inf, math.nan])
+    before, counters = snapshot(model, opt), [t.clone() for t in opt.state_dict()["provetrain"].values()]
+    label = "fc2.weight" if named else "param_groups[0]['params'][2] (shape (3, 12))"
+    message = (
+        "contract gradient_norm precondition `gradients.iter().all(|g| g.is_finite())` violated at step 3: "
+        f"observed parameter={label!r}, nonfinite=3, nan=2, inf=1. The gradient of {label!r} holds 3 non-finite "
+        "values out of 36. Nothing was updated"
+    )
+    with pytest.raises(ContractViolation, match=re.escape(message)) as error:
+        opt.step()
+    assert error.value.observed["parameter"] == label
+    assert_bitwise_equal(snapshot(model, opt), before)
+    assert_bitwise_equal(dict(enumerate(counters)), dict(enumerate(opt.state_dict()["provetrain"].values())))
+
+
+@pytest.mark.parametrize("use_fused", FUSED_PATHS)
+def test_raise_on_nonfinite_loss_quotes_the_loss_clause(use_fused: bool) -> None:
+    model = make_model()
+    opt = AdamW(model.parameters(), on_nonfinite="raise", fused=use_fused)
+    x, y = make_batches(1)[0]
+    F.mse_loss(model(x), y).backward()
+    before = snapshot(model, opt)
+    with pytest.raises(ContractViolation, match=re.escape("postcondition `loss.is_finite()` violated at step 1")) as e:
+        opt.step(loss=torch.tensor(math.inf))
+    assert (e.value.equation, e.value.clause) == ("loss_decrease", "loss.is_finite()")
+    assert_bitwise_equal(snapshot(model, opt), before)
+
+
+# -- state dicts ----------------------------------------------------------------------------------
+
+
+def roundtrip(state_dict: dict[str, Any]) -> dict[str, Any]:
+    buffer = io.BytesIO()
+    torch.save(state_dict, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+@pytest.mark.parametrize("use_fused", FUSED_PATHS)
+@pytest.mark.parametrize("ours", [Adam, AdamW])
+def test_state_dict_round_trip_continues_identically(ours: type[Adam], use_fused: bool) -> None:
+    a = make_model()
+    opt_a = ours(a.named_parameters(), lr=1e-2, clip_value=0.5, fused=use_fused)
+    batches = make_batches(10)
+    train(a, opt_a, batches[:3])
+    poisoned_step(a, opt_a, batches[3], "nan_grad")
+    saved = roundtrip(opt_a.state_dict())
+    b = make_model()
+    b.load_state_dict(a.state_dict())
+    opt_b = ours(b.named_parameters(), lr=1.0, clip_value=0.5, fused=use_fused)
+    opt_b.load_state_dict(saved)
+    assert opt_b.param_groups[0]["lr"] == 1e-2
+    names = ("skipped_steps", "last_grad_norm", "last_clipped_grad_norm")
+    assert_bitwise_equal({n: getattr(opt_a, n) for n in names}, {n: getattr(opt_b, n) for n in names})
+    train(a, opt_a, batches[4:])
+    train(b, opt_b, batches[4:])
+    assert_bitwise_equal(snapshot(a, opt_a), snapshot(b, opt_b))
+    assert opt_b.skipped_steps.item() == 1
+    assert torch.equal(opt_a.last_clipped_grad_norm, opt_b.last_clipped_grad_norm)
+
+
+@pytest.mark.parametrize(("ours", "theirs"), OPTIMIZERS)
+def test_torch_state_dicts_load_both_ways(ours: type[Adam], theirs: type) -> None:
+    batches = make_batches(10)
+    torch_model, our_model = make_model(), make_model()
+    torch_opt = theirs(torch_model.parameters(), lr=1e-2, weight_decay=0.1, foreach=False)
+    train(torch_model, torch_opt, batches[:5])
+    our_model.load_state_dict(torch_model.state_dict())
+    our_opt = ours(our_model.parameters(), lr=1.0, fused=False)
+    our_opt.load_state_dict(roundtrip(torch_opt.state_dict()))
+    assert our_opt.skipped_steps.item() == 0 and torch.isnan(our_opt.last_grad_norm)
+    assert "amsgrad" not in our_opt.param_groups[0]
+    train(torch_model, torch_opt, batches[5:])
+    train(our_model, our_opt, batches[5:])
+    assert_bitwise_equal(snapshot(our_model, our_opt), snapshot(torch_model, torch_opt))
+
+    back = theirs(make_model().parameters(), foreach=False)
+    back.load_state_dict(our_opt.state_dict())
+    assert back.param_groups[0]["weight_decay"] == 0.1
+
+
+def test_adamw_keeps_decoupled_decay_when_loading_an_adam_state_dict() -> None:
+    model = make_model()
+    adam = torch.optim.Adam(model.parameters(), weight_decay=0.1)
+    opt = AdamW(model.parameters())
+    opt.load_state_dict(adam.state_dict())
+    assert opt.param_groups[0]["decoupled_weight_decay"] is True
+
+
+def foreign_state_dict(kind: str) -> dict[str, Any]:
+    model = make_model()
+    if kind == "amsgrad":
+        opt: torch.optim.Optimizer = torch.optim.Adam(model.parameters(), amsgrad=True)
+    elif kind == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    else:
+        opt = torch.optim.Adam(model.parameters())
+    train(model, opt, make_batches(1))
+    state = opt.state_dict()
+    if kind == "shape":
+        state["state"][0]["exp_avg"] = torch.zeros(2, 2)
+    if kind == "counters":
+        state["provetrain"] = {"skipped_steps": torch.tensor(1)}
+    return state
+
+
+@pytest.mark.parametrize(
+    ("kind", "pattern"),
+    [
+        ("amsgrad", r"param_groups\[0\] was saved with amsgrad=True, which provetrain's Adam does not implement"),
+        ("sgd", r"holds keys \['momentum_buffer'\] for param_groups\[0\]\['params'\]\[0\] \(shape \(12, 6\)\)"),
+        ("shape", r"exp_avg for .* has shape \(2, 2\) but the parameter has shape \(12, 6\)"),
+        ("counters", r"state_dict\['provetrain'\] has no 'last_grad_norm'"),
+    ],
+)
+def test_foreign_state_dicts_are_refused_clearly(kind: str, pattern: str) -> None:
+    opt = Adam(make_model().parameters())
+    with pytest.raises(ValueError, match=pattern):
+        opt.load_state_dict(foreign_state_dict(kind))
+
+
+# -- arguments ------------------------------------------------------------------------------------
+
+
+def params_only(m: MLP) -> list[torch.nn.Parameter]:
+    return list(m.parameters())
+
+
+BAD_ARGUMENTS: list[tuple[dict[str, Any], type[Exception], str]] = [
+    ({"lr": 0.0}, ContractViolation, r"loss_decrease precondition `lr > 0\.0` violated: observed lr=0\.0\. Pass"),
+    ({"lr": -1e-3}, ContractViolation, r"`lr > 0\.0` violated: observed lr=-0\.001"),
+    ({"lr": math.nan}, ContractViolation, r"`lr > 0\.0` violated: observed lr=nan"),
+    ({"lr": math.inf}, ValueError, r"lr=inf must be finite"),
+    ({"lr": torch.tensor(1e-3)}, TypeError, r"lr=tensor\(0\.0010\) must be a float \(tensor learning rates"),
+    ({"betas": (1.0, 0.999)}, ValueError, r"betas\[0\]=1\.0 is outside \[0, 1\)"),
+    ({"betas": (0.9, -0.1)}, ValueError, r"betas\[1\]=-0\.1 is outside \[0, 1\)"),
+    ({"betas": (0.9,)}, TypeError, r"betas=\(0\.9,\) must be a pair of floats"),
+    ({"eps": -1e-8}, ValueError, r"eps=-1e-08 must be finite and >= 0, e\.g\. eps=1e-8"),
+    ({"weight_decay": -0.1}, ValueError, r"weight_decay=-0\.1 must be finite and >= 0"),
+    ({"weight_decay": math.nan}, ValueError, r"weight_decay=nan must be finite and >= 0"),
+    ({"maximize": 1}, TypeError, r"maximize=1 must be True or False"),
+    ({"clip_value": 0.0}, ContractViolation, r"gradient_norm precondition `clip_value > 0\.0` violated: observed"),
+    ({"clip_value": -1.0}, ContractViolation, r"`clip_value > 0\.0` violated: observed clip_value=-1\.0"),
+    ({"clip_value": math.inf}, ValueError, r"clip_value=inf must be finite; pass clip_value=None"),
+    ({"clip_value": "1"}, TypeError, r"clip_value='1' must be a float or None"),
+    ({"on_nonfinite": "ignore"}, ValueError, r"on_nonfinite='ignore' is not one of 'skip' .* or 'raise'"),
+    ({"fused": "yes"}, TypeError, r"fused='yes' must be True, False or None"),
+    ({"params": []}, ContractViolation, r"loss_decrease precondition `!params\.is_empty\(\)` violated"),
+    ({"params": [{"params": []}]}, ContractViolation, r"`!params\.is_empty\(\)` violated"),
+    ({"params": torch.zeros(2)}, TypeError, r"got a single tensor; pass \[tensor\]"),
+    (
+        {"params": lambda m: [{"params": m.fc1.parameters()}, {"params": m.fc2.parameters(), "lr": -1.0}]},
+        ContractViolation,
+        r"`lr > 0\.0` violated: observed lr=-1\.0\. param_groups\[1\]: Pass a positive",
+    ),
+    (
+        {"params": lambda m: [{"params": m.fc1.parameters(), "betas": (0.9, 1.5)}]},
+        ValueError,
+        r"param_groups\[0\]: betas\[1\]=1\.5 is outside \[0, 1\)",
+    ),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "error", "pattern"), BAD_ARGUMENTS)
+def test_bad_arguments_are_refused_with_a_fix(kwargs: dict[str, Any], error: type[Exception], pattern: str) -> None:
+    kwargs = dict(kwargs)
+    params = kwargs.pop("params", params_only)
+    model = make_model()
+    with pytest.raises(error, match=pattern):
+        Adam(params(model) if callable(params) else params, **kwargs)
+
+
+@pytest.mark.skipif(not fused.fused_available(), reason=f"fused kernel unavailable: {fused.fused_unavailable_reason()}")
+def test_fused_true_is_refused_for_unsupported_tensors() -> None:
+    model = make_model(torch.float64)
+    opt = Adam(model.parameters(), fused=True)
+    train_step = make_batches(1, torch.float64)
+    with pytest.raises(ValueError, match=r"fused=True, but a torch\.float64 tensor on cpu"):
+        train(model, opt, train_step)
+
+
+def test_step_without_gradients_is_a_contract_violation() -> None:
+    opt = Adam(make_model().parameters())
+    with pytest.raises(ContractViolation, match=re.escape("`!gradients.is_empty()` violated")):
+        opt.step()
+
+
+def test_closure_and_loss_together_are_refused() -> None:
+    opt = Adam(make_model().parameters())
+    with pytest.raises(ValueError, match="either closure or loss"):
+        opt.step(lambda: 0.0, loss=torch.tensor(0.0))
+
+
+# -- torch.optim behaviour kept -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("use_fused", FUSED_PATHS)
+def test_params_without_grad_are_left_alone_and_zero_grad_works(use_fused: bool) -> None:
+    model = make_model()
+    model.fc1.weight.requires_grad_(False)
+    frozen = model.fc1.weight.detach().clone()
+    opt = Adam(model.parameters(), lr=1e-2, fused=use_fused)
+    train(model, opt, make_batches(3))
+    assert torch.equal(model.fc1.weight, frozen) and model.fc1.weight not in opt.state
+    opt.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_closure_loss_is_returned_and_lr_scheduler_works() -> None:
+    model = make_model()
+    opt = AdamW(model.parameters(), lr=1e-2)
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    x, y = make_batches(1)[0]
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = F.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    scheduler.step()
+    assert isinstance(loss, torch.Tensor) and opt.param_groups[0]["lr"] == 5e-3
+
+
+@pytest.mark.skipif(not fused.fused_available(), reason=f"fused kernel unavailable: {fused.fused_unavailable_reason()}")
+def test_fused_matches_reference() -> None:
+    states = []
+    for path in (True, False):
+        model = make_model()
+        groups = [{"params": model.fc1.parameters()}, {"params": model.fc2.parameters(), "lr": 3e-3}]
+        opt = AdamW(groups, lr=1e-2, weight_decay=0.1, clip_value=0.5, fused=path)
+        train(model, opt, make_batches(20))
+        states.append((snapshot(model, opt), opt.last_grad_norm.item(), opt.last_clipped_grad_norm.item()))
+    (fused_state, fused_norm, fused_clipped), (ref_state, ref_norm, ref_clipped) = states
+    for key in ref_state:
+        assert torch.allclose(fused_state[key], ref_state[key], rtol=1e-6, atol=1e-7), key
+    assert fused_norm == pytest.approx(ref_norm, rel=1e-6)
+    assert fused_clipped == pytest.approx(ref_clipped, rel=1e-6)
+
+
+# -- no host-device synchronisation ---
+
+# The aten ops behind .item(), bool(t), float(t), `if t:`, torch.equal and data-dependent shapes: each
+# copies a device value to the host. Seen on CPU, they would be synchronisations on CUDA.
+HOST_READS = {"_local_scalar_dense", "is_nonzero", "equal", "nonzero", "masked_select", "_unique2", "allclose"}
+
+
+class RecordHostReads(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func._schema.name.removeprefix("aten::") in HOST_READS:
+            self.seen.append(func._schema.name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("clip_value", [None, 0.2])
+@pytest.mark.parametrize("ours", [Adam, AdamW])
+def test_skip_mode_step_reads_nothing_back_from_tensors(ours: type[Adam], clip_value: float | None) -> None:
+    model = make_model()
+    opt = ours(model.named_parameters(), lr=1e-2, clip_value=clip_value, fused=False)
+    for poison in ("none", "nan_grad", "nan_batch", "none"):
+        x, y = make_batches(1)[0]
+        opt.zero_grad()
+        loss = F.mse_loss(model(x if poison != "nan_batch" else x * math.nan), y)
+        loss.backward()
+        if poison == "nan_grad":
+            model.fc2.weight.grad[0, 0] = math.nan
+        with RecordHostReads() as reads:
+            opt.step(loss=loss)
+        assert reads.seen == []
+    assert opt.skipped_steps.item() == 2
+
+
+def test_raise_mode_reads_one_flag_per_step() -> None:
+    model = make_model()
+    opt = Adam(model.parameters(), clip_value=0.2, on_nonfinite="raise", fused=False)
+    x, y = make_batches(1)[0]
+    F.mse_loss(model(x), y).backward()
+    with RecordHostReads() as reads:
+        opt.step()
+    assert reads.seen == ["aten::_local_scalar_dense"]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device to detect host-device syncs")
+@pytest.mark.parametrize("clip_value", [None, 0.2])
+@pytest.mark.parametrize("ours", [Adam, AdamW])
+def test_skip_mode_step_never_synchronises_on_cuda(ours: type[Adam], clip_value: float | None) -> None:
+    model = make_model().cuda()
+    opt = ours(model.named_parameters(), lr=1e-2, clip_value=clip_value)
+    previous = torch.cuda.get_sync_debug_mode()
+    for i, (x, y) in enumerate(make_batches(6)):
+        opt.zero_grad()
+        loss = F.mse_loss(model(x.cuda()), y.cuda())
+        loss.backward()
+        if i == 3:
+            model.fc2.weight.grad[0, 0] = math.nan
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            opt.step(loss=loss)
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+    assert opt.skipped_steps.item() == 1
+    assert all(s["step"].item() == 5 for s in opt.state.values())
