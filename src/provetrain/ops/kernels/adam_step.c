@@ -3,7 +3,7 @@
  *
  *   pass 1  pt_sum_sq:  reads g once; returns sum over all elements of (double)g * (double)g.
  *                       The sum is finite iff every g is finite: a finite float squared is below 1.2e77,
- *                       so no count of them can overflow a double, while NaN and Inf propagate.
+ *                       so fewer than 1e231 of them cannot overflow a double, while NaN and Inf propagate.
  *   pass 2  pt_adam:    reads p, g, m, v once and writes p, m, v once; the clipped gradient
  *                       y = (float)((double)g * k) lives in registers only. Returns sum of (double)y^2.
  *
@@ -23,8 +23,24 @@
 #define PT_ABI_VERSION 1
 #define LANES 16
 
+/*
+ * Software prefetch, this many elements ahead in every stream. The hardware prefetchers stop at 4 KiB
+ * page boundaries; prefetching one page ahead keeps each stream in flight across them. Measured on a
+ * 2-core Sapphire Rapids VM (16 x 1M float32): pass 2 from 9.8 ms to 7.1 ms, pass 1 from 1.25 to 1.1 ms.
+ */
+#ifndef PT_PREFETCH_AHEAD
+#define PT_PREFETCH_AHEAD 1024
+#endif
+#if defined(__GNUC__) || defined(__clang__)
+#define PREFETCH_READ(ptr) __builtin_prefetch((ptr) + PT_PREFETCH_AHEAD, 0, 3)
+#define PREFETCH_WRITE(ptr) __builtin_prefetch((ptr) + PT_PREFETCH_AHEAD, 1, 3)
+#else
+#define PREFETCH_READ(ptr) ((void)0)
+#define PREFETCH_WRITE(ptr) ((void)0)
+#endif
+
 enum {
-    PT_MAXIMIZE = 1,     /* y = -y */
+    PT_MAXIMIZE = 1,     /* y = -y: applied by negating k, since (float)((double)g * -k) == -y exactly */
     PT_L2 = 2,           /* Adam's L2 term: y = y + weight_decay * p */
     PT_DECOUPLED = 4,    /* AdamW: p = p * (1 - lr * weight_decay) before the update */
     PT_LERP_LARGE = 8,   /* |1 - beta1| >= 0.5: torch's lerp takes its other branch */
@@ -57,14 +73,16 @@ static double sum_lanes(const double *acc) {
 static double sum_sq_span(const float *restrict g, int64_t n) {
     double acc[LANES] = {0.0};
     int64_t i = 0;
-    for (; i + LANES <= n; i += LANES)
+    for (; i + LANES <= n; i += LANES) {
+        PREFETCH_READ(g + i);
         for (int j = 0; j < LANES; ++j) {
             double x = g[i + j];
-            acc[j] += x * x; /* exact product: 24-bit mantissas squared fit in 53 bits */
+            acc[j] = fma(x, x, acc[j]); /* the product is exact (24-bit mantissas squared fit in 53 bits) */
         }
+    }
     for (int j = 0; i < n; ++i, ++j) {
         double x = g[i];
-        acc[j] += x * x;
+        acc[j] = fma(x, x, acc[j]);
     }
     return sum_lanes(acc);
 }
@@ -73,9 +91,8 @@ static double sum_sq_span(const float *restrict g, int64_t n) {
 static inline __attribute__((always_inline)) float adam_elem(float *restrict p, const float *restrict g,
                                                              float *restrict m, float *restrict v,
                                                              double k, const float *restrict s, int flags) {
-    float y = (float)((double)*g * k); /* the contract's clipped value: double product, one rounding */
-    const float clipped = y;
-    if (flags & PT_MAXIMIZE) y = -y;
+    const float clipped = (float)((double)*g * k); /* the contract's value: double product, one rounding */
+    float y = clipped;
     float pv = *p;
     if (flags & PT_L2) y = fmaf(pv, s[S_WD], y);          /* grad.add(param, alpha=weight_decay) */
     if (flags & PT_DECOUPLED) pv = pv * s[S_WD_SCALE];    /* param.mul_(1 - lr * weight_decay) */
@@ -95,14 +112,19 @@ static inline __attribute__((always_inline)) double adam_span(float *restrict p,
                                                               double k, const float *restrict s, int flags) {
     double acc[LANES] = {0.0};
     int64_t i = 0;
-    for (; i + LANES <= n; i += LANES)
+    for (; i + LANES <= n; i += LANES) {
+        PREFETCH_WRITE(p + i);
+        PREFETCH_READ(g + i);
+        PREFETCH_WRITE(m + i);
+        PREFETCH_WRITE(v + i);
         for (int j = 0; j < LANES; ++j) {
             double y = adam_elem(p + i + j, g + i + j, m + i + j, v + i + j, k, s, flags);
-            acc[j] += y * y;
+            acc[j] = fma(y, y, acc[j]);
         }
+    }
     for (int j = 0; i < n; ++i, ++j) {
         double y = adam_elem(p + i, g + i, m + i, v + i, k, s, flags);
-        acc[j] += y * y;
+        acc[j] = fma(y, y, acc[j]);
     }
     return sum_lanes(acc);
 }
@@ -110,20 +132,20 @@ static inline __attribute__((always_inline)) double adam_span(float *restrict p,
 #define SPAN(F) \
     static double adam_span_##F(float *p, const float *g, float *m, float *v, int64_t n, double k, \
                                 const float *s) { return adam_span(p, g, m, v, n, k, s, F); }
-SPAN(0) SPAN(1) SPAN(2) SPAN(3) SPAN(4) SPAN(5) SPAN(8) SPAN(9) SPAN(10) SPAN(11) SPAN(12) SPAN(13)
+SPAN(0) SPAN(2) SPAN(4) SPAN(8) SPAN(10) SPAN(12)
 #undef SPAN
 
 typedef double (*span_fn)(float *, const float *, float *, float *, int64_t, double, const float *);
 
 static span_fn select_span(int flags) {
-    switch (flags) {
-        case 0: return adam_span_0;   case 1: return adam_span_1;
-        case 2: return adam_span_2;   case 3: return adam_span_3;
-        case 4: return adam_span_4;   case 5: return adam_span_5;
-        case 8: return adam_span_8;   case 9: return adam_span_9;
-        case 10: return adam_span_10; case 11: return adam_span_11;
-        case 12: return adam_span_12; case 13: return adam_span_13;
-        default: return 0;            /* L2 and decoupled together: rejected */
+    switch (flags & ~PT_MAXIMIZE) {
+        case 0: return adam_span_0;
+        case PT_L2: return adam_span_2;
+        case PT_DECOUPLED: return adam_span_4;
+        case PT_LERP_LARGE: return adam_span_8;
+        case PT_LERP_LARGE | PT_L2: return adam_span_10;
+        case PT_LERP_LARGE | PT_DECOUPLED: return adam_span_12;
+        default: return 0; /* L2 and decoupled together: rejected */
     }
 }
 
@@ -152,6 +174,7 @@ double pt_adam(int64_t n_tensors, const int64_t *addrs, const int64_t *numels, i
                double k, const float *scalars, int flags) {
     const span_fn span = select_span(flags);
     if (!span) return NAN;
+    if (flags & PT_MAXIMIZE) k = -k;
     double total = 0.0;
     int64_t offset = 0;
     for (int64_t t = 0; t < n_tensors && offset < end; offset += numels[t], ++t) {
@@ -163,6 +186,39 @@ double pt_adam(int64_t n_tensors, const int64_t *addrs, const int64_t *numels, i
                       (float *)(intptr_t)addrs[3 * n_tensors + t] + lo, hi - lo, k, scalars);
     }
     return total;
+}
+
+/*
+ * Pass 2's memory traffic with no arithmetic to speak of (p += g, m += g, v += g): the bandwidth this
+ * access pattern can reach here, for bench/step.py's floor.
+ */
+void pt_stream(int64_t n_tensors, const int64_t *addrs, const int64_t *numels, int64_t begin, int64_t end) {
+    int64_t offset = 0;
+    for (int64_t t = 0; t < n_tensors && offset < end; offset += numels[t], ++t) {
+        const int64_t lo = begin > offset ? begin - offset : 0;
+        const int64_t hi = end - offset < numels[t] ? end - offset : numels[t];
+        float *restrict p = (float *)(intptr_t)addrs[t] + lo;
+        const float *restrict g = (const float *)(intptr_t)addrs[n_tensors + t] + lo;
+        float *restrict m = (float *)(intptr_t)addrs[2 * n_tensors + t] + lo;
+        float *restrict v = (float *)(intptr_t)addrs[3 * n_tensors + t] + lo;
+        int64_t i = 0;
+        for (; i + LANES <= hi - lo; i += LANES) {
+            PREFETCH_WRITE(p + i);
+            PREFETCH_READ(g + i);
+            PREFETCH_WRITE(m + i);
+            PREFETCH_WRITE(v + i);
+            for (int j = 0; j < LANES; ++j) {
+                p[i + j] += g[i + j];
+                m[i + j] += g[i + j];
+                v[i + j] += g[i + j];
+            }
+        }
+        for (; i < hi - lo; ++i) {
+            p[i] += g[i];
+            m[i] += g[i];
+            v[i] += g[i];
+        }
+    }
 }
 
 /* The clipped value alone, dst[i] = (float)((double)src[i] * k): lets tests pin y bit for bit. */
