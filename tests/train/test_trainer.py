@@ -203,3 +203,90 @@ def test_existing_outputs_are_never_overwritten(tmp_path: Path) -> None:
     with pytest.raises(FileExistsError, match="already holds files"):
         train(tmp_path, Poisoned(set()))
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == "precious\n"
+
+
+def dropout_mlp() -> nn.Module:
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 2))
+
+
+def losses_of(run: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path: Path) -> None:
+    settings = {"steps": 20, "batch_size": 32, "lr": 1e-2, "lr_max": None, "checkpoint_every": 10}
+    Trainer(dropout_mlp(), blobs(), output_dir=str(tmp_path / "full"), **settings).fit()
+    resumed = Trainer(dropout_mlp(), blobs(), output_dir=str(tmp_path / "resumed"), **settings)
+    resumed.fit(resume_from=tmp_path / "full" / "checkpoints" / "step-10")
+    full, tail = losses_of(tmp_path / "full"), losses_of(tmp_path / "resumed")
+    assert sorted(tail) == list(range(10, 20))
+    assert all(tail[s] == full[s] for s in tail)  # bit-for-bit, dropout and data order included
+
+
+def test_resume_refuses_a_different_setup(tmp_path: Path) -> None:
+    settings = {"steps": 10, "lr": 1e-2, "lr_max": None, "checkpoint_every": 5}
+    Trainer(dropout_mlp(), blobs(), output_dir=str(tmp_path / "a"), batch_size=32, **settings).fit()
+    other = Trainer(dropout_mlp(), blobs(), output_dir=str(tmp_path / "b"), batch_size=16, **settings)
+    with pytest.raises(ValueError, match=r"used different batch_size \(batch_size=32\)"):
+        other.fit(resume_from=tmp_path / "a" / "checkpoints")
+
+
+def rising_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy plus a constant that grows with every training call: a loss that diverges."""
+    rising_loss.calls += 1  # type: ignore[attr-defined]
+    return torch.nn.functional.cross_entropy(outputs, targets) + 0.05 * rising_loss.calls  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("policy", ["raise", "warn", "reduce_lr"])
+def test_loss_trend_monitor_acts_by_policy(tmp_path: Path, policy: str) -> None:
+    rising_loss.calls = 0  # type: ignore[attr-defined]
+    trainer = Trainer(
+        Poisoned(set()),
+        blobs(),
+        loss_fn=rising_loss,
+        steps=30,
+        lr=1e-3,
+        lr_max=None,
+        batch_size=32,
+        monitor_window=5,
+        on_loss_increase=policy,
+        output_dir=str(tmp_path / "run"),
+    )
+    if policy == "raise":
+        with pytest.raises(
+            ContractViolation, match=r"invariant `Loss monotonically non-increasing \(in expectation\)`"
+        ):
+            trainer.fit()
+        return
+    trainer.fit()
+    trend = clause(certificate(tmp_path), "loss_decrease.invariants[0]")
+    assert trend["violations"] >= 1 and trend["actions"] == {policy: trend["violations"]}
+    if policy == "reduce_lr":
+        assert trainer.lr_scale < 1.0
+
+
+def test_loss_trend_monitor_is_silent_on_a_healthy_run(tmp_path: Path) -> None:
+    train(tmp_path, Poisoned(set()), steps=60, lr=3e-3, schedule="constant", monitor_window=5, on_loss_increase="raise")
+    trend = clause(certificate(tmp_path), "loss_decrease.invariants[0]")
+    assert trend["checks"] >= 5 and trend["violations"] == 0
+
+
+def test_lr_max_auto_is_estimated_and_enforced(tmp_path: Path) -> None:
+    result, _ = train(tmp_path, Poisoned(set()), lr_max="auto", lr=1e-3)
+    assert result.lr_max is not None and 1e-3 < result.lr_max < math.inf
+    assert clause(certificate(tmp_path), "loss_decrease.preconditions[1]")["checks"] == 12
+    with pytest.raises(ContractViolation, match=r"`lr < lr_max` violated: observed lr=1000.0"):
+        Trainer(Poisoned(set()), blobs(), steps=5, lr=1e3, lr_max="auto", output_dir=str(tmp_path / "x")).fit()
+    assert not (tmp_path / "x").exists()
+
+
+def test_final_checkpoint_holds_finite_state_and_loads(tmp_path: Path) -> None:
+    from provetrain.train.checkpoint import load_checkpoint
+
+    train(tmp_path, Poisoned({3}))
+    checkpoint = load_checkpoint(tmp_path / "run" / "checkpoints")
+    assert checkpoint.step == 12
+    assert checkpoint.state["skipped_steps"] == 1
+    assert all(torch.isfinite(t).all() for t in checkpoint.tensors.values() if t.is_floating_point())

@@ -41,7 +41,17 @@ from provetrain.data.sources import DataSplits
 from provetrain.errors import ContractViolation
 from provetrain.ops.adam import Adam, AdamW
 from provetrain.train.certificate import ClauseLedger
+from provetrain.train.checkpoint import (
+    capture_rng_state,
+    flatten_state,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+    unflatten_state,
+)
 from provetrain.train.config import TrainConfig, make_config
+from provetrain.train.lr_max import LrMaxEstimate, estimate_lr_max, preconditioner_from_batches
+from provetrain.train.monitor import LossTrendMonitor
 from provetrain.train.outputs import RunOutputs
 from provetrain.train.schedule import Schedule
 
@@ -170,6 +180,8 @@ class Trainer:
         # On CPU a host read costs nothing, so every step is checked as it happens.
         self.read_every = 1 if self.device.type == "cpu" else self.config.log_every
         self.lr_max: float | None = None
+        self.lr_max_estimate: LrMaxEstimate | None = None
+        self.monitor = LossTrendMonitor(window=self.config.monitor_window, alpha=self.config.monitor_alpha)
         self.applied_steps = 0
         self.rollbacks = 0
         self.lr_scale = 1.0
@@ -224,25 +236,38 @@ class Trainer:
         return Path("runs") / f"{self.config.data}-{self.config.model}-{stamp}"
 
     # ------------------------------------------------------------------------------------------------ loop
-    def fit(self) -> TrainResult:
-        """Train for the configured steps or epochs; returns the run's result and writes its outputs."""
+    def fit(self, *, resume_from: str | Path | None = None) -> TrainResult:
+        """Train for the configured steps or epochs; returns the run's result and writes its outputs.
+
+        Args:
+            resume_from: a checkpoint directory (``<run>/checkpoints``) or one ``step-N`` in it: the model,
+                optimizer, counters, loss monitor, RNG and data position are restored, and the run continues
+                exactly as the uninterrupted one would have. Outputs go to this run's own ``output_dir``.
+        """
         torch.manual_seed(self.config.seed)
         self.optimizer = self._build_optimizer()
-        self.lr_max = self._lr_max()
+        first_step = 0
+        if resume_from is not None:
+            first_step = self._resume(Path(resume_from))
+        else:
+            self.lr_max = self._lr_max()
         self._preflight_lr()
         self.outputs = RunOutputs(self._output_dir())
         self._take_snapshot()
         outcome = "kept"
         started = time.perf_counter()
         try:
-            with self._progress() as advance:
-                for step in range(self.total_steps):
+            with self._progress(first_step) as advance:
+                for step in range(first_step, self.total_steps):
                     self._train_step(step)
                     if (step + 1) % self.read_every == 0 or step + 1 == self.total_steps:
                         self._read_back()
                     if self.config.eval_every and self._due(step, self.config.eval_every):
                         self._evaluate(step)
+                    if self.config.checkpoint_every and self._due(step, self.config.checkpoint_every):
+                        self._save_checkpoint(step + 1)
                     advance()
+            self._save_checkpoint(self.total_steps)
             evaluation = self._evaluate(self.total_steps - 1)
         except ContractViolation as violation:
             outcome = f"violated: {violation}"
@@ -458,7 +483,31 @@ class Trainer:
 
     def _on_trend(self, step: int, loss: float) -> str | None:
         """Feed the loss-trend monitor; act by policy when it fires. Returns the action taken, if any."""
-        return None
+        tests_before = self.monitor.tests
+        verdict = self.monitor.update(step, loss)
+        if self.monitor.tests == tests_before:
+            return None
+        self.ledger.check(
+            LOSS,
+            "invariant",
+            LOSS_TREND,
+            passed=int(verdict is None),
+            failed=int(verdict is not None),
+            first_failed_step=step,
+        )
+        if verdict is None:
+            return None
+        policy = self.config.on_loss_increase
+        self.ledger.act(LOSS, "invariant", LOSS_TREND, policy)
+        if policy == "raise":
+            raise verdict.to_violation()
+        if policy == "rollback":
+            self.rollbacks += 1
+            self._restore_snapshot(factor=self.config.rollback_lr_factor)
+        elif policy == "reduce_lr":
+            self.lr_scale *= self.config.rollback_lr_factor
+        self._say(f"step {step}: {verdict.message} -> {policy}")
+        return policy
 
     # -------------------------------------------------------------------------------- snapshots, outputs
     def _take_snapshot(self) -> None:
@@ -479,7 +528,91 @@ class Trainer:
 
     def _lr_max(self) -> float | None:
         value = self.config.lr_max
-        return None if value in (None, "auto") else float(value)
+        if value is None:
+            return None
+        if value != "auto":
+            return float(value)
+        self.lr_max_estimate = self.estimate_lr_max()
+        return self.lr_max_estimate.lr_max
+
+    def estimate_lr_max(self, *, batches: int = 16) -> LrMaxEstimate:
+        """Adam's largest stable lr at the initial point (``provetrain.train.lr_max``): the preconditioner from
+        the mean squared gradient of the first ``batches`` batches, the curvature on their union (up to 1024
+        examples). Uses the data of the first steps and the model as it is now; changes nothing."""
+        loaded = [self._batch(i) for i in range(min(batches, self.steps_per_epoch))]
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        losses = [lambda x=x, y=y: self.loss_fn(self.model(x), y) for x, y in loaded]
+        preconditioner = preconditioner_from_batches(losses, params, eps=self.config.eps)
+        inputs, targets = (torch.cat(parts)[:1024] for parts in zip(*loaded, strict=True))
+        return estimate_lr_max(
+            lambda: self.loss_fn(self.model(inputs), targets),
+            params,
+            optimizer="adam",
+            betas=self.config.betas,
+            eps=self.config.eps,
+            preconditioner=preconditioner,
+        )
+
+    # --------------------------------------------------------------------------------------- checkpoints
+    _RESUME_INVARIANT_KEYS = ("data", "data_args", "model", "model_args", "optimizer", "batch_size", "seed")
+
+    def _checkpoint_dir(self) -> Path:
+        return self.outputs.directory / "checkpoints"
+
+    def _save_checkpoint(self, next_step: int) -> None:
+        """Everything the run needs to continue exactly; never a non-finite tensor (the writer refuses)."""
+        if self._pending:  # values not yet read back: the policies have not seen them, so nothing is saved
+            return
+        model_tensors, model_structure = flatten_state(self.model.state_dict(), prefix="model")
+        optimizer_tensors, optimizer_structure = flatten_state(self.optimizer.state_dict(), prefix="optimizer")
+        state = {
+            "next_step": next_step,
+            "applied_steps": self.applied_steps,
+            "skipped_steps": self._skips_seen,
+            "consecutive_skips": self._consecutive_skips,
+            "rollbacks": self.rollbacks,
+            "lr_scale": self.lr_scale,
+            "lr_max": self.lr_max,
+            "model": model_structure,
+            "optimizer": optimizer_structure,
+            "monitor": self.monitor.state_dict(),
+            "rng": capture_rng_state(),
+            "config": self.config.model_dump(mode="json"),
+        }
+        save_checkpoint(
+            self._checkpoint_dir(),
+            step=next_step,
+            tensors=model_tensors | optimizer_tensors,
+            state=state,
+            keep_last=self.config.keep_checkpoints,
+            overwrite=True,
+        )
+
+    def _resume(self, path: Path) -> int:
+        """Restore a checkpoint saved by this Trainer; returns the step to continue from."""
+        if path.name.startswith("step-"):
+            checkpoint = load_checkpoint(path.parent, int(path.name.removeprefix("step-")))
+        else:
+            checkpoint = load_checkpoint(path)
+        state = checkpoint.state
+        saved, current = state["config"], self.config.model_dump(mode="json")
+        changed = [k for k in self._RESUME_INVARIANT_KEYS if saved.get(k) != current.get(k)]
+        if changed:
+            raise ValueError(
+                f"cannot resume from {checkpoint.path}: its run used different {', '.join(changed)} "
+                f"({', '.join(f'{k}={saved.get(k)!r}' for k in changed)}); resume with the same settings"
+            )
+        self.model.load_state_dict(unflatten_state(checkpoint.tensors, state["model"]))
+        self.optimizer.load_state_dict(unflatten_state(checkpoint.tensors, state["optimizer"]))
+        self.monitor.load_state_dict(state["monitor"])
+        self.applied_steps = state["applied_steps"]
+        self._skips_seen = state["skipped_steps"]
+        self._consecutive_skips = state["consecutive_skips"]
+        self.rollbacks = state["rollbacks"]
+        self.lr_scale = state["lr_scale"]
+        self.lr_max = state["lr_max"]
+        restore_rng_state(state["rng"])
+        return int(state["next_step"])
 
     @torch.no_grad()
     def _evaluate(self, step: int) -> dict[str, float] | None:
@@ -511,6 +644,7 @@ class Trainer:
             "skipped_steps": self._skips_seen,
             "rollbacks": self.rollbacks,
             "lr_max": self.lr_max,
+            "lr_max_method": self.lr_max_estimate.explanation if self.lr_max_estimate else None,
             "torch": torch.__version__,
         }
         return self.ledger.certificate(run=run, outcome=outcome)
@@ -524,7 +658,7 @@ class Trainer:
         if self.console is not None:
             self.console.print(message, highlight=False)
 
-    def _progress(self) -> Any:
+    def _progress(self, first_step: int = 0) -> Any:
         from contextlib import contextmanager
 
         @contextmanager
@@ -535,7 +669,7 @@ class Trainer:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
             with Progress("train", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=self.console) as p:
-                task = p.add_task("train", total=self.total_steps)
+                task = p.add_task("train", total=self.total_steps, completed=first_step)
                 yield lambda: p.advance(task)
 
         return bar()
