@@ -107,3 +107,37 @@ def test_parity_of_a_users_factory_needs_an_input_shape() -> None:
     result = runner.invoke(app, ["parity", "--model", "torch.nn:Identity", "--input-shape", "2,3", "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["results"][0]["max_abs_error"] == 0.0
+
+
+def test_train_writes_outputs_and_reports_accuracy(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["train", "--steps", "15", "--quiet", "--output-dir", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "test accuracy:" in result.stdout
+    assert f"outputs: {out}/" in result.stdout
+    assert {p.name for p in out.iterdir()} >= {"metrics.jsonl", "certificate.json", "report.png", "checkpoints"}
+
+
+def test_train_bad_config_exits_2_and_writes_nothing(tmp_path: Path) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text(f"epochs: 0\noutput_dir: {tmp_path / 'run'}\n")
+    result = runner.invoke(app, ["train", str(config)])
+    assert result.exit_code == 2
+    assert "bad.yaml:1:9: key 'epochs': Input should be greater than or equal to 1" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_contract_violation_exits_1(tmp_path: Path) -> None:
+    config = tmp_path / "hot.yaml"
+    config.write_text(f"lr: 0.01\nlr_max: 0.001\nsteps: 5\noutput_dir: {tmp_path / 'run'}\n")
+    result = runner.invoke(app, ["train", str(config)])
+    assert result.exit_code == 1
+    assert "contract violation: contract loss_decrease precondition `lr < lr_max` violated" in result.stderr
+
+
+def test_lr_max_of_the_default_job(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["lr-max", "--batches", "4", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["method"] == "adam" and report["lr"] == 0.01
+    assert report["lr_below_lr_max"] is True and report["lr_max"] > 0.01

@@ -136,25 +136,58 @@ def train(
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda.")] = None,
     seed: Annotated[int | None, typer.Option(help="Override the seed.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or messages; results only.")] = False,
+    resume: Annotated[
+        Path | None, typer.Option(help="Continue from a checkpoint directory (<run>/checkpoints or its step-N).")
+    ] = None,
 ) -> None:
     """Train under the contract; print test accuracy, the clause summary and where the outputs are."""
     from provetrain.train.config import load_config
     from provetrain.train.run import default_config_path, prepare_trainer
 
     overrides = {"output_dir": output_dir, "steps": steps, "device": device, "seed": seed}
-    if steps is not None:
-        overrides["epochs"] = None
     try:
         settings = load_config(default_config_path() if config is None else config)
         trainer = prepare_trainer(settings, console=None if quiet else stdout, **overrides)
-        result = trainer.fit()
-    except (ConfigError, ContractError) as error:
+        result = trainer.fit(resume_from=resume)
+    except (ConfigError, ContractError, FileExistsError) as error:
         stderr.print(f"[bold red]error:[/] {error}", highlight=False)
         raise typer.Exit(2) from None
     except ContractViolation as violation:
         stderr.print(f"[bold red]contract violation:[/] {violation}", highlight=False)
         raise typer.Exit(1) from None
     _print_run_summary(result, quiet=quiet)
+
+
+@app.command("lr-max")
+def lr_max(
+    config: Annotated[Path | None, typer.Argument(help="Training config YAML (default: the embedded job).")] = None,
+    batches: Annotated[int, typer.Option(min=1, help="Batches averaged for Adam's preconditioner.")] = 16,
+    as_json: JsonFlag = False,
+) -> None:
+    """Estimate the largest stable learning rate for a config's model and data, and check its lr against it."""
+    from provetrain.train.config import load_config
+    from provetrain.train.run import default_config_path, prepare_trainer
+
+    try:
+        trainer = prepare_trainer(load_config(default_config_path() if config is None else config))
+        estimate = trainer.estimate_lr_max(batches=batches)
+    except (ConfigError, ValueError, TypeError) as error:
+        stderr.print(f"[bold red]error:[/] {error}", highlight=False)
+        raise typer.Exit(2) from None
+    lr = trainer.config.lr
+    if as_json:
+        print(json.dumps({"lr": lr, "lr_below_lr_max": lr < estimate.lr_max} | estimate.__dict__, indent=2))
+    else:
+        stdout.print(
+            f"lr_max = {estimate.lr_max:.6g} ({estimate.method}, eigenvalue {estimate.eigenvalue:.6g}, "
+            f"{'converged' if estimate.converged else 'NOT converged'})",
+            highlight=False,
+        )
+        stdout.print(estimate.explanation, highlight=False)
+        verdict = "below" if lr < estimate.lr_max else "NOT below"
+        stdout.print(f"configured lr = {lr:g} is {verdict} lr_max", highlight=False)
+    if not lr < estimate.lr_max:
+        raise typer.Exit(1)
 
 
 def _print_run_summary(result: Any, *, quiet: bool) -> None:

@@ -10,6 +10,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import torch
 from rich.console import Console
 
 from provetrain.data.sources import load_data
@@ -28,19 +29,25 @@ def default_config_path() -> Path:
 
 def prepare_trainer(config: TrainConfig, *, console: Console | None = None, **overrides: Any) -> Trainer:
     """A Trainer for ``config`` with its data and model resolved; ConfigError names the failing key."""
-    config = config.model_copy(update={k: v for k, v in overrides.items() if v is not None})
+    update = {k: v for k, v in overrides.items() if v is not None}
+    if "steps" in update:  # a step count given on top of a config replaces its length, whichever it was
+        update["epochs"] = None
+    config = config.model_copy(update=update)
     try:
         data = load_data(config.data, config.data_args, seed=config.seed)
     except (ValueError, TypeError, FileNotFoundError) as error:
         raise ConfigError(str(error), key="data") from None
+    torch.manual_seed(config.seed)  # the initial weights are part of the run: same seed, same model
     try:
         model = build_model(config.model, data, config.model_args)
     except (ValueError, TypeError) as error:
         raise ConfigError(str(error), key="model") from None
     try:
         return Trainer(model, data, config=config, console=console)
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
+    except ConfigError:
+        raise
+    except ValueError as error:  # e.g. device="cuda" without CUDA
+        raise ConfigError(str(error), key="device") from None
 
 
 def train_from_config(
