@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
-from typing import Literal
 
+from provetrain.contract.bindings import BINDINGS, Binding, BindingKey, Evidence, EvidenceKind
 from provetrain.contract.clauses import Clause, ClauseKind, enumerate_clauses
 from provetrain.contract.predicates import Predicate, predicate_for
 from provetrain.contract.schema import Contract
@@ -32,24 +32,6 @@ __all__ = [
     "clause_statuses",
     "resolve_dotted",
 ]
-
-EvidenceKind = Literal["unit-test", "property-test", "smt-proof", "parity", "falsification-test"]
-
-
-@dataclass(frozen=True)
-class Evidence:
-    """One piece of evidence: ``ref`` is a pytest node id or a ``provetrain`` command."""
-
-    kind: EvidenceKind
-    ref: str
-
-
-@dataclass(frozen=True)
-class Binding:
-    """How one clause is kept: the code that enforces it and the evidence that it does."""
-
-    enforced_by: tuple[str, ...] = ()
-    evidence: tuple[Evidence, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -65,11 +47,6 @@ class ClauseStatus:
     def bound(self) -> bool:
         return not self.gaps
 
-
-BindingKey = tuple[str, ClauseKind, str]
-
-# Filled in by the issues that deliver each piece; an absent key is an unbound clause.
-BINDINGS: dict[BindingKey, Binding] = {}
 
 _NEEDS_PREDICATE: frozenset[ClauseKind] = frozenset({"precondition", "postcondition"})
 _NEEDS_ENFORCEMENT: frozenset[ClauseKind] = frozenset({"precondition", "postcondition", "invariant", "obligation"})
