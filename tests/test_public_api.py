@@ -8,13 +8,24 @@ import provetrain
 def test_public_api_is_pinned() -> None:
     assert sorted(provetrain.__all__) == sorted(
         [
+            "Adam",
+            "AdamW",
+            "Callback",
             "Clause",
             "ClauseStatus",
+            "ConfigError",
             "Contract",
             "ContractError",
             "ContractViolation",
+            "TrainConfig",
+            "TrainResult",
+            "Trainer",
             "__version__",
             "clause_statuses",
+            "clip_grad_norm_",
+            "estimate_lr_max",
+            "forward_parity",
+            "load_config",
             "load_contract",
             "parse_contract",
         ]

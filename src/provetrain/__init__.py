@@ -9,19 +9,41 @@ from provetrain.contract import Contract as Contract
 from provetrain.contract import clause_statuses as clause_statuses
 from provetrain.contract import load_contract as load_contract
 from provetrain.contract import parse_contract as parse_contract
+from provetrain.errors import ConfigError as ConfigError
 from provetrain.errors import ContractError as ContractError
 from provetrain.errors import ContractViolation as ContractViolation
+from provetrain.ops.adam import Adam as Adam
+from provetrain.ops.adam import AdamW as AdamW
+from provetrain.ops.clip import clip_grad_norm_ as clip_grad_norm_
+from provetrain.train.config import TrainConfig as TrainConfig
+from provetrain.train.config import load_config as load_config
+from provetrain.train.lr_max import estimate_lr_max as estimate_lr_max
+from provetrain.train.trainer import Callback as Callback
+from provetrain.train.trainer import Trainer as Trainer
+from provetrain.train.trainer import TrainResult as TrainResult
+from provetrain.verify.parity import forward_parity as forward_parity
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Adam",
+    "AdamW",
+    "Callback",
     "Clause",
     "ClauseStatus",
+    "ConfigError",
     "Contract",
     "ContractError",
     "ContractViolation",
+    "TrainConfig",
+    "TrainResult",
+    "Trainer",
     "__version__",
     "clause_statuses",
+    "clip_grad_norm_",
+    "estimate_lr_max",
+    "forward_parity",
+    "load_config",
     "load_contract",
     "parse_contract",
 ]
