@@ -283,6 +283,40 @@ def parity(
         raise typer.Exit(1)
 
 
+@app.command("verify")
+def verify(
+    model: Annotated[str | None, typer.Option(help="module:factory returning a model or (model, inputs).")] = None,
+    input_shape: Annotated[str | None, typer.Option(help="Input batch shape for a factory's model, e.g. 8,64.")] = None,
+    thorough: Annotated[bool, typer.Option("--thorough", help="10x the examples and the full proof bound.")] = False,
+    json_path: Annotated[
+        Path | None, typer.Option("--json", help="Also write the results as JSON to this file.")
+    ] = None,
+) -> None:
+    """Run the contract's falsification tests and proof obligations on a model; exit 1 unless all pass."""
+    from provetrain.verify.suite import run_verification
+
+    try:
+        net, inputs = _model_and_inputs(model, input_shape)
+        results = run_verification(net, inputs, thorough=thorough)
+    except (ValueError, TypeError) as error:
+        stderr.print(f"[bold red]error:[/] {error}", highlight=False)
+        raise typer.Exit(2) from None
+    table = Table(title="provetrain verify" + (" --thorough" if thorough else ""))
+    for column in ("clause", "method", "result", "evidence", "time"):
+        table.add_column(column, overflow="fold")
+    colour = {"pass": "green", "fail": "red", "unknown": "yellow"}
+    for r in results:
+        table.add_row(r.clause, r.method, f"[{colour[r.result]}]{r.result}[/]", r.evidence, f"{r.seconds:.2f}s")
+    stdout.print(table)
+    if json_path is not None:
+        from provetrain.train.outputs import atomic_write
+
+        text = json.dumps([r.__dict__ for r in results], indent=2) + "\n"
+        atomic_write(json_path, lambda file: file.write(text.encode("utf-8")))
+    if any(r.result != "pass" for r in results):
+        raise typer.Exit(1)
+
+
 def main() -> None:
     """Console-script entry point."""
     try:
