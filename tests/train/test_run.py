@@ -55,3 +55,21 @@ def test_config_file_errors_are_located(tmp_path: Path) -> None:
     path.write_text("lr: 0.01\nbatchsize: 8\n")
     with pytest.raises(ConfigError, match=r"key 'batchsize': unknown key \(expected one of the keys data, data_args"):
         load_config(path)
+
+
+def test_tiny_language_model_trains_with_lr_max_auto(tmp_path: Path) -> None:
+    """The loop is not MLP-only: a transformer on a text file, with curvature-based lr_max (double backward
+    through attention)."""
+    text = tmp_path / "corpus.txt"
+    text.write_text("the contract holds at every step; " * 40)
+    config = tmp_path / "lm.yaml"
+    config.write_text(
+        f"data: text\ndata_args: {{path: {text}, block_size: 16}}\nmodel: tiny-gpt\n"
+        f"model_args: {{width: 16, layers: 1, heads: 2}}\nlr: 0.003\nlr_max: auto\nsteps: 8\nbatch_size: 8\n"
+        f"output_dir: {tmp_path / 'run'}\n"
+    )
+    trainer = prepare_trainer(load_config(config))
+    result = trainer.fit()
+    assert result.lr_max is not None and result.lr_max > 0.003
+    assert result.applied_steps == 8 and result.evaluation is not None
+    assert trainer.data.task == "language-model"

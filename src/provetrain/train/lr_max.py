@@ -62,7 +62,8 @@ seeded with 0: measuring lr_max never consumes the global RNG (exact resume depe
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
@@ -191,6 +192,42 @@ def estimate_lr_max(
     params = _check_params(params)
     _check_iteration_args(iterations, tol, "positive")
     _check_optimizer_args(optimizer, betas, eps, gradient_samples)
+    with _double_backward_capable():
+        return _estimate(
+            loss_fn, params, optimizer, betas, eps, preconditioner, gradient_samples, iterations, tol, generator
+        )
+
+
+@contextmanager
+def _double_backward_capable() -> Iterator[None]:
+    """Hessian-vector products need double backward: the math SDPA backend has it (CPU flash attention does
+    not), and an operator without it gets an error that says what to do instead of an autograd traceback."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    except RuntimeError as error:
+        if "derivative for" not in str(error) and "double backward" not in str(error):
+            raise
+        raise ValueError(
+            f"estimate_lr_max needs second derivatives (Hessian-vector products), which this model does not "
+            f"support: {error}. Give lr_max as a number (or null) instead of 'auto'"
+        ) from None
+
+
+def _estimate(
+    loss_fn: LossFn,
+    params: list[Tensor],
+    optimizer: str,
+    betas: tuple[float, float],
+    eps: float,
+    preconditioner: Sequence[Tensor] | None,
+    gradient_samples: int,
+    iterations: int,
+    tol: float,
+    generator: torch.Generator | None,
+) -> LrMaxEstimate:
     hvp, grad = _hessian_vector_product(loss_fn, params)
     if optimizer == "sgd":
         if preconditioner is not None:
