@@ -1,0 +1,440 @@
+r"""SMT harness ``train-kani-001``: the gradient norm is bounded after clipping, proven with z3 up to a bound.
+
+Obligation (contract ``training-loop-v1``, ``kani_harnesses``: "Gradient norm bounded after clipping",
+bound 4, strategy ``stub_float``). For every length ``n`` in ``1..bound``, every vector ``g`` of ``n`` finite
+float32 values and every finite **float64** ``c > 0`` (so every float32 ``c`` too), the clip of
+:mod:`provetrain.ops.clip` stores ``y`` with
+
+.. math:: \sum_i y_i^2 \le c^2 \ \text{(exactly, in real arithmetic)} \quad\text{and every } y_i \text{ finite.}
+
+(``c = inf`` is the measure-only path: ``k = 1``, ``y = g``, trivially bounded.) Each step is a z3 call
+that must answer ``unsat`` for the negation of its claim; ``unknown`` or a timeout is reported as
+``unknown``, never as proven.
+
+The model
+---------
+The algorithm as shipped for float32 gradients (``global_sum_of_squares``, ``clip_coefficient``,
+``scale_gradient``; its constants ``u``, ``u32``, ``eta32`` are read from :mod:`provetrain.ops.clip`)::
+
+    S_hat = float64 sum of g_i^2                      (any summation tree)
+    r     = float64 sqrt(S_hat)                       (the stub)
+    N_up  = fl(r * C),  C = 1 + ceil((n + 4) / 2) 2^-52   (exact in float64)
+    k     = 1                                         if N_up <= c   (compared exactly)
+          = 0                                         if A_lo <= 0
+          = fl(A_lo / N_up), one subnormal step to 0  otherwise
+    A_lo  = c (1 - 4 u32) - eta32 (isqrt(n) + 1), rounded down to float64 (exact rationals)
+    y_i   = fl32(fl64(g_i * k))                       (float64 product, then the float32 cast, RNE)
+
+* **Inputs**: the ``g_i`` are reals with ``|g_i| <= MAX32`` and ``c`` a real in ``(0, MAX64]``: supersets of
+  the finite float32 / float64 values, so the proof covers the floats.
+* **Squares** are exact: ``float64(g)^2`` for every finite float32 ``g``, checked **bit-precisely** in z3's
+  floating-point theory (the RTN and RTP products agree and are finite).
+* **Accumulation**, any order: each float64 addition is ``(a + b)(1 + d)``, ``|d| <= u = 2^-53``. By
+  induction over the summation tree (z3 checks the join of subtrees of ``l`` and ``n - l`` leaves),
+  ``S (1-u)^(n-1) <= S_hat <= S (1+u)^(n-1)`` for every tree: every order torch, BLAS blocking or threads use,
+  FMA included (the square being exact). The relative model is exact here: every partial sum is 0 or in
+  ``[2^-298, n 2^256]`` (the smallest nonzero square, the largest sum), inside float64's normal range.
+* **sqrt** is the ``stub_float`` stub: an uninterpreted ``r`` with only its error contract, written without
+  sqrt: ``r >= 0``, ``(1 - 2u)^2 S_hat <= r^2 <= (1 + 2u)^2 S_hat``. That is one ulp, not IEEE's half ulp
+  (``u``): torch 2.13's CPU float64 ``sqrt`` is faithful but not correctly rounded (measured on 10^6
+  random inputs: 0.7 % differ from ``math.sqrt``, up to 0.74 ulp from the true root, 1.26 ``u`` relative),
+  so the IEEE contract would not describe what runs; ``C``'s ``(n + 4) u`` margin still covers it.
+* **float64 products and division**: the standard model ``(x op y)(1 + d)``, ``|d| <= u``, plus an absolute
+  ``|e| <= 2^-1075`` on ``g_i k`` (float64 subnormals). ``N_up`` lies in ``[2^-150, 2^132]``; the quotient is
+  computed as ``fl(m / N_up) 2^e_a`` (``A_lo = m 2^e_a``, ``m in [1/2, 1)``), one rounding, the power-of-two
+  scaling exact unless subnormal, where the code steps toward 0: ``k N_up <= A_lo (1 + u)``, ``k >= 0``.
+* **Output rounding** ``fl32(p)`` for a float64 ``p``: ``|fl32(p) - p| <= u32 |p| + 2^-150`` and ``fl32(p)``
+  finite whenever ``|p| < 2^128 - 2^103``, checked **bit-precisely** (RNE, with a 113-bit format and a
+  directed-rounding sandwich, so no exactness of the check's own arithmetic is assumed). float32 subnormals
+  and float32 overflow are thus inside the proof.
+
+Subnormal and overflow argument for what the model does not state itself: float64 underflow cannot
+occur before the product (partial sums ``>= 2^-298``, ``r >= 2^-150``, ``N_up >= 2^-150``; a positive
+``A = c (1 - 4 u32) - eta32 (isqrt(n) + 1)`` is a multiple of ``2^-223`` since ``c >= 2^-149`` is a float64,
+so ``A_lo >= 2^-223`` and ``k >= 2^-355``), and a nonzero ``g_i k`` is ``>= 2^-504``: the absolute float64
+terms are an over-approximation kept for safety. float64 overflow cannot occur (``S_hat <= n 2^256``,
+``k <= 1``). The ``k = 1`` and ``k = 0`` paths are exact in IEEE (``g`` untouched; ``g * 0.0 = ±0``).
+
+The proof
+---------
+Per length ``n``: the accumulation joins; a check that the cases (``N_up <= c``; ``A_lo <= 0``;
+``A_lo > 0``) cover every run; per case, a satisfiability check of its assumptions (so the proof is not
+vacuous) and a *derivation* (:class:`~provetrain.verify.smt_derivation.Derivation`) of the goal: small z3
+steps, each citing only the case's assumptions or conclusions proved before it. The lemmas:
+``||g|| <= N_up`` (accumulation, stub, ``C``); ``k N_up <= A_lo (1 + u)`` and ``k (1 + u) <= 1`` (so
+``|p_i| <= |g_i|``: no float32 overflow); per element ``|y_i| <= V_i = (1+u)(1+u32) k |g_i| + H`` with
+``H = 2^-150 + (1+u32) 2^-1075``; ``sum |g_i| <= sqrt(n) ||g||`` (Cauchy-Schwarz, from
+``2 |g_i| |g_j| <= g_i^2 + g_j^2``); ``sum V_i^2 <= T^2``, ``T = (1+u)(1+u32) k ||g|| + sqrt(n) H``
+(Minkowski, by expanding both sides); ``T <= c`` (the margins ``4 u32`` and
+``eta32 (isqrt(n) + 1) > sqrt(n) H`` pay for the rounding of ``y``); then
+``||y||^2 <= sum V_i^2 <= T^2 <= c^2``. Steps that are linear combinations of nonlinear facts are checked
+after :func:`~provetrain.verify.smt_derivation.linearize` (monomials replaced by atoms: an
+over-approximation, so ``unsat`` stays sound). One monolithic query per ``n`` (the encoding with the lemmas
+as hints) did not finish in 60 s even for ``n = 2``; the derivation takes about a second per ``n``.
+
+Measured on this machine (z3-solver 5.4, 2 cores shared with other jobs, load 2-4): the two bit-precise
+float32 lemmas 5-12 s together, once per report; per length ``n = 1, 2, 3, 4``: 0.1, 0.4-0.6, 0.4-0.7,
+0.2 s (31 to 48 solver calls each); ``prove_clip_bound(4)`` 7-14 s in all; ``prove_clip_bound(16)`` 43 s
+(every length up to 16 under 2 s).
+
+Outside the proof: float16 / bfloat16 / float64 gradients (the contract harness is float32; clip's module
+docstring argues those), lengths above ``bound``, the CUDA path, and that torch's ``*``, ``/``, float32 cast
+and summation are IEEE round-to-nearest operations and its ``sqrt`` within one ulp (the stated model; the
+tests check them against Python's correctly rounded arithmetic and exact rationals on random inputs).
+
+torch's algorithm
+-----------------
+``algorithm="torch"`` encodes ``torch.nn.utils.clip_grad_norm_`` for one float32 tensor in the same model:
+float32 squares and sums (relative ``u32``), the sqrt stub (``u32``), ``den = fl32(r + 1e-6)``,
+``coef = fl32(c / den)``, ``y_i = fl32(g_i coef)``, in a box where every float32 operation is normal and the
+coefficient really clips. z3 finds violating models in well under a second for every ``n``; a model's
+rounding errors need not be realisable, so each is *concretised*: rounded to float32 and moved by a few
+ulps until torch itself, replayed, stores ``||y||^2 > c^2`` (exact, with :class:`fractions.Fraction`). Found
+here: ``g = [65.00019073486328]``, ``c = 64.49990844726562`` (torch stores ``y`` one float32 ulp above
+``c``: ``||y||^2 - c^2 = 2.4e-7 c^2``), and for ``n = 4``
+``g = [-65.0, -65.00000762939453, -65.00000762939453, -64.99999237060547]``, ``c = 65`` (the coefficient
+rounds to exactly 1/2: ``5.9e-8 c^2``).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import struct
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Literal
+
+import torch
+import z3
+
+from provetrain.verify.smt_clip import (
+    ClipVars,
+    TorchVars,
+    accumulation_step,
+    clip_branches,
+    exhaustive_cases,
+    fp_exact_squares,
+    fp_output_rounding,
+    to_float32,
+    torch_assumptions,
+)
+from provetrain.verify.smt_derivation import Derivation, check_satisfiable, check_unsat
+from provetrain.verify.smt_derivation import StepResult as StepResult
+
+__all__ = [
+    "HARNESS_ID",
+    "PROOF_COLUMNS",
+    "Counterexample",
+    "LengthResult",
+    "ProofReport",
+    "StepResult",
+    "TorchReplay",
+    "concretise_torch_counterexample",
+    "proof_rows",
+    "prove_clip_bound",
+    "replay_torch_clip",
+]
+
+HARNESS_ID = "train-kani-001"
+PROOF_COLUMNS = ("n", "result", "seconds", "detail")
+"""Column names of :func:`proof_rows`."""
+
+Algorithm = Literal["provetrain", "torch"]
+Result = Literal["proved", "counterexample", "unknown"]
+MAX_BOUND = 64
+
+
+@dataclass(frozen=True)
+class TorchReplay:
+    """``torch.nn.utils.clip_grad_norm_`` run on concrete float32 values.
+
+    Attributes:
+        y: the clipped gradient torch stored.
+        excess: ``sum(y_i^2) - max_norm^2``, exact; positive means the bound is violated.
+    """
+
+    y: tuple[float, ...]
+    excess: Fraction
+
+    @property
+    def violated(self) -> bool:
+        return self.excess > 0
+
+
+@dataclass(frozen=True)
+class Counterexample:
+    """Values that violate the bound in the model, and whether they do in reality.
+
+    Attributes:
+        g: float32 values (for torch: the concretised values when ``realised``, else the model's, rounded).
+        max_norm: the clip value ``c`` (a float32 value for torch).
+        model: z3's model, every variable as a decimal string (rounding errors included).
+        realised: torch only: the concrete ``g, max_norm`` break ``torch.nn.utils.clip_grad_norm_`` when
+            replayed; ``None`` when not replayed.
+        excess: exact ``||y||^2 - max_norm^2`` of the replay (``None`` when not replayed).
+    """
+
+    g: tuple[float, ...]
+    max_norm: float
+    model: Mapping[str, str]
+    realised: bool | None = None
+    excess: Fraction | None = None
+
+
+@dataclass(frozen=True)
+class LengthResult:
+    """The harness for one length ``n``.
+
+    Attributes:
+        n: the vector length.
+        result: ``proved`` (every step ``unsat``), ``counterexample`` (the model's negation is ``sat``), or
+            ``unknown`` (a timeout, or a proof step that failed while the direct query found no model).
+        seconds: wall time for this length.
+        steps: every solver call, in order.
+        counterexample: the violating values, for ``counterexample``.
+    """
+
+    n: int
+    result: Result
+    seconds: float
+    steps: tuple[StepResult, ...] = ()
+    counterexample: Counterexample | None = None
+
+
+@dataclass(frozen=True)
+class ProofReport:
+    """The harness ``train-kani-001`` run up to ``bound``.
+
+    Attributes:
+        algorithm: ``provetrain`` (the shipped clip) or ``torch`` (``torch.nn.utils.clip_grad_norm_``).
+        bound: the largest length checked; ``lengths`` holds ``1..bound``.
+        timeout_s: the limit of each solver call.
+        lemmas: the length-independent bit-precise float32 lemmas (provetrain only).
+        lengths: one result per length.
+        seconds: wall time in all.
+    """
+
+    algorithm: Algorithm
+    bound: int
+    timeout_s: float
+    lemmas: tuple[StepResult, ...]
+    lengths: tuple[LengthResult, ...]
+    seconds: float
+    harness: str = field(default=HARNESS_ID)
+
+    @property
+    def proved(self) -> bool:
+        """Every lemma and every length proved: the obligation holds up to ``bound``."""
+        lemmas = all(step.verdict == "proved" for step in self.lemmas)
+        return lemmas and all(length.result == "proved" for length in self.lengths)
+
+
+def prove_clip_bound(bound: int = 4, *, timeout_s: float = 60.0, algorithm: Algorithm = "provetrain") -> ProofReport:
+    """Run the harness ``train-kani-001`` for lengths ``1..bound``.
+
+    Args:
+        bound: the largest vector length, in ``[1, 64]`` (the contract's bound is 4).
+        timeout_s: the limit of each solver call, in seconds (> 0).
+        algorithm: ``"provetrain"`` proves :mod:`provetrain.ops.clip`; ``"torch"`` looks for counterexamples
+            to ``torch.nn.utils.clip_grad_norm_`` and replays them in torch.
+
+    Returns:
+        A :class:`ProofReport`; ``report.proved`` is True only if z3 answered ``unsat`` everywhere.
+
+    Examples:
+        >>> prove_clip_bound(1, timeout_s=30).lengths[0].result
+        'proved'
+    """
+    _check_arguments(bound, timeout_s, algorithm)
+    start = time.perf_counter()
+    if algorithm == "provetrain":
+        lemmas = (fp_output_rounding(timeout_s=timeout_s), fp_exact_squares(timeout_s=timeout_s))
+        lengths = tuple(_prove_length(n, timeout_s) for n in range(1, bound + 1))
+    else:
+        lemmas = ()
+        lengths = tuple(_refute_torch_length(n, timeout_s) for n in range(1, bound + 1))
+    return ProofReport(algorithm, bound, timeout_s, lemmas, lengths, time.perf_counter() - start)
+
+
+def _check_arguments(bound: object, timeout_s: object, algorithm: object) -> None:
+    if isinstance(bound, bool) or not isinstance(bound, int) or not 1 <= bound <= MAX_BOUND:
+        raise ValueError(f"bound={bound!r}; expected an int in [1, {MAX_BOUND}] (the contract's bound is 4)")
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, int | float) or not 0 < timeout_s < math.inf:
+        raise ValueError(f"timeout_s={timeout_s!r}; expected a finite number of seconds > 0, e.g. 60")
+    if algorithm not in ("provetrain", "torch"):
+        raise ValueError(f"algorithm={algorithm!r}; expected 'provetrain' or 'torch'")
+
+
+def _prove_length(n: int, timeout_s: float) -> LengthResult:
+    start = time.perf_counter()
+    steps = [accumulation_step(left, n - left, timeout_s=timeout_s) for left in range(1, n // 2 + 1)]
+    variables = ClipVars.create(n)
+    branches = clip_branches(variables)
+    steps.append(exhaustive_cases(branches, timeout_s=timeout_s))
+    counterexample = None
+    for branch in branches:
+        name = f"{branch.name}: the assumptions have a model (the proof is not vacuous)"
+        steps.append(check_satisfiable(name, [*branch.assumptions, *branch.definitions], timeout_s=timeout_s))
+        derivation = Derivation((*branch.assumptions, *branch.definitions), timeout_s=timeout_s)
+        branch.derive(derivation)
+        steps += [StepResult(f"{branch.name}: {s.name}", s.verdict, s.seconds, s.reason) for s in derivation.steps]
+        if derivation.failed and counterexample is None:
+            # A failed step proves nothing either way: ask the whole case directly for a model.
+            direct, model = check_unsat(
+                f"{branch.name}: direct query", [*branch.assumptions, z3.Not(variables.goal())], timeout_s=timeout_s
+            )
+            steps.append(direct)
+            if model is not None:
+                counterexample = _model_counterexample(model, variables.g, variables.c, c_float32=False)
+    result: Result = "proved" if all(s.verdict == "proved" for s in steps) else "unknown"
+    if counterexample is not None:
+        result = "counterexample"
+    return LengthResult(n, result, time.perf_counter() - start, tuple(steps), counterexample)
+
+
+def _refute_torch_length(n: int, timeout_s: float) -> LengthResult:
+    start = time.perf_counter()
+    variables = TorchVars.create(n)
+    negation = [*torch_assumptions(variables), z3.Not(variables.goal())]
+    step, model = check_unsat(f"torch clip_grad_norm_, n = {n}: ||y|| <= c", negation, timeout_s=timeout_s)
+    if model is None:
+        result: Result = "proved" if step.verdict == "proved" else "unknown"
+        return LengthResult(n, result, time.perf_counter() - start, (step,))
+    found = _model_counterexample(model, variables.g, variables.c, c_float32=True)
+    concrete = concretise_torch_counterexample(found.g, found.max_norm)
+    if concrete is None:
+        replay = replay_torch_clip(found.g, found.max_norm)
+        found = Counterexample(found.g, found.max_norm, found.model, replay.violated, replay.excess)
+    else:
+        g, max_norm, replay = concrete
+        found = Counterexample(g, max_norm, found.model, True, replay.excess)
+    return LengthResult(n, "counterexample", time.perf_counter() - start, (step,), found)
+
+
+def _fraction(value: z3.ExprRef) -> Fraction:
+    if z3.is_algebraic_value(value):
+        value = value.approx(40)
+    if z3.is_rational_value(value):
+        return Fraction(value.numerator_as_long(), value.denominator_as_long())
+    raise TypeError(f"z3 model value {value} is not a number")
+
+
+def _model_counterexample(
+    model: z3.ModelRef, g: Sequence[z3.ArithRef], c: z3.ArithRef, *, c_float32: bool
+) -> Counterexample:
+    """The model's values: every variable exactly, ``g`` rounded to float32, ``c`` to float32 or float64."""
+    values = {}
+    for declaration in model.decls():
+        value = model[declaration]
+        if z3.is_arith(value):
+            values[declaration.name()] = str(_fraction(value))
+        else:
+            values[declaration.name()] = str(value)
+    concrete = [to_float32(float(_fraction(model.eval(x, model_completion=True)))) for x in g]
+    clip_value = float(_fraction(model.eval(c, model_completion=True)))
+    return Counterexample(tuple(concrete), to_float32(clip_value) if c_float32 else clip_value, values)
+
+
+# --------------------------------------------------------------------------------------------------
+# Replaying torch on concrete values.
+
+
+def _is_float32(x: float) -> bool:
+    return math.isfinite(x) and to_float32(x) == x
+
+
+def replay_torch_clip(g: Sequence[float], max_norm: float) -> TorchReplay:
+    """Run ``torch.nn.utils.clip_grad_norm_`` on one float32 gradient ``g`` and measure the result exactly.
+
+    Args:
+        g: finite float32 values (Python floats that float32 represents exactly), at least one.
+        max_norm: the clip value passed to torch, > 0.
+
+    Returns:
+        The stored gradient and ``||y||^2 - max_norm^2`` in exact rationals.
+    """
+    if not g or not all(_is_float32(x) for x in g):
+        raise ValueError(f"g={list(g)!r}; expected a non-empty list of finite float32 values (to_float32(x) == x)")
+    if not 0 < max_norm < math.inf:
+        raise ValueError(f"max_norm={max_norm!r}; expected a finite value > 0")
+    parameter = torch.zeros(len(g), dtype=torch.float32, requires_grad=True)
+    parameter.grad = torch.tensor(list(g), dtype=torch.float32)
+    torch.nn.utils.clip_grad_norm_([parameter], max_norm)
+    y = tuple(parameter.grad.tolist())
+    excess = sum((Fraction(v) ** 2 for v in y), Fraction(0)) - Fraction(max_norm) ** 2
+    return TorchReplay(y, excess)
+
+
+def _step_float32(x: float, ulps: int) -> float:
+    """``x`` moved by ``ulps`` float32 steps (through zero if needed), clamped to the finite range."""
+    bits = struct.unpack("<I", struct.pack("<f", x))[0]
+    ordered = bits if bits < 0x80000000 else -(bits - 0x80000000)
+    ordered = max(-0x7F7FFFFF, min(0x7F7FFFFF, ordered + ulps))
+    bits = ordered if ordered >= 0 else 0x80000000 - ordered
+    return struct.unpack("<f", struct.pack("<I", bits))[0]
+
+
+def concretise_torch_counterexample(
+    g: Sequence[float], max_norm: float, *, tries: int = 4000, seed: int = 0
+) -> tuple[tuple[float, ...], float, TorchReplay] | None:
+    """Search float32 values near ``(g, max_norm)`` on which torch itself violates the bound.
+
+    The model's rounding errors are chosen by the solver and may not be the ones torch makes, so its values
+    are a starting point: first the values themselves rounded to float32, then random moves of each nonzero
+    value and of ``max_norm`` by a few ulps (one more every 100 tries), deterministic for a ``seed``.
+
+    Returns:
+        ``(g, max_norm, replay)`` with ``replay.violated``, or None if ``tries`` candidates all respect it.
+    """
+    start = tuple(to_float32(float(x)) for x in g)
+    clip_value = to_float32(float(max_norm))
+    rng = random.Random(seed)
+    for attempt in range(tries):
+        width = 1 + attempt // 100
+        moved = tuple(_step_float32(x, rng.randint(-width, width)) if x else x for x in start)
+        candidate = start if attempt == 0 else moved
+        c = clip_value if attempt == 0 else _step_float32(clip_value, rng.randint(-width, width))
+        if not c > 0:
+            continue
+        replay = replay_torch_clip(candidate, c)
+        if replay.violated:
+            return candidate, c, replay
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Rows for the command line.
+
+
+def proof_rows(report: ProofReport) -> list[tuple[str, str, str, str]]:
+    """The report as rows of :data:`PROOF_COLUMNS` (``n``, ``result``, ``seconds``, ``detail``) for a table.
+
+    The first row (provetrain only) is the length-independent lemmas; then one row per length.
+    """
+    rows = []
+    if report.lemmas:
+        verdict = "proved" if all(s.verdict == "proved" for s in report.lemmas) else "unknown"
+        seconds = sum(s.seconds for s in report.lemmas)
+        rows.append(("lemmas", verdict, f"{seconds:.2f}", "; ".join(s.name for s in report.lemmas)))
+    for length in report.lengths:
+        rows.append((str(length.n), length.result, f"{length.seconds:.2f}", _detail(length)))
+    return rows
+
+
+def _detail(length: LengthResult) -> str:
+    if length.counterexample is not None:
+        found = length.counterexample
+        text = f"g={list(found.g)}, max_norm={found.max_norm!r}"
+        if found.excess is not None:
+            relative = float(found.excess / Fraction(found.max_norm) ** 2)
+            replayed = "violates in torch" if found.realised else "holds in torch (model only)"
+            text += f"; replayed: ||y||^2 - c^2 = {relative:.3g} c^2, {replayed}"
+        return text
+    failed = [s for s in length.steps if s.verdict != "proved"]
+    if failed:
+        return f"{failed[0].name}: {failed[0].verdict} {failed[0].reason}".strip()
+    slowest = max(length.steps, key=lambda s: s.seconds)
+    return f"{len(length.steps)} solver calls, all as required; slowest {slowest.seconds:.2f} s: {slowest.name}"

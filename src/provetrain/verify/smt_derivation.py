@@ -1,0 +1,162 @@
+"""A derivation: a proof as a chain of z3-checked steps over shared variables.
+
+Each step states hypotheses and a conclusion; z3 must answer ``unsat`` for ``hypotheses and not
+conclusion``. A hypothesis must be an assumption (the encoding of the algorithm) or the conclusion of an
+earlier proved step, so once every step is proved the last conclusion follows from the assumptions alone
+(modus ponens along the chain). Small steps keep every z3 call to a few variables, which is what makes
+the nonlinear real arithmetic solve in milliseconds where one monolithic query times out.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import z3
+
+__all__ = ["Derivation", "StepResult", "check_satisfiable", "check_unsat", "linearize"]
+
+StepVerdict = Literal["proved", "refuted", "unknown"]
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """One solver call: ``proved`` is z3's ``unsat`` for the negation; ``refuted`` its ``sat``.
+
+    Attributes:
+        name: what the step shows, in words.
+        verdict: ``proved``, ``refuted`` (the negation has a model) or ``unknown`` (timeout or incomplete).
+        seconds: wall time of the solver call.
+        reason: z3's ``reason_unknown`` for ``unknown``, else empty.
+    """
+
+    name: str
+    verdict: StepVerdict
+    seconds: float
+    reason: str = ""
+
+
+def check_unsat(
+    name: str, assertions: Iterable[z3.BoolRef], *, timeout_s: float, logic: str = "QF_NRA"
+) -> tuple[StepResult, z3.ModelRef | None]:
+    """Check ``assertions`` (a negated claim) with a bounded solver; the model when ``sat``."""
+    solver = z3.SolverFor(logic)
+    solver.set("timeout", max(1, int(timeout_s * 1000)))
+    solver.add(*assertions)
+    start = time.perf_counter()
+    answer = solver.check()
+    seconds = time.perf_counter() - start
+    if answer == z3.unsat:
+        return StepResult(name, "proved", seconds), None
+    if answer == z3.sat:
+        return StepResult(name, "refuted", seconds), solver.model()
+    return StepResult(name, "unknown", seconds, solver.reason_unknown()), None
+
+
+def check_satisfiable(name: str, assertions: Iterable[z3.BoolRef], *, timeout_s: float) -> StepResult:
+    """A vacuity check: ``proved`` when z3 finds a model, so the assumptions are not contradictory."""
+    result, model = check_unsat(name, assertions, timeout_s=timeout_s)
+    if model is not None:
+        return StepResult(name, "proved", result.seconds)
+    if result.verdict == "proved":  # unsat: contradictory assumptions would make every step vacuous
+        return StepResult(name, "refuted", result.seconds, "the assumptions are contradictory")
+    return result
+
+
+def _power_factors(term: z3.ExprRef) -> list[z3.ExprRef] | None:
+    """The factors of ``x ** k`` for a positive integer ``k``, else None."""
+    base, exponent = term.children()
+    if z3.is_int_value(exponent) or (z3.is_rational_value(exponent) and exponent.denominator_as_long() == 1):
+        count = exponent.as_long() if z3.is_int_value(exponent) else exponent.numerator_as_long()
+        if count >= 1:
+            return [base] * count
+    return None
+
+
+def _split_monomial(term: z3.ExprRef) -> tuple[list[z3.ExprRef], list[z3.ExprRef]] | None:
+    """``(constants, variable factors)`` of a product or integer power, flattened; None for anything else."""
+    if z3.is_app_of(term, z3.Z3_OP_POWER):
+        factors = _power_factors(term)
+        return None if factors is None else ([], factors)
+    if not z3.is_mul(term):
+        return None
+    constants, factors = [], []
+    for child in term.children():
+        nested = _split_monomial(child)
+        if z3.is_rational_value(child):
+            constants.append(child)
+        elif nested is not None:
+            constants += nested[0]
+            factors += nested[1]
+        else:
+            factors.append(child)
+    return constants, factors
+
+
+def linearize(formulas: Sequence[z3.BoolRef]) -> list[z3.BoolRef]:
+    """Replace every nonlinear monomial by a fresh real, the same one wherever the monomial recurs.
+
+    Each formula is first put in sum-of-monomials form; a monomial is identified by the sorted multiset of
+    its factors, so ``x*y``, ``y*x`` and ``x**2``, ``x*x`` each share one atom. The result over-approximates
+    the input: a model of the input gives one of the result (each fresh real set to its monomial's value),
+    so ``unsat`` for the result is ``unsat`` for the input. It suits steps that are linear combinations of
+    nonlinear facts, which nlsat (reasoning over the variables, not the monomials) can take minutes to find.
+    """
+    atoms: dict[tuple[str, ...], z3.ArithRef] = {}
+
+    def rewrite(term: z3.ExprRef) -> z3.ExprRef:
+        split = _split_monomial(term) if z3.is_arith(term) else None
+        if split is not None and len(split[1]) >= 2:
+            constants, factors = split
+            key = tuple(sorted(factor.sexpr() for factor in factors))
+            atom = atoms.setdefault(key, z3.FreshReal("monomial"))
+            return z3.Product(*constants, atom) if constants else atom
+        if z3.is_app(term) and term.num_args() > 0:
+            return term.decl()(*[rewrite(child) for child in term.children()])
+        return term
+
+    return [rewrite(z3.simplify(formula, som=True, som_blowup=10**6)) for formula in formulas]
+
+
+class Derivation:
+    """Assumptions plus the conclusions proved so far; :meth:`derive` adds one checked step."""
+
+    def __init__(self, assumptions: Iterable[z3.BoolRef], *, timeout_s: float) -> None:
+        self.assumptions = tuple(assumptions)
+        self.timeout_s = timeout_s
+        self.steps: list[StepResult] = []
+        # Facts are kept alive with their ids: a freed term's id could be reused by a different term.
+        self._known = {fact.get_id(): fact for fact in self.assumptions}
+
+    def holds(self, fact: z3.BoolRef) -> bool:
+        """Whether ``fact`` is an assumption or an already proved conclusion (z3 terms are hash-consed)."""
+        known = self._known.get(fact.get_id())
+        return known is not None and known.eq(fact)
+
+    @property
+    def failed(self) -> bool:
+        return any(step.verdict != "proved" for step in self.steps)
+
+    def derive(
+        self, name: str, hypotheses: Sequence[z3.BoolRef], conclusion: z3.BoolRef, *, linear: bool = False
+    ) -> bool:
+        """Prove ``hypotheses -> conclusion``; on success the conclusion becomes usable. False once any failed.
+
+        ``linear``: check the negation after :func:`linearize`, in linear real arithmetic (sound, see there).
+        """
+        if self.failed:
+            return False
+        missing = [h for h in hypotheses if not self.holds(h)]
+        if missing:
+            raise ValueError(f"step {name!r} uses facts that are neither assumed nor derived: {missing}")
+        negation = [*hypotheses, z3.Not(conclusion)]
+        if linear:
+            result, _ = check_unsat(name, linearize(negation), timeout_s=self.timeout_s, logic="QF_LRA")
+        else:
+            result, _ = check_unsat(name, negation, timeout_s=self.timeout_s)
+        self.steps.append(result)
+        if result.verdict == "proved":
+            self._known[conclusion.get_id()] = conclusion
+        return result.verdict == "proved"
