@@ -65,6 +65,10 @@ _LOSS_FINITE = Binding(
 _NORM_BOUND = Binding(
     enforced_by=(f"{CLIP}.clip_coefficient", f"{CLIP}.scale_gradient", f"{ADAM}.step", f"{TRAINER}._certify_step"),
     evidence=_tests(
+        "smt-proof",
+        "tests/verify/test_prove.py::test_harness_proves_the_bound_for_every_length_up_to_the_contract_bound",
+    )
+    + _tests(
         "property-test",
         f"{T_CLIP}test_bound_holds_for_every_finite_input",
         f"{T_CLIP}test_not_over_clipped",
@@ -203,6 +207,13 @@ BINDINGS: dict[BindingKey, Binding] = {
     ("falsification_tests", "falsification", "FALSIFY-TRAIN-003"): Binding(
         evidence=_tests(
             "falsification-test", "tests/verify/test_parity.py::test_falsify_train_003_cuda_forward_matches_cpu"
+        ),
+    ),
+    ("kani_harnesses", "harness", "train-kani-001"): Binding(
+        evidence=_tests(
+            "smt-proof",
+            "tests/verify/test_prove.py::test_harness_proves_the_bound_for_every_length_up_to_the_contract_bound",
+            "provetrain prove",
         ),
     ),
 }

@@ -175,16 +175,11 @@ def _clip_sweep(trials: int) -> tuple[Result, str]:
 
 
 def _kani(bound: int, timeout_s: float) -> tuple[Result, str]:
-    try:
-        from provetrain.verify.prove import prove_clip_bound
-    except ImportError as error:  # pragma: no cover - the module ships with the package
-        return "unknown", f"SMT harness unavailable: {error}"
+    from provetrain.verify.prove import prove_clip_bound
+
     report = prove_clip_bound(bound, timeout_s=timeout_s)
-    rows = report.lengths if hasattr(report, "lengths") else report
-    outcomes = [(getattr(r, "n", None), getattr(r, "result", "unknown"), getattr(r, "seconds", math.nan)) for r in rows]
-    proved = all(result == "proved" for _, result, _ in outcomes)
-    timings = ", ".join(f"n={n}: {result} {seconds:.1f}s" for n, result, seconds in outcomes)
-    return ("pass" if proved else "unknown"), f"z3, float32 RNE, sqrt stubbed (stub_float); {timings}"
+    timings = ", ".join(f"n={r.n}: {r.result} {r.seconds:.1f}s" for r in report.lengths)
+    return ("pass" if report.proved else "unknown"), f"z3, float32 RNE, sqrt stubbed (stub_float); {timings}"
 
 
 def _cross_entropy(model: nn.Module, inputs: Tensor) -> tuple[Result, str]:
