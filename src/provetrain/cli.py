@@ -283,6 +283,46 @@ def parity(
         raise typer.Exit(1)
 
 
+@app.command("prove")
+def prove(
+    bound: Annotated[
+        int, typer.Option(min=1, max=64, help="Largest gradient length proved (the contract's is 4).")
+    ] = 4,
+    timeout: Annotated[float, typer.Option(min=1.0, help="Seconds allowed per solver call.")] = 60.0,
+    torch_algorithm: Annotated[
+        bool, typer.Option("--torch", help="Run the same harness on torch.nn.utils.clip_grad_norm_'s algorithm.")
+    ] = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """train-kani-001: SMT proof (z3) that the clip keeps the exact norm <= clip_value for every finite float32
+    gradient of length 1..bound (sqrt stubbed by its error contract); exits 1 unless every length is proved."""
+    from provetrain.verify.prove import PROOF_COLUMNS, proof_rows, prove_clip_bound
+
+    report = prove_clip_bound(bound, timeout_s=timeout, algorithm="torch" if torch_algorithm else "provetrain")
+    rows = proof_rows(report)
+    if as_json:
+        print(
+            json.dumps(
+                {
+                    "proved": report.proved,
+                    "seconds": report.seconds,
+                    "rows": [dict(zip(PROOF_COLUMNS, r, strict=True)) for r in rows],
+                },
+                indent=2,
+            )
+        )
+    else:
+        table = Table(title=f"train-kani-001 on {'torch' if torch_algorithm else 'provetrain'}'s clip, bound {bound}")
+        for column in PROOF_COLUMNS:
+            table.add_column(column, overflow="fold")
+        for row in rows:
+            table.add_row(*row)
+        stdout.print(table)
+        stdout.print(f"{'proved' if report.proved else 'NOT proved'} in {report.seconds:.1f}s", highlight=False)
+    if not report.proved:
+        raise typer.Exit(1)
+
+
 @app.command("verify")
 def verify(
     model: Annotated[str | None, typer.Option(help="module:factory returning a model or (model, inputs).")] = None,
