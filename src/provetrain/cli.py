@@ -140,22 +140,28 @@ def train(
         Path | None, typer.Option(help="Continue from a checkpoint directory (<run>/checkpoints or its step-N).")
     ] = None,
 ) -> None:
-    """Train under the contract; print test accuracy, the clause summary and where the outputs are."""
+    """Train under the contract; print test accuracy, the clause summary and where the outputs are.
+
+    Under torchrun (``torchrun --nproc-per-node N -m provetrain train ...``) each process joins one
+    data-parallel run; rank 0 writes the outputs and prints the summary."""
     from provetrain.train.config import load_config
+    from provetrain.train.distributed import torchrun_process_group
     from provetrain.train.run import default_config_path, prepare_trainer
 
     overrides = {"output_dir": output_dir, "steps": steps, "device": device, "seed": seed}
     try:
         settings = load_config(default_config_path() if config is None else config)
-        trainer = prepare_trainer(settings, console=None if quiet else stdout, **overrides)
-        result = trainer.fit(resume_from=resume)
+        with torchrun_process_group(device or settings.device) as rank:
+            trainer = prepare_trainer(settings, console=None if quiet else stdout, **overrides)
+            result = trainer.fit(resume_from=resume)
     except (ConfigError, ContractError, FileExistsError) as error:
         stderr.print(f"[bold red]error:[/] {error}", highlight=False)
         raise typer.Exit(2) from None
     except ContractViolation as violation:
         stderr.print(f"[bold red]contract violation:[/] {violation}", highlight=False)
         raise typer.Exit(1) from None
-    _print_run_summary(result, quiet=quiet)
+    if rank == 0:
+        _print_run_summary(result, quiet=quiet)
 
 
 @app.command("lr-max")

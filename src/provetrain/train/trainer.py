@@ -6,15 +6,21 @@ One step, in order (each phase a short helper):
 2. the batch for this step (the data position advances even when the step is later skipped: a bad batch
    is dropped, so the run equals one that never saw it);
 3. forward, loss, backward; check ``!gradients.is_empty()``;
-4. ``optimizer.step(loss=...)``: global-norm clip, finite guard and update, with the skip decided on the
+4. under ``torch.distributed``, the global batch's mean loss, the same on every rank;
+5. ``optimizer.step(loss=...)``: global-norm clip, finite guard and update, with the skip decided on the
    device (provetrain's Adam/AdamW);
-5. record the step's loss, gradient norms and skip count as device tensors.
+6. record the step's loss, gradient norms and skip count as device tensors.
 
 Recorded values are read on the host in one batch every ``read_every`` steps (every step on CPU, where a
 read is free; every ``log_every`` steps on CUDA, so there is no host-device sync per step). Reading them
 is when the contract's postconditions are counted in the certificate, the loss-trend invariant is tested,
 and the non-finite and trend policies act. With ``on_nonfinite="raise"`` the error names the exact first
 bad step; the bad update itself was never applied, whatever the policy.
+
+When ``torch.distributed`` is initialised with more than one process (``torchrun``), the model runs under
+``DistributedDataParallel``, each rank on its share of every global batch of ``batch_size`` examples, and
+every decision is taken on values that are the same on every rank; rank 0 alone writes the outputs and the
+checkpoints (:mod:`provetrain.train.distributed` states what is guaranteed).
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ from provetrain.train.checkpoint import (
     unflatten_state,
 )
 from provetrain.train.config import TrainConfig, make_config
+from provetrain.train.distributed import World
 from provetrain.train.lr_max import LrMaxEstimate, estimate_lr_max, preconditioner_from_batches
 from provetrain.train.monitor import LossTrendMonitor
 from provetrain.train.outputs import RunOutputs
@@ -141,6 +148,12 @@ class Trainer:
         callbacks: :class:`Callback` objects.
         contract: the contract to enforce and certify; default the bundled ``training-loop-v1.yaml``.
         console: where the progress bar and messages go; ``None`` for a quiet run.
+
+    Under ``torch.distributed`` (more than one process) every rank builds the same Trainer; the model is
+    wrapped in ``DistributedDataParallel`` at :meth:`fit`, rank 0 prints, writes ``output_dir`` and the
+    checkpoints, and callbacks run on every rank with the same rows (guard side effects with
+    ``trainer.world.is_main``). The held-out evaluation runs on every rank on the whole held-out set (the
+    weights are the same everywhere, so no collective is needed); rank 0's is the one logged.
     """
 
     def __init__(
@@ -161,12 +174,14 @@ class Trainer:
         if isinstance(data, TensorDataset):
             data = DataSplits(data, eval_data, "classification", tuple(data.tensors[0].shape[1:]), 0)
         self.data = data
-        self.device = _resolve_device(self.config.device)
+        self.world = World.current()
+        self.world.check_batches(len(data.train), self.config.batch_size)
+        self.device = self.world.local_device(_resolve_device(self.config.device))
         self.model = model.to(self.device)
         self.loss_fn = loss_fn or _default_loss(data.task)
         self.callbacks = list(callbacks)
         self.contract = contract or load_contract()
-        self.console = console
+        self.console = console if self.world.is_main else None
         self.ledger = ClauseLedger(self.contract)
         self.steps_per_epoch = math.ceil(len(data.train) / self.config.batch_size)
         self.total_steps = self.config.steps or self.config.epochs * self.steps_per_epoch  # type: ignore[operator]
@@ -191,6 +206,7 @@ class Trainer:
         self._rows: list[dict[str, Any]] = []
         self._snapshot: _Snapshot | None = None
         self._last_trained_step = -1
+        self.outputs: RunOutputs | None = None  # rank 0's run files, from fit() on
 
     # ----------------------------------------------------------------------------------------------- setup
     def _build_optimizer(self) -> Adam:
@@ -246,13 +262,15 @@ class Trainer:
         """
         torch.manual_seed(self.config.seed)
         self.optimizer = self._build_optimizer()
+        # The module the training forward runs through: DDP around the model under torch.distributed.
+        self._train_module = self.world.wrap(self.model, self.device)
         first_step = 0
         if resume_from is not None:
             first_step = self._resume(Path(resume_from))
         else:
             self.lr_max = self._lr_max()
         self._preflight_lr()
-        self.outputs = RunOutputs(self._output_dir())
+        self._open_outputs()
         self._take_snapshot()
         outcome = "kept"
         started = time.perf_counter()
@@ -274,6 +292,10 @@ class Trainer:
             raise
         finally:
             self._finish(outcome, time.perf_counter() - started)
+        # Every rank returns once rank 0's outputs are complete. The wait also lets gloo's worker threads
+        # release the tensors of the last collectives while Python is alive: a process that exits right after
+        # a collective can abort in interpreter shutdown (torch 2.13, gloo).
+        self.world.barrier()
         result = TrainResult(
             steps=self.total_steps,
             applied_steps=self.applied_steps,
@@ -281,7 +303,7 @@ class Trainer:
             rollbacks=self.rollbacks,
             final_loss=next((r["loss"] for r in reversed(self._rows) if "loss" in r and not r["skipped"]), math.nan),
             evaluation=evaluation,
-            output_dir=self.outputs.directory,
+            output_dir=self.output_dir,
             certificate=self._certificate(outcome),
             lr_max=self.lr_max,
         )
@@ -298,18 +320,27 @@ class Trainer:
         self._check_lr(lr, step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        # 2. this step's batch (a fixed function of the step, so a resumed run sees the same data)
-        inputs, targets = self._batch(step)
-        # 3. forward, loss, backward
-        self.model.train()
+        # 2. this step's batch (a fixed function of the step, so a resumed run sees the same data); under
+        #    torch.distributed, this rank's share of it
+        indices = self._batch_indices(step)
+        local = self.world.shard(indices)
+        inputs, targets = self._examples(local)
+        # 3. forward, loss, backward; under DDP the backward averages the gradients over the ranks, and the
+        #    weight (1.0 for equal shares) makes that average the gradient of the global batch's mean loss
+        self._train_module.train()
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.loss_fn(self.model(inputs), targets)
-        loss.backward()
+        loss = self.loss_fn(self._train_module(inputs), targets)
+        weight = self.world.size * len(local) / len(indices)
+        (loss if weight == 1.0 else loss * weight).backward()
         self._check_gradients_present(step)
-        # 4. clip + finite guard + update; a non-finite loss or gradient skips it on the device
+        # 4. the global batch's mean loss: the same on every rank, and non-finite on all when it is on one,
+        #    so that every rank skips the same steps (in one process, the loss itself)
+        loss = self.world.mean_loss(loss.detach(), share=len(local) / len(indices))
+        # 5. clip + finite guard + update; a non-finite loss or gradient skips it on the device. Under DDP
+        #    every rank holds the whole averaged gradient, so the optimizer's norm is already the global one.
         skipped_before = self.optimizer.skipped_steps.clone()
-        self.optimizer.step(loss=loss.detach())
-        # 5. keep this step's values on the device until the next read-back
+        self.optimizer.step(loss=loss)
+        # 6. keep this step's values on the device until the next read-back
         self._last_trained_step = step
         self._pending.append(
             _Pending(
@@ -344,13 +375,20 @@ class Trainer:
                 hint="loss.backward() produced no gradient: is the loss connected to the model's parameters?",
             )
 
-    def _batch(self, step: int) -> tuple[Tensor, Tensor]:
+    def _batch_indices(self, step: int) -> Tensor:
+        """The training examples of the global batch of ``step``: every rank draws the same ones."""
         epoch, index = divmod(step, self.steps_per_epoch)
         generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
         order = torch.randperm(len(self.data.train), generator=generator)
-        chosen = order[index * self.config.batch_size : (index + 1) * self.config.batch_size]
-        inputs, targets = (t[chosen] for t in self.data.train.tensors)
+        return order[index * self.config.batch_size : (index + 1) * self.config.batch_size]
+
+    def _examples(self, indices: Tensor) -> tuple[Tensor, Tensor]:
+        inputs, targets = (t[indices] for t in self.data.train.tensors)
         return inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
+
+    def _batch(self, step: int) -> tuple[Tensor, Tensor]:
+        """The whole global batch of ``step`` (not a rank's share)."""
+        return self._examples(self._batch_indices(step))
 
     # ------------------------------------------------------------------------------------------ read-back
     def _read_back(self) -> None:
@@ -378,8 +416,7 @@ class Trainer:
                 self._consecutive_skips = 0
                 self.applied_steps += 1
                 row["action"] = self._on_trend(record.step, loss)
-            self.outputs.log(row)
-            self._rows.append(row)
+            self._log(row)
             for callback in self.callbacks:
                 callback.on_step_end(self, row)
             if row["action"] == "rollback":
@@ -532,7 +569,8 @@ class Trainer:
             return None
         if value != "auto":
             return float(value)
-        self.lr_max_estimate = self.estimate_lr_max()
+        # Estimated once, by rank 0, on whole global batches, and sent to every rank: the same bound everywhere.
+        self.lr_max_estimate = self.world.run_on_main(self.estimate_lr_max)
         return self.lr_max_estimate.lr_max
 
     def estimate_lr_max(self, *, batches: int = 16) -> LrMaxEstimate:
@@ -557,12 +595,18 @@ class Trainer:
     _RESUME_INVARIANT_KEYS = ("data", "data_args", "model", "model_args", "optimizer", "batch_size", "seed")
 
     def _checkpoint_dir(self) -> Path:
-        return self.outputs.directory / "checkpoints"
+        return self.output_dir / "checkpoints"
 
     def _save_checkpoint(self, next_step: int) -> None:
-        """Everything the run needs to continue exactly; never a non-finite tensor (the writer refuses)."""
+        """Everything the run needs to continue exactly; never a non-finite tensor (the writer refuses).
+
+        Under torch.distributed every rank holds the same state: rank 0 writes it, and the other ranks wait
+        until it is written (or raise rank 0's error)."""
         if self._pending:  # values not yet read back: the policies have not seen them, so nothing is saved
             return
+        self.world.run_on_main(lambda: self._write_checkpoint(next_step))
+
+    def _write_checkpoint(self, next_step: int) -> None:
         model_tensors, model_structure = flatten_state(self.model.state_dict(), prefix="model")
         optimizer_tensors, optimizer_structure = flatten_state(self.optimizer.state_dict(), prefix="optimizer")
         state = {
@@ -629,8 +673,7 @@ class Trainer:
             count += targets.numel()
         evaluation = {"loss": total_loss / len(test), "accuracy": correct / count}
         row = {"step": step, "eval": evaluation}
-        self.outputs.log(row)
-        self._rows.append(row)
+        self._log(row)
         for callback in self.callbacks:
             callback.on_evaluate(self, row)
         return evaluation
@@ -639,6 +682,7 @@ class Trainer:
         run = {
             "config": self.config.model_dump(mode="json"),
             "device": str(self.device),
+            "world_size": self.world.size,
             "steps": self.total_steps,
             "applied_steps": self.applied_steps,
             "skipped_steps": self._skips_seen,
@@ -650,9 +694,26 @@ class Trainer:
         return self.ledger.certificate(run=run, outcome=outcome)
 
     def _finish(self, outcome: str, seconds: float) -> None:
+        if self.outputs is None:  # not rank 0: it writes nothing
+            return
         self.outputs.write_certificate(self._certificate(outcome) | {"seconds": round(seconds, 3)})
         self.outputs.write_report(self._rows, clip_value=self.config.clip_value)
         self.outputs.close()
+
+    def _open_outputs(self) -> None:
+        """Rank 0 creates the run directory (new or empty); every rank learns where it is."""
+
+        def create() -> Path:
+            self.outputs = RunOutputs(self._output_dir())
+            return self.outputs.directory
+
+        self.output_dir = self.world.run_on_main(create)
+
+    def _log(self, row: dict[str, Any]) -> None:
+        """Keep a metrics row (every rank) and append it to metrics.jsonl (rank 0)."""
+        if self.outputs is not None:
+            self.outputs.log(row)
+        self._rows.append(row)
 
     def _say(self, message: str) -> None:
         if self.console is not None:

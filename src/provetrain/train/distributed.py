@@ -1,0 +1,408 @@
+r"""Training on several processes with ``torch.distributed``: data-parallel (DDP) runs of the Trainer.
+
+torch.distributed is the engine: gradients are averaged by ``DistributedDataParallel``, everything else
+by its collectives; nothing here reduces by hand. What this module adds is the rule that keeps a
+contract-governed run consistent across ranks: **every decision is taken on values that are identical on
+every rank.**
+
+A step under DDP, on each of the ``W`` ranks (rank ``r`` holds ``n_r`` of the global batch's ``B`` examples,
+a contiguous share: :meth:`World.shard`):
+
+1. forward on the share, ``loss_r`` its mean loss; ``backward`` of ``loss_r * W n_r / B`` (exactly
+   ``loss_r`` when the shares are equal). DDP's all-reduce averages the gradients, so every rank then holds
+   :math:`\sum_r (n_r / B)\, \nabla loss_r`, the gradient of the global batch's mean loss (for a loss that
+   is a mean over examples), the same bits on every rank;
+2. :meth:`World.mean_loss`: the global mean loss :math:`\sum_r (n_r / B)\, loss_r` in float64, gathered from
+   every rank and summed in rank order, so it is the same bits on every rank. A sum is non-finite exactly
+   when one of its terms is (NaN absorbs everything, ``inf + finite = inf``, ``inf - inf = NaN``; float32
+   losses cannot overflow a float64 sum), so this one collective carries both the logged loss and the
+   non-finite-loss decision: a NaN loss on one rank makes the loss NaN on all of them;
+3. ``optimizer.step(loss=...)`` with that loss: the global-norm clip runs on the full averaged gradient
+   (each rank already holds all of it: the norm is **not** reduced again, which would count it ``W``
+   times), and the finite guard decides on the device, with no host read, from the same gradient and the
+   same loss on every rank.
+
+Guarantees (W processes, DDP):
+    * The skip decision, the clip coefficient and the update are identical on every rank, so parameters
+      and optimizer state stay bit-for-bit equal across ranks, also when only one rank sees a NaN (in its
+      forward, its loss or its gradient). The policies (skip budget, rollback, raise, loss-trend monitor)
+      read the same values on every rank and take the same action on every rank.
+    * The run equals the single-process run of the same config up to the order of float summation: same
+      global batches, same mean gradient, same global-norm clip.
+    * Outputs and checkpoints are written by rank 0 only (the writers are atomic); the other ranks write
+      nothing. :meth:`World.run_on_main` makes the other ranks wait for each write and raise rank 0's error
+      if it failed, so no rank runs ahead of a checkpoint or an output directory that does not exist.
+
+:func:`clip_grad_norm_distributed_` clips a gradient that is *sharded* (each rank holds a disjoint part,
+as FSDP2 holds it): the float64 sums of squares of the parts are gathered and combined, then
+:func:`~provetrain.ops.clip.clip_coefficient` and :func:`~provetrain.ops.clip.scale_gradient` apply, with
+the proven bound of :mod:`provetrain.ops.clip`. FSDP2 itself (``fully_shard``) runs with gloo on CPU in
+torch 2.13 and this clip is tested on its DTensor gradients, but the Trainer refuses DTensor parameters:
+provetrain's Adam does not step them yet (with uneven shards its sum of squares cannot flatten them, and
+with even ones its counters cannot mix them with plain tensors).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+from provetrain.errors import ConfigError, ContractViolation
+from provetrain.ops.clip import (
+    CLAUSE_FINITE,
+    EQUATION,
+    _mul_pow2,
+    clip_coefficient,
+    clip_grads_,
+    scaled_sum_of_squares,
+)
+
+__all__ = ["World", "clip_grad_norm_distributed_", "scaled_sum_of_squares_across_ranks", "torchrun_process_group"]
+
+T = TypeVar("T")
+
+TORCHRUN_VARIABLES = ("WORLD_SIZE", "RANK", "LOCAL_RANK")
+"""Environment variables torchrun sets in every process it starts."""
+
+# Barrier work objects kept until the interpreter exits (see _barrier).
+_KEPT_UNTIL_EXIT: list[Any] = []
+
+# The lowest exponent scaled_sum_of_squares returns: a rank whose gradients are all zero reports it, so
+# that its exponent never sets the common scale.
+_NO_EXPONENT = -1073
+
+
+@dataclass(frozen=True)
+class World:
+    """The processes of a run: this process's ``rank`` among ``size`` (``size == 1``: no distribution).
+
+    Attributes:
+        rank: this process's rank in ``group``.
+        size: the number of processes; every method is a plain local operation when it is 1.
+        group: the process group, ``None`` for the default (world) group.
+    """
+
+    rank: int = 0
+    size: int = 1
+    group: dist.ProcessGroup | None = None
+
+    @classmethod
+    def current(cls) -> World:
+        """The default process group when torch.distributed is initialised with more than one process."""
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            return cls(dist.get_rank(), dist.get_world_size())
+        return cls()
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one process that writes outputs and checkpoints and prints."""
+        return self.rank == 0
+
+    def local_device(self, device: torch.device) -> torch.device:
+        """``cuda`` becomes this process's current CUDA device (torchrun: ``cuda:LOCAL_RANK``)."""
+        if self.size > 1 and device.type == "cuda" and device.index is None:
+            return torch.device("cuda", torch.cuda.current_device())
+        return device
+
+    def check_batches(self, examples: int, batch_size: int) -> None:
+        """Every global batch, the last of each epoch included, must give each rank at least one example."""
+        if self.size == 1:
+            return
+        last = examples % batch_size
+        if batch_size < self.size or 0 < last < self.size:
+            smallest = batch_size if batch_size < self.size else last
+            raise ConfigError(
+                f"batch_size={batch_size} with {examples} training examples makes a global batch of "
+                f"{smallest} examples, fewer than the {self.size} processes that share it; use a batch_size "
+                f">= {self.size} for which {examples} % batch_size is 0 or >= {self.size}",
+                key="batch_size",
+            )
+
+    def shard(self, indices: Tensor) -> Tensor:
+        """This rank's contiguous share of a global batch (shares differ in size by at most one)."""
+        return torch.tensor_split(indices, self.size)[self.rank]
+
+    def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
+        """The module the training forward runs through: ``model`` itself, or DDP around it.
+
+        Wrapping copies rank 0's parameters and buffers to every rank; from then on DDP averages the
+        gradients in every backward.
+        """
+        _refuse_sharded_parameters(model)
+        if isinstance(model, DistributedDataParallel):
+            raise TypeError(
+                "model is already a DistributedDataParallel; pass the plain module (model.module): the Trainer "
+                "wraps it itself when torch.distributed is initialised"
+            )
+        if self.size == 1:
+            return model
+        return DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, process_group=self.group
+        )
+
+    def mean_loss(self, loss: Tensor, *, share: float) -> Tensor:
+        """The global batch's mean loss from this rank's mean ``loss`` over its ``share`` of the examples.
+
+        Returns ``loss`` itself in one process. Otherwise a 0-d float64 tensor, the same bits on every rank,
+        non-finite on every rank when the loss of any rank is (module docstring, step 2). No host read.
+        """
+        if self.size == 1:
+            return loss
+        return _gather_rows(loss.detach().reshape(1).to(torch.float64) * share, self.group).sum()
+
+    def run_on_main(self, fn: Callable[[], T]) -> T:
+        """``fn()`` on rank 0; every rank returns its result, or raises its error, once it has finished.
+
+        The broadcast of the outcome is also the barrier that keeps the other ranks from running ahead of
+        what rank 0 writes. ``fn``'s result must be picklable.
+        """
+        if self.size == 1:
+            return fn()
+        outcome: list[Any] = [None, None]
+        failure: Exception | None = None
+        if self.is_main:
+            try:
+                outcome[0] = fn()
+            except Exception as error:
+                failure = error
+                outcome[1] = _portable(error)
+        dist.broadcast_object_list(outcome, src=self._main_global_rank(), group=self.group)
+        if failure is not None:
+            raise failure  # rank 0 raises the original, with its traceback
+        if outcome[1] is not None:
+            raise _rebuilt(outcome[1])
+        return outcome[0]
+
+    def barrier(self) -> None:
+        """Wait until every rank is here (nothing in one process)."""
+        if self.size > 1:
+            _barrier(self.group)
+
+    def _main_global_rank(self) -> int:
+        return 0 if self.group is None else dist.get_global_rank(self.group, 0)
+
+
+def _barrier(group: dist.ProcessGroup | None) -> None:
+    """``dist.barrier``, with its work object kept alive until the interpreter exits.
+
+    With torch 2.13 and gloo, DDP keeps the process group, and so gloo's worker threads, alive until
+    interpreter shutdown; a worker thread that then frees the last reference to a finished collective whose
+    tensors Python created needs the GIL and aborts the process ("terminate called without an active
+    exception"; 4 of 30 two-process ``provetrain train`` runs under torchrun, the rank that finished first).
+    A barrier holds on to the collectives still in flight when it starts; kept here, all of them are freed
+    by the main thread (0 of 80 runs).
+    """
+    work = dist.barrier(group=group, async_op=True)
+    work.wait()
+    _KEPT_UNTIL_EXIT.append(work)
+
+
+def _gather_rows(row: Tensor, group: dist.ProcessGroup | None = None) -> Tensor:
+    """Every rank's ``row`` (a 1-d tensor of the same size everywhere), stacked in rank order.
+
+    The result is the same on every rank, so a reduction over it (``.sum()``) is the same bits on every
+    rank and from run to run, whichever algorithm the backend uses. No host read.
+    """
+    world = dist.get_world_size(group)
+    rows = torch.empty(world * row.numel(), dtype=row.dtype, device=row.device)
+    dist.all_gather_single(rows, row.contiguous(), group=group)
+    return rows.view(world, row.numel())
+
+
+# ------------------------------------------------------------------------------------ sharded gradients
+def scaled_sum_of_squares_across_ranks(
+    grads: Sequence[Tensor], *, group: dist.ProcessGroup | None = None
+) -> tuple[Tensor, Tensor]:
+    r"""``(s, e)`` with :math:`s\,4^e = \sum g_i^2` over the gradient parts held by all ranks of ``group``.
+
+    Each rank passes its own parts (plain tensors, or DTensors sharded over ``group``, of which the local
+    shard is used). Each rank's :func:`~provetrain.ops.clip.scaled_sum_of_squares` ``(s_r, e_r)`` is
+    gathered and combined as :math:`s = \sum_r s_r 4^{e_r - e}`, :math:`e = \max_r e_r` over the ranks whose
+    parts are not all zero, summed in rank order.
+
+    Returns:
+        0-d float64 ``s`` and int64 ``e``, the same bits on every rank. One collective, no host read.
+
+    Guarantees:
+        Without float64 gradients every ``e_r`` is 0 and ``s`` is a float64 sum of the exact squares in some
+        order: the bound of :mod:`provetrain.ops.clip`'s *Proof*, step 1, holds as for one process. With
+        float64 gradients, the scaling by :math:`4^{e_r - e}` is exact down to ``2^-1022`` and adds at most
+        one absolute ``2^-1074`` per rank below it; as the rank attaining ``e`` has ``s_r >= 1/4``, that is a
+        relative ``W 2^-1072``, inside the ``n 2^-1070`` slack that step already allows (if that rank holds
+        no float64 part, ``s_r >= 2^-298`` and the relative ``W 2^-776`` is still far inside the margin of
+        step 2).
+    """
+    if not grads:
+        raise ValueError("grads is empty; each rank passes at least one tensor (possibly with no elements)")
+    s, e = scaled_sum_of_squares([_local_part(g) for g in grads])
+    e = torch.where(s == 0, _NO_EXPONENT, e)
+    rows = _gather_rows(torch.stack([s, e.to(torch.float64)]), group)
+    sums, exponents = rows[:, 0], rows[:, 1].to(torch.int64)
+    exponent = exponents.amax()
+    # Below 4^-1022 a partial sum (< 2^40) is 0 in float64 either way; the clamp keeps _mul_pow2 in its range.
+    shifts = (2 * (exponents - exponent)).clamp(min=-2044)
+    total = _mul_pow2(sums, shifts).sum()
+    return total, torch.where(total == 0, 0, exponent)
+
+
+def clip_grad_norm_distributed_(
+    grads: Sequence[Tensor], max_norm: float, *, group: dist.ProcessGroup | None = None
+) -> Tensor:
+    r"""Clip a gradient sharded across the ranks of ``group`` to the global 2-norm ``max_norm``, in place.
+
+    Each rank passes the parts it holds: plain tensors (disjoint slices of one gradient) or DTensors sharded
+    over ``group``, such as FSDP2's (``fully_shard``) parameter gradients. Every rank computes the same
+    coefficient ``k`` from the global sum of squares (:func:`scaled_sum_of_squares_across_ranks`, the
+    global element count and the dtypes of all ranks) and scales its parts with
+    :func:`~provetrain.ops.clip.scale_gradient`: the clip of :func:`provetrain.ops.clip.clip_grad_norm_`
+    applied to the concatenation of all parts.
+
+    Args:
+        grads: this rank's gradient parts (float16 / bfloat16 / float32 / float64, dense), one or more.
+        max_norm: the clip value, in ``(0, inf]`` (contract clause ``clip_value > 0.0``).
+        group: the process group the gradient is sharded over; ``None`` for the default group.
+
+    Returns:
+        The global norm before clipping, a 0-d float64 tensor, the same on every rank.
+
+    Raises:
+        ContractViolation: ``gradients.iter().all(|g| g.is_finite())``, on every rank, naming the ranks
+            whose parts are non-finite; ``clip_value > 0.0`` for a bad ``max_norm``. No part is changed.
+        ValueError: a DTensor that is not sharded over ``group`` (replicated parts would be counted twice).
+
+    Guarantees:
+        Those of :func:`~provetrain.ops.clip.clip_grad_norm_` for the concatenated gradient: the clipped
+        parts' global norm is ``<= max_norm`` exactly, and they are bit-for-bit unchanged when no clip is
+        needed. Compared with ``clip_grad_norm_`` on the concatenation in one process, only the summation
+        order of the float64 sum of squares differs, so ``k`` may differ in its last bits and a clipped value
+        by one rounding of its dtype. Besides its two collectives (the sums, and the element counts and
+        dtypes) it reads two flags on the host in one transfer, as ``clip_grad_norm_`` does.
+    """
+    local = [_local_part(g) for g in grads]
+    sum_sq, exponent = scaled_sum_of_squares_across_ranks(grads, group=group)
+    counts: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(counts, (sum(g.numel() for g in local), sorted({str(g.dtype) for g in local})), group)
+    dtypes = {getattr(torch, name.removeprefix("torch.")) for _, names in counts for name in names}
+    total_norm, k = clip_coefficient(
+        sum_sq, max_norm, numel=sum(n for n, _ in counts), dtypes=dtypes, exponent=exponent
+    )
+    # The one host read: sum_sq is finite iff every part on every rank is, and it is the same on every rank.
+    finite, clip = torch.stack([torch.isfinite(sum_sq), k != 1.0]).tolist()
+    if not finite:
+        _raise_nonfinite_parts(local, group)
+    if clip:
+        clip_grads_(local, k)
+    return total_norm
+
+
+def _local_part(grad: Tensor) -> Tensor:
+    """A plain tensor as it is; a DTensor's local shard (a view: clipping it clips the DTensor)."""
+    if not _is_dtensor(grad):
+        return grad
+    if not all(placement.is_shard() for placement in grad.placements):  # type: ignore[attr-defined]
+        raise ValueError(
+            f"a DTensor gradient with placements {grad.placements} is not sharded on every mesh dimension: "  # type: ignore[attr-defined]
+            "its replicated or partial values would be counted more than once; pass gradients that are "
+            "Shard-placed over the group (FSDP2's are), or reduce them first"
+        )
+    return grad.to_local()  # type: ignore[attr-defined]
+
+
+def _raise_nonfinite_parts(local: Sequence[Tensor], group: dist.ProcessGroup | None) -> None:
+    """Every rank raises the same error, naming the ranks whose parts hold NaN or Inf (error path only)."""
+    mine = sum(int((~torch.isfinite(g)).sum()) for g in local)
+    counts: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(counts, mine, group)
+    bad = {rank: count for rank, count in enumerate(counts) if count}
+    raise ContractViolation(
+        EQUATION,
+        CLAUSE_FINITE,
+        kind="precondition",
+        observed={"nonfinite_by_rank": bad},
+        hint="no gradient part was changed on any rank; look for an overflowing loss or activation on "
+        "those ranks, lower the learning rate, or skip the step",
+    )
+
+
+def _is_dtensor(value: object) -> bool:
+    if not dist.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(value, DTensor)
+
+
+def _refuse_sharded_parameters(model: nn.Module) -> None:
+    sharded = next((name for name, p in model.named_parameters() if _is_dtensor(p)), None)
+    if sharded is not None:
+        raise TypeError(
+            f"parameter {sharded!r} is a DTensor (the model was sharded with fully_shard / FSDP2 or tensor "
+            "parallelism): the Trainer supports DistributedDataParallel only, since provetrain's Adam does "
+            "not yet step sharded parameters; pass the unsharded model and start the run under torchrun"
+        )
+
+
+# ------------------------------------------------------------------------------------ failures, launch
+def _portable(error: Exception) -> tuple[str, Any]:
+    """``error`` in a form that survives pickling to the other ranks."""
+    if isinstance(error, ContractViolation):  # its constructor takes keywords, which unpickling does not pass
+        fields = ("equation", "clause", "kind", "step", "observed", "hint")
+        return "contract", {name: getattr(error, name) for name in fields}
+    try:
+        pickle.loads(pickle.dumps(error))
+    except Exception:
+        return "error", RuntimeError(f"rank 0 failed: {type(error).__name__}: {error}")
+    return "error", error
+
+
+def _rebuilt(portable: tuple[str, Any]) -> Exception:
+    kind, value = portable
+    if kind == "contract":
+        equation, clause = value.pop("equation"), value.pop("clause")
+        return ContractViolation(equation, clause, **value)
+    return value
+
+
+def launched_by_torchrun() -> bool:
+    """Whether this process was started by torchrun (or another launcher that sets its variables)."""
+    return all(name in os.environ for name in TORCHRUN_VARIABLES)
+
+
+@contextmanager
+def torchrun_process_group(device: str) -> Iterator[int]:
+    """Under torchrun with more than one process, the default process group for the run; yields the rank.
+
+    The backend is NCCL when the run uses CUDA (``device`` ``"cuda"``, or ``"auto"`` with CUDA present),
+    with ``cuda:LOCAL_RANK`` as this process's device, and gloo otherwise. The group is destroyed on exit,
+    after a barrier when the body succeeded; after an error it is destroyed only with gloo, since a NCCL
+    teardown can block while other ranks are still inside a collective. Outside torchrun, with one process,
+    or when a group is already initialised (it is then left alone), nothing is set up and the current rank
+    (0 without a group) is yielded.
+    """
+    initialised = dist.is_available() and dist.is_initialized()
+    if initialised or not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
+        yield dist.get_rank() if initialised else 0
+        return
+    if not dist.is_available():
+        raise RuntimeError("started by torchrun, but this torch build has no torch.distributed")
+    cuda = device != "cpu" and torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group("nccl" if cuda else "gloo")
+    try:
+        yield dist.get_rank()
+    except BaseException:
+        if not cuda:
+            dist.destroy_process_group()
+        raise
+    _barrier(None)  # every rank is done: no collective is in flight when the group goes
+    dist.destroy_process_group()
