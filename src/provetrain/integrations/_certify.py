@@ -19,7 +19,6 @@ schedule still on a skipped step, so it follows applied steps, as the Trainer's 
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,17 +32,8 @@ from provetrain.contract.load import load_contract
 from provetrain.contract.schema import Contract
 from provetrain.errors import ContractViolation
 from provetrain.ops.adam import Adam
-from provetrain.train.certificate import ClauseLedger
-from provetrain.train.outputs import _json_safe, atomic_write
-from provetrain.train.trainer import (
-    GRAD,
-    GRADS_FINITE,
-    LOSS,
-    LOSS_FINITE,
-    LOSS_NOT_NAN,
-    NORM_BOUND,
-    NORM_INVARIANT,
-)
+from provetrain.train.certificate import GRAD, GRADS_FINITE, LOSS, LOSS_FINITE, ClauseLedger, certify_step
+from provetrain.train.outputs import write_json
 
 __all__ = [
     "SkipAwareScheduler",
@@ -143,46 +133,6 @@ def skip_aware_scheduler(scheduler: LRScheduler, optimizer: Any) -> SkipAwareSch
             " given here; build it on the provetrain optimizer the framework steps, and pass that optimizer"
         )
     return SkipAwareScheduler(scheduler, inner)
-
-
-def certify_step(
-    ledger: ClauseLedger, step: int, *, loss: float | None, clipped_norm: float, skipped: bool, clip_value: float | None
-) -> None:
-    """Count one optimizer step's postconditions in ``ledger``, as the Trainer counts them.
-
-    A skipped step with a non-finite loss is the loss's violation; skipped with a finite (or unknown) loss, the
-    gradients'. ``grad_norm <= clip_value`` is counted on applied steps when there is a clip.
-
-    Raises:
-        ContractViolation: the clipped norm exceeds ``clip_value`` (impossible by construction; never silent).
-    """
-    finite = loss is None or math.isfinite(loss)
-    if loss is not None:
-        nan = math.isnan(loss)
-        ledger.check(
-            LOSS, "postcondition", LOSS_FINITE, passed=int(finite), failed=int(not finite), first_failed_step=step
-        )
-        ledger.check(LOSS, "postcondition", LOSS_NOT_NAN, passed=int(not nan), failed=int(nan), first_failed_step=step)
-    grads_bad = skipped and finite
-    ledger.check(
-        GRAD, "precondition", GRADS_FINITE, passed=int(not grads_bad), failed=int(grads_bad), first_failed_step=step
-    )
-    if skipped or clip_value is None:
-        return
-    within = clipped_norm <= clip_value
-    for kind, text in (("postcondition", NORM_BOUND), ("invariant", NORM_INVARIANT)):
-        ledger.check(GRAD, kind, text, passed=int(within), failed=int(not within), first_failed_step=step)
-    clipped_finite = math.isfinite(clipped_norm)
-    ledger.check(GRAD, "postcondition", GRADS_FINITE, passed=int(clipped_finite), failed=int(not clipped_finite))
-    if not within:
-        raise ContractViolation(
-            GRAD,
-            NORM_BOUND,
-            kind="postcondition",
-            step=step,
-            observed={"grad_norm": clipped_norm, "clip_value": clip_value},
-            hint="This is a provetrain bug; please report it with the run's logs.",
-        )
 
 
 @dataclass
@@ -378,8 +328,7 @@ class StepCertifier:
 
     def write_certificate(self, path: Path, *, outcome: str, run: dict[str, Any] | None = None) -> None:
         """Write :meth:`certificate` to ``path`` atomically (a crash leaves the previous file, never half)."""
-        text = json.dumps(_json_safe(self.certificate(outcome=outcome, run=run)), indent=2, allow_nan=False) + "\n"
-        atomic_write(path, lambda file: file.write(text.encode("utf-8")))
+        write_json(path, self.certificate(outcome=outcome, run=run))
 
 
 def outcome_of(error: BaseException | None) -> str:

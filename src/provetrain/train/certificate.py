@@ -8,6 +8,7 @@ back from the device, at checkpoint); :meth:`ClauseLedger.certificate` turns it 
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,8 +16,19 @@ from typing import Any
 from provetrain.contract.clauses import Clause
 from provetrain.contract.registry import clause_statuses
 from provetrain.contract.schema import Contract
+from provetrain.errors import ContractViolation
 
-__all__ = ["ClauseLedger", "ClauseRecord"]
+__all__ = ["ClauseLedger", "ClauseRecord", "certify_step"]
+
+# The clauses a training step is certified against, exactly as training-loop-v1.yaml writes them.
+LOSS = "loss_decrease"
+GRAD = "gradient_norm"
+LOSS_FINITE = "loss.is_finite()"
+LOSS_NOT_NAN = "!loss.is_nan()"
+GRADS_FINITE = "gradients.iter().all(|g| g.is_finite())"
+NORM_BOUND = "grad_norm <= clip_value"
+LOSS_TREND = "Loss monotonically non-increasing (in expectation)"
+NORM_INVARIANT = "Gradient norm bounded by clip_value"
 
 
 @dataclass
@@ -94,3 +106,43 @@ class ClauseLedger:
             "run": run,
             "clauses": clauses,
         }
+
+
+def certify_step(
+    ledger: ClauseLedger, step: int, *, loss: float | None, clipped_norm: float, skipped: bool, clip_value: float | None
+) -> None:
+    """Count one optimizer step's postconditions in ``ledger``, as the Trainer counts them.
+
+    A skipped step with a non-finite loss is the loss's violation; skipped with a finite (or unknown) loss, the
+    gradients'. ``grad_norm <= clip_value`` is counted on applied steps when there is a clip.
+
+    Raises:
+        ContractViolation: the clipped norm exceeds ``clip_value`` (impossible by construction; never silent).
+    """
+    finite = loss is None or math.isfinite(loss)
+    if loss is not None:
+        nan = math.isnan(loss)
+        ledger.check(
+            LOSS, "postcondition", LOSS_FINITE, passed=int(finite), failed=int(not finite), first_failed_step=step
+        )
+        ledger.check(LOSS, "postcondition", LOSS_NOT_NAN, passed=int(not nan), failed=int(nan), first_failed_step=step)
+    grads_bad = skipped and finite
+    ledger.check(
+        GRAD, "precondition", GRADS_FINITE, passed=int(not grads_bad), failed=int(grads_bad), first_failed_step=step
+    )
+    if skipped or clip_value is None:
+        return
+    within = clipped_norm <= clip_value
+    for kind, text in (("postcondition", NORM_BOUND), ("invariant", NORM_INVARIANT)):
+        ledger.check(GRAD, kind, text, passed=int(within), failed=int(not within), first_failed_step=step)
+    clipped_finite = math.isfinite(clipped_norm)
+    ledger.check(GRAD, "postcondition", GRADS_FINITE, passed=int(clipped_finite), failed=int(not clipped_finite))
+    if not within:
+        raise ContractViolation(
+            GRAD,
+            NORM_BOUND,
+            kind="postcondition",
+            step=step,
+            observed={"grad_norm": clipped_norm, "clip_value": clip_value},
+            hint="This is a provetrain bug; please report it with the run's metrics.",
+        )

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["RunOutputs", "atomic_write"]
+__all__ = ["RunOutputs", "atomic_write", "write_json"]
 
 
 def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
@@ -51,6 +51,12 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+def write_json(path: Path, value: Any) -> None:
+    """``value`` as indented JSON (NaN/Inf as strings), written atomically."""
+    text = json.dumps(_json_safe(value), indent=2, allow_nan=False) + "\n"
+    atomic_write(path, lambda file: file.write(text.encode("utf-8")))
+
+
 class RunOutputs:
     """The files of one run. The directory must be new or empty: a run never overwrites another's outputs."""
 
@@ -72,8 +78,7 @@ class RunOutputs:
         self._metrics.flush()
 
     def write_certificate(self, certificate: dict[str, Any]) -> None:
-        text = json.dumps(_json_safe(certificate), indent=2, allow_nan=False) + "\n"
-        atomic_write(self.certificate_path, lambda file: file.write(text.encode("utf-8")))
+        write_json(self.certificate_path, certificate)
 
     def write_report(self, rows: Sequence[dict[str, Any]], *, clip_value: float | None) -> None:
         """``report.png``: loss (skipped steps marked), gradient norm before/after clipping against the clip

@@ -46,7 +46,15 @@ from provetrain.contract.schema import Contract
 from provetrain.data.sources import DataSplits
 from provetrain.errors import ContractViolation
 from provetrain.ops.adam import Adam, AdamW
-from provetrain.train.certificate import ClauseLedger
+from provetrain.train.certificate import (
+    GRAD,
+    GRADS_FINITE,
+    LOSS,
+    LOSS_FINITE,
+    LOSS_TREND,
+    ClauseLedger,
+    certify_step,
+)
 from provetrain.train.checkpoint import (
     capture_rng_state,
     flatten_state,
@@ -64,14 +72,6 @@ from provetrain.train.schedule import Schedule
 
 __all__ = ["Callback", "TrainResult", "Trainer"]
 
-LOSS = "loss_decrease"
-GRAD = "gradient_norm"
-LOSS_FINITE = "loss.is_finite()"
-LOSS_NOT_NAN = "!loss.is_nan()"
-GRADS_FINITE = "gradients.iter().all(|g| g.is_finite())"
-NORM_BOUND = "grad_norm <= clip_value"
-LOSS_TREND = "Loss monotonically non-increasing (in expectation)"
-NORM_INVARIANT = "Gradient norm bounded by clip_value"
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -425,39 +425,9 @@ class Trainer:
             self._take_snapshot()
 
     def _certify_step(self, step: int, loss: float, clipped: float, skipped: bool) -> None:
-        finite = math.isfinite(loss)
-        self.ledger.check(
-            LOSS, "postcondition", LOSS_FINITE, passed=int(finite), failed=int(not finite), first_failed_step=step
+        certify_step(
+            self.ledger, step, loss=loss, clipped_norm=clipped, skipped=skipped, clip_value=self.config.clip_value
         )
-        nan = math.isnan(loss)
-        self.ledger.check(
-            LOSS, "postcondition", LOSS_NOT_NAN, passed=int(not nan), failed=int(nan), first_failed_step=step
-        )
-        grads_bad = skipped and finite
-        self.ledger.check(
-            GRAD, "precondition", GRADS_FINITE, passed=int(not grads_bad), failed=int(grads_bad), first_failed_step=step
-        )
-        if skipped or self.config.clip_value is None:
-            return
-        within = clipped <= self.config.clip_value
-        for kind, text in (("postcondition", NORM_BOUND), ("invariant", NORM_INVARIANT)):
-            self.ledger.check(GRAD, kind, text, passed=int(within), failed=int(not within), first_failed_step=step)
-        self.ledger.check(
-            GRAD,
-            "postcondition",
-            GRADS_FINITE,
-            passed=int(math.isfinite(clipped)),
-            failed=int(not math.isfinite(clipped)),
-        )
-        if not within:  # impossible by construction (see provetrain.ops.clip); never let it pass silently
-            raise ContractViolation(
-                GRAD,
-                NORM_BOUND,
-                kind="postcondition",
-                step=step,
-                observed={"grad_norm": clipped, "clip_value": self.config.clip_value},
-                hint="This is a provetrain bug; please report it with the run's metrics.jsonl.",
-            )
 
     def _on_nonfinite(self, step: int, loss: float, grad_norm: float) -> str:
         """Apply the non-finite policy to a skipped step; returns the action taken (``skip``, ``rollback``)."""
