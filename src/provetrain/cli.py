@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -51,12 +51,17 @@ def _main(
     """Train PyTorch models under a machine-checked contract."""
 
 
+def _exit_with_error(error: Exception, code: int = 2) -> NoReturn:
+    """One clear line on stderr and an exit code; never a traceback for the user's mistakes."""
+    stderr.print(f"[bold red]error:[/] {error}", highlight=False)
+    raise typer.Exit(code) from None
+
+
 def _statuses_or_exit(path: Path | None) -> list[ClauseStatus]:
     try:
         return clause_statuses(load_contract(path))
     except ContractError as error:
-        stderr.print(f"[bold red]error:[/] {error}", highlight=False, markup=True)
-        raise typer.Exit(2) from None
+        _exit_with_error(error)
 
 
 def _as_json(status: ClauseStatus) -> dict[str, Any]:
@@ -155,8 +160,7 @@ def train(
             trainer = prepare_trainer(settings, console=None if quiet else stdout, **overrides)
             result = trainer.fit(resume_from=resume)
     except (ConfigError, ContractError, FileExistsError) as error:
-        stderr.print(f"[bold red]error:[/] {error}", highlight=False)
-        raise typer.Exit(2) from None
+        _exit_with_error(error)
     except ContractViolation as violation:
         stderr.print(f"[bold red]contract violation:[/] {violation}", highlight=False)
         raise typer.Exit(1) from None
@@ -178,8 +182,7 @@ def lr_max(
         trainer = prepare_trainer(load_config(default_config_path() if config is None else config))
         estimate = trainer.estimate_lr_max(batches=batches)
     except (ConfigError, ValueError, TypeError) as error:
-        stderr.print(f"[bold red]error:[/] {error}", highlight=False)
-        raise typer.Exit(2) from None
+        _exit_with_error(error)
     lr = trainer.config.lr
     if as_json:
         print(json.dumps({"lr": lr, "lr_below_lr_max": lr < estimate.lr_max} | estimate.__dict__, indent=2))
@@ -257,8 +260,7 @@ def parity(
         net, inputs = _model_and_inputs(model, input_shape)
         results = forward_parity(net, inputs, tolerance=tolerance)
     except (ValueError, TypeError) as error:
-        stderr.print(f"[bold red]error:[/] {error}", highlight=False)
-        raise typer.Exit(2) from None
+        _exit_with_error(error)
     failed = [r for r in results if r.obligation and not r.passed]
     if as_json:
         rows = [r.__dict__ | {"passed": r.passed} for r in results]
@@ -345,8 +347,7 @@ def verify(
         net, inputs = _model_and_inputs(model, input_shape)
         results = run_verification(net, inputs, thorough=thorough)
     except (ValueError, TypeError) as error:
-        stderr.print(f"[bold red]error:[/] {error}", highlight=False)
-        raise typer.Exit(2) from None
+        _exit_with_error(error)
     table = Table(title="provetrain verify" + (" --thorough" if thorough else ""))
     for column in ("clause", "method", "result", "evidence", "time"):
         table.add_column(column, overflow="fold")
