@@ -275,18 +275,36 @@ def test_steps_match_torch_adam(config, steps):
         torch.testing.assert_close(v, opt.state[q]["exp_avg_sq"], rtol=1e-5, atol=1e-10)
 
 
-def test_update_is_independent_of_the_thread_count():
+@pytest.fixture(scope="module")
+def python_threads_kernel(tmp_path_factory):
+    """The kernel built without OpenMP: fused.py then runs its ranges on Python threads."""
+    compiler = fused._find_compiler()
+    flags = next(f for f in fused._FLAG_SETS if "-fopenmp" not in f)
+    kernel = fused._Kernel(fused._build(compiler, flags, _source(), tmp_path_factory.mktemp("cache")))
+    assert not kernel.openmp
+    return kernel
+
+
+@pytest.mark.parametrize("runtime", ["loaded", "python-threads"])
+def test_update_is_independent_of_the_thread_count(runtime, python_threads_kernel, monkeypatch):
+    if runtime == "python-threads":
+        monkeypatch.setattr(fused, "_kernel", python_threads_kernel)
     sizes = (150_001, 90_007, 33, 64)
     results = []
     for threads in (1, 2, 3, 4):
         state = make_state(sizes, seed=3)
         with num_threads(threads):
             returned = fused.adam_update_(*state, **hyper(k=0.3, weight_decay=0.01, decoupled=True))
-        results.append((returned, state))
-    exact = exact_sum_sq([clipped(g, 0.3) for g in make_state(sizes, seed=3)[1]])
-    for returned, state in results:
-        assert abs(returned - exact) <= gamma(sum(sizes) - 1) * exact
-        for group, first in zip(state, results[0][1], strict=True):
+            total, finite = fused.sum_sq_and_finite(state[1])
+        assert finite
+        results.append((returned, total, state))
+    grads = make_state(sizes, seed=3)[1]
+    exact, exact_clipped = exact_sum_sq(grads), exact_sum_sq([clipped(g, 0.3) for g in grads])
+    bound = gamma(sum(sizes) - 1)
+    for returned, total, state in results:
+        assert abs(returned - exact_clipped) <= bound * exact_clipped
+        assert abs(total - exact) <= bound * exact
+        for group, first in zip(state, results[0][2], strict=True):
             for a, b in zip(group, first, strict=True):
                 assert torch.equal(a.view(torch.int32), b.view(torch.int32))
 
@@ -407,6 +425,19 @@ def test_a_failed_build_is_a_reason_not_an_exception(tmp_path, monkeypatch):
     monkeypatch.setattr(fused, "_FLAG_SETS", (("-fno-such-flag-for-provetrain", "-shared"),))
     with pytest.raises(fused._Unavailable, match="no-such-flag-for-provetrain"):
         fused._build_and_load(tmp_path)
+
+
+def test_a_failed_build_is_remembered_and_the_next_flags_are_tried(tmp_path, monkeypatch):
+    monkeypatch.delenv("PROVETRAIN_DISABLE_KERNEL", raising=False)
+    broken = (*fused._BASE_FLAGS, "-Wl,--no-such-linker-option")  # preprocesses, fails to link
+    monkeypatch.setattr(fused, "_FLAG_SETS", (broken, fused._BASE_FLAGS))
+    kernel = fused._build_and_load(tmp_path)
+    assert not kernel.openmp
+    [marker] = (tmp_path / "kernels").glob(f"*/{fused._FAILED}")
+    assert "no-such-linker-option" in marker.read_text()
+    with pytest.raises(fused._Unavailable, match="no-such-linker-option"):
+        fused._build(fused._find_compiler(), broken, _source(), tmp_path)  # from the cache, not rebuilt
+    assert list(marker.parent.iterdir()) == [marker]
 
 
 def test_no_compiler_is_a_reason(tmp_path, monkeypatch):
