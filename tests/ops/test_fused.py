@@ -470,3 +470,14 @@ def test_cache_dir_and_disable_switch_in_fresh_processes(tmp_path):
         "`fused_available()` before calling and use the reference path otherwise.",
     ]
     assert not (tmp_path / "unused").exists()
+
+
+def test_tensor_subclasses_are_not_supported() -> None:
+    """DTensor shards and other subclasses must take the reference path (the kernel segfaulted on them)."""
+
+    class Wrapped(torch.Tensor):
+        pass
+
+    plain = torch.zeros(4)
+    assert fused.supports([plain, torch.nn.Parameter(torch.zeros(4))])
+    assert not fused.supports([plain.as_subclass(Wrapped)])

@@ -79,7 +79,8 @@ squares, ``delta = 0``) or ``p = n / 2`` (float64 present).
 ``N_up_s = fl(N_hat_s C) >= N_hat_s C (1 - u)``; ``N_up = N_up_s 2^e`` (kept as a pair, never rounded).
 So ``N_up >= N`` once ``(1 - u)^(-P) (1 + delta) <= 1 + (n + 4) u`` with ``P = p + 3 <= (n + 6) / 2``:
 ``(1 - u)^(-P) <= 1 / (1 - P u) <= 1 + P u + 2 P^2 u^2`` for ``P u <= 1/2``, and
-``(n + 4) u - P u >= (n + 2) u / 2``, which dwarfs ``2 P^2 u^2 + delta`` for ``n < 2^40`` (enforced). The same steps give ``N_up <= N (1 + 1.51 (n + 5) u)`` and ``|N_hat - N| <= 0.51 (n + 4) u N``.
+``(n + 4) u - P u >= (n + 2) u / 2``, which dwarfs ``2 P^2 u^2 + delta`` for ``n < 2^40`` (enforced).
+The same steps give ``N_up <= N (1 + 1.51 (n + 5) u)`` and ``|N_hat - N| <= 0.51 (n + 4) u N``.
 
 *Step 3, decision.* ``N_up <= max_norm`` is decided exactly (binary exponents, then mantissas). ``k = 1.0``
 makes ``float64(g_i) * 1`` and the cast back exact: bit-for-bit.

@@ -163,7 +163,7 @@ def fused_unavailable_reason() -> str | None:
 
 
 def supports(tensors: Sequence[torch.Tensor]) -> bool:
-    """Whether the kernel can take these tensors: all CPU, float32, dense (strided) and contiguous."""
+    """Whether the kernel can take these tensors: plain (not subclassed), CPU, float32, dense and contiguous."""
     return all(_is_supported(t) for t in tensors)
 
 
@@ -290,9 +290,20 @@ def _table(values: list[int]) -> array.array:
     return array.array("q", values)
 
 
+_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
 def _is_supported(t: torch.Tensor) -> bool:
     # is_cpu and `dtype is` are ~0.04 us each, against ~0.25 us for t.device.type: this runs per tensor.
-    return t.is_cpu and t.dtype is torch.float32 and t.layout is torch.strided and t.is_contiguous()
+    # Tensor subclasses (DTensor shards, wrappers) are refused: their data_ptr is not the whole tensor's
+    # storage, and the kernel would read or write past it.
+    return (
+        type(t) in _PLAIN_TENSOR_TYPES
+        and t.is_cpu
+        and t.dtype is torch.float32
+        and t.layout is torch.strided
+        and t.is_contiguous()
+    )
 
 
 def _describe(name: str, tensors: Sequence[torch.Tensor]) -> tuple[list[int], list[int]]:
