@@ -1,0 +1,48 @@
+"""Hypothesis property tests of the loss_decrease equation (gradient_norm's are in tests/ops/test_clip.py)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from provetrain.ops.adam import Adam, AdamW
+
+finite32 = st.floats(allow_nan=False, allow_infinity=False, width=32)
+any32 = st.floats(allow_nan=True, allow_infinity=True, width=32)
+
+
+@settings(max_examples=150, deadline=None, derandomize=True)
+@given(st.lists(finite32, min_size=1, max_size=12), st.data())
+def test_cross_entropy_is_never_negative(logits: list[float], data: st.DataObject) -> None:
+    """The lean_theorem CrossEntropy.NonNegativity, as computed in float32 for any finite logits."""
+    target = data.draw(st.integers(0, len(logits) - 1))
+    loss = F.cross_entropy(torch.tensor([logits]), torch.tensor([target]))
+    assert not math.isnan(float(loss)) and float(loss) >= 0.0
+
+
+@settings(max_examples=150, deadline=None, derandomize=True)
+@given(
+    st.lists(any32, min_size=4, max_size=4),
+    st.one_of(finite32, st.sampled_from([math.nan, math.inf, -math.inf])),
+    st.sampled_from([Adam, AdamW]),
+    st.sampled_from([None, 1.0]),
+)
+def test_guarded_step_never_writes_a_non_finite_weight(grad: list[float], loss: float, optimizer, clip) -> None:
+    """loss_decrease's postcondition, enforced: whatever the gradient and loss, the weights stay finite; a
+    non-finite loss or gradient leaves them bit-for-bit unchanged and is counted."""
+    p = torch.nn.Parameter(torch.tensor([0.5, -1.0, 2.0, 0.0]))
+    opt = optimizer([p], lr=1e-2, clip_value=clip)
+    before = p.detach().clone()
+    p.grad = torch.tensor(grad)
+    opt.step(loss=torch.tensor(loss))
+    bad = not (math.isfinite(loss) and all(math.isfinite(g) for g in grad))
+    assert torch.isfinite(p).all()
+    assert int(opt.skipped_steps) == int(bad)
+    if bad:
+        assert torch.equal(p.detach(), before)
+    else:
+        assert float(opt.last_clipped_grad_norm) <= (clip if clip is not None else math.inf)
