@@ -32,8 +32,9 @@ from provetrain.contract.load import load_contract
 from provetrain.contract.schema import Contract
 from provetrain.errors import ContractViolation
 from provetrain.ops.adam import Adam
-from provetrain.train.certificate import GRAD, GRADS_FINITE, LOSS, LOSS_FINITE, ClauseLedger, certify_step
+from provetrain.train.certificate import GRAD, LOSS, ClauseLedger, certify_step
 from provetrain.train.outputs import write_json
+from provetrain.train.policies import SkipBudget, nonfinite_clause
 
 __all__ = [
     "SkipAwareScheduler",
@@ -175,12 +176,9 @@ class StepCertifier:
                 raise ValueError(f"{name}={value!r} must be an int >= 1, e.g. {name}=5")
         self.optimizer = optimizer
         self.ledger = ClauseLedger(contract or load_contract())
-        self.max_consecutive_skips = max_consecutive_skips
-        self.max_total_skips = max_total_skips
+        self.budget = SkipBudget(max_consecutive_skips, max_total_skips)
         self.steps = 0
-        self.skipped_steps = 0
         self.last_row: dict[str, Any] | None = None
-        self._consecutive_skips = 0
         self._loss: Tensor | None = None
         self._pending: list[_Pending] = []
         self._skips_before = optimizer.skipped_steps.clone()
@@ -285,34 +283,20 @@ class StepCertifier:
             if skipped:
                 self._skip(record.step, loss, grad_norm)
             else:
-                self._consecutive_skips = 0
+                self.budget.applied()
         return rows
+
+    @property
+    def skipped_steps(self) -> int:
+        """Skipped optimizer steps read back so far."""
+        return self.budget.total
 
     def _skip(self, step: int, loss: float | None, grad_norm: float) -> None:
         """Count a skipped step against its clause and the budget."""
-        self.skipped_steps += 1
-        self._consecutive_skips += 1
-        loss_bad = loss is not None and not math.isfinite(loss)
-        equation, kind, clause = (
-            (LOSS, "postcondition", LOSS_FINITE) if loss_bad else (GRAD, "precondition", GRADS_FINITE)
-        )
-        self.ledger.act(equation, kind, clause, "skip")
-        if self._consecutive_skips > self.max_consecutive_skips or self.skipped_steps > self.max_total_skips:
-            raise ContractViolation(
-                equation,
-                clause,
-                kind=kind,
-                step=step,
-                observed={
-                    "loss": loss,
-                    "grad_norm": grad_norm,
-                    "consecutive_skips": self._consecutive_skips,
-                    "total_skips": self.skipped_steps,
-                },
-                hint=f"Skip budget exhausted (max {self.max_consecutive_skips} in a row, {self.max_total_skips} in "
-                "total): training is unstable; lower the learning rate or inspect the data. No skipped update was "
-                "applied.",
-            )
+        self.budget.skipped()
+        self.ledger.act(*nonfinite_clause(loss), "skip")
+        if self.budget.exhausted:
+            raise self.budget.violation(step, loss, {"loss": loss, "grad_norm": grad_norm})
 
     def certificate(self, *, outcome: str, run: dict[str, Any] | None = None) -> dict[str, Any]:
         """The JSON-ready certificate of the steps read back so far; ``run`` adds framework facts."""

@@ -48,9 +48,7 @@ from provetrain.errors import ContractViolation
 from provetrain.ops.adam import Adam, AdamW
 from provetrain.train.certificate import (
     GRAD,
-    GRADS_FINITE,
     LOSS,
-    LOSS_FINITE,
     LOSS_TREND,
     ClauseLedger,
     certify_step,
@@ -68,6 +66,7 @@ from provetrain.train.distributed import World
 from provetrain.train.lr_max import LrMaxEstimate, estimate_lr_max, preconditioner_from_batches
 from provetrain.train.monitor import LossTrendMonitor
 from provetrain.train.outputs import RunOutputs
+from provetrain.train.policies import SkipBudget, nonfinite_clause
 from provetrain.train.schedule import Schedule
 
 __all__ = ["Callback", "TrainResult", "Trainer"]
@@ -200,8 +199,7 @@ class Trainer:
         self.applied_steps = 0
         self.rollbacks = 0
         self.lr_scale = 1.0
-        self._consecutive_skips = 0
-        self._skips_seen = 0
+        self.skips = SkipBudget(self.config.max_consecutive_skips, self.config.max_total_skips)
         self._pending: list[_Pending] = []
         self._rows: list[dict[str, Any]] = []
         self._snapshot: _Snapshot | None = None
@@ -299,7 +297,7 @@ class Trainer:
         result = TrainResult(
             steps=self.total_steps,
             applied_steps=self.applied_steps,
-            skipped_steps=self._skips_seen,
+            skipped_steps=self.skips.total,
             rollbacks=self.rollbacks,
             final_loss=next((r["loss"] for r in reversed(self._rows) if "loss" in r and not r["skipped"]), math.nan),
             evaluation=evaluation,
@@ -410,10 +408,10 @@ class Trainer:
             }
             self._certify_step(record.step, loss, clipped, skipped)
             if skipped:
-                self._skips_seen += 1
+                self.skips.skipped()
                 row["action"] = self._on_nonfinite(record.step, loss, grad_norm)
             else:
-                self._consecutive_skips = 0
+                self.skips.applied()
                 self.applied_steps += 1
                 row["action"] = self._on_trend(record.step, loss)
             self._log(row)
@@ -431,9 +429,7 @@ class Trainer:
 
     def _on_nonfinite(self, step: int, loss: float, grad_norm: float) -> str:
         """Apply the non-finite policy to a skipped step; returns the action taken (``skip``, ``rollback``)."""
-        equation, clause, kind = (
-            (LOSS, LOSS_FINITE, "postcondition") if not math.isfinite(loss) else (GRAD, GRADS_FINITE, "precondition")
-        )
+        equation, kind, clause = nonfinite_clause(loss)
         observed = {"loss": loss, "grad_norm": grad_norm} | self._first_nonfinite_parameter(step)
         policy = self.config.on_nonfinite
         if policy == "raise":
@@ -464,20 +460,8 @@ class Trainer:
             )
             return "rollback"
         self.ledger.act(equation, kind, clause, "skip")
-        self._consecutive_skips += 1
-        if (
-            self._consecutive_skips > self.config.max_consecutive_skips
-            or self._skips_seen > self.config.max_total_skips
-        ):
-            raise ContractViolation(
-                equation,
-                clause,
-                kind=kind,
-                step=step,
-                observed=observed | {"consecutive_skips": self._consecutive_skips, "total_skips": self._skips_seen},
-                hint=f"Skip budget exhausted (max {self.config.max_consecutive_skips} in a row, "
-                f"{self.config.max_total_skips} in total): training is unstable; lower lr or inspect the data.",
-            )
+        if self.skips.exhausted:
+            raise self.skips.violation(step, loss, observed)
         return "skip"
 
     def _first_nonfinite_parameter(self, step: int) -> dict[str, Any]:
@@ -531,7 +515,7 @@ class Trainer:
         self.applied_steps = self._snapshot.applied_steps
         self.lr_scale *= factor
         self._pending.clear()
-        self._consecutive_skips = 0
+        self.skips.applied()  # the skipped run was undone with the state
 
     def _lr_max(self) -> float | None:
         value = self.config.lr_max
@@ -582,8 +566,8 @@ class Trainer:
         state = {
             "next_step": next_step,
             "applied_steps": self.applied_steps,
-            "skipped_steps": self._skips_seen,
-            "consecutive_skips": self._consecutive_skips,
+            "skipped_steps": self.skips.total,
+            "consecutive_skips": self.skips.consecutive,
             "rollbacks": self.rollbacks,
             "lr_scale": self.lr_scale,
             "lr_max": self.lr_max,
@@ -620,8 +604,8 @@ class Trainer:
         self.optimizer.load_state_dict(unflatten_state(checkpoint.tensors, state["optimizer"]))
         self.monitor.load_state_dict(state["monitor"])
         self.applied_steps = state["applied_steps"]
-        self._skips_seen = state["skipped_steps"]
-        self._consecutive_skips = state["consecutive_skips"]
+        self.skips.total = state["skipped_steps"]
+        self.skips.consecutive = state["consecutive_skips"]
         self.rollbacks = state["rollbacks"]
         self.lr_scale = state["lr_scale"]
         self.lr_max = state["lr_max"]
@@ -655,7 +639,7 @@ class Trainer:
             "world_size": self.world.size,
             "steps": self.total_steps,
             "applied_steps": self.applied_steps,
-            "skipped_steps": self._skips_seen,
+            "skipped_steps": self.skips.total,
             "rollbacks": self.rollbacks,
             "lr_max": self.lr_max,
             "lr_max_method": self.lr_max_estimate.explanation if self.lr_max_estimate else None,
