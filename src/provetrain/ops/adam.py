@@ -59,7 +59,13 @@ from torch.optim.optimizer import Optimizer
 
 from provetrain.errors import ContractViolation
 from provetrain.ops import fused
-from provetrain.ops.clip import clip_coefficient, global_sum_of_squares, scale_gradient, scaled_sum_of_squares
+from provetrain.ops.clip import (
+    clip_coefficient,
+    first_nonfinite_gradient,
+    global_sum_of_squares,
+    scale_gradient,
+    scaled_sum_of_squares,
+)
 
 __all__ = ["Adam", "AdamW", "adam_step_"]
 
@@ -520,13 +526,12 @@ class Adam(Optimizer):
                 hint=f"{untouched} {remedy}",
             )
         # The loss was finite, so some gradient is not (the guard's sum is finite iff all gradients are).
-        label, grad = next(
+        named = (
             (_param_label(b.group, b.group_index, position), g)
             for b in batches
             for position, g in zip(b.positions, b.grads, strict=True)
-            if not bool(torch.isfinite(g).all())
         )
-        nans, infs = int(torch.isnan(grad).sum()), int(torch.isinf(grad).sum())
+        label, grad, nans, infs = first_nonfinite_gradient(named)  # type: ignore[misc]  # never None: see above
         raise ContractViolation(
             "gradient_norm",
             _GRADIENTS_FINITE,

@@ -135,6 +135,7 @@ __all__ = [
     "clip_coefficient",
     "clip_grad_norm_",
     "clip_grads_",
+    "first_nonfinite_gradient",
     "global_sum_of_squares",
     "scale_gradient",
     "scaled_sum_of_squares",
@@ -488,11 +489,22 @@ def _named_gradients(
     return len(items), named
 
 
+def first_nonfinite_gradient(
+    named: Iterable[tuple[str, torch.Tensor]],
+) -> tuple[str, torch.Tensor, int, int] | None:
+    """``(name, grad, nans, infs)`` of the first gradient holding a NaN or Inf, or None when all are finite.
+
+    An error-path helper: it reads one flag per gradient to the host until it finds the offender.
+    """
+    for name, grad in named:
+        if not bool(torch.isfinite(grad).all()):
+            return name, grad, int(torch.isnan(grad).sum()), int(torch.isinf(grad).sum())
+    return None
+
+
 def _raise_first_nonfinite(named: Sequence[tuple[str, torch.Tensor]]) -> None:
     """Raise the ``is_finite`` violation naming the first parameter with a NaN/Inf gradient (error path)."""
-    counts = [(int(torch.isnan(g).sum()), int(torch.isinf(g).sum())) for _, g in named]  # host reads: raising
-    index = next((i for i, (nans, infs) in enumerate(counts) if nans or infs), 0)
-    (name, grad), (nans, infs) = named[index], counts[index]
+    name, grad, nans, infs = first_nonfinite_gradient(named) or (*named[0], 0, 0)
     raise ContractViolation(
         EQUATION,
         CLAUSE_FINITE,

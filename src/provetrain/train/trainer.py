@@ -46,6 +46,7 @@ from provetrain.contract.schema import Contract
 from provetrain.data.sources import DataSplits
 from provetrain.errors import ContractViolation
 from provetrain.ops.adam import Adam, AdamW
+from provetrain.ops.clip import first_nonfinite_gradient
 from provetrain.train.certificate import (
     GRAD,
     LOSS,
@@ -466,11 +467,11 @@ class Trainer:
 
     def _first_nonfinite_parameter(self, step: int) -> dict[str, Any]:
         """Name the first parameter with a non-finite gradient, while this step's gradients still exist."""
-        if step == self._last_trained_step:
-            for name, p in self.model.named_parameters():
-                if p.grad is not None and not torch.isfinite(p.grad).all():
-                    return {"parameter": name, "non_finite_values": int((~torch.isfinite(p.grad)).sum())}
-        return {}
+        if step != self._last_trained_step:
+            return {}
+        named = ((name, p.grad) for name, p in self.model.named_parameters() if p.grad is not None)
+        found = first_nonfinite_gradient(named)
+        return {} if found is None else {"parameter": found[0], "non_finite_values": found[2] + found[3]}
 
     def _on_trend(self, step: int, loss: float) -> str | None:
         """Feed the loss-trend monitor; act by policy when it fires. Returns the action taken, if any."""
