@@ -290,3 +290,13 @@ def test_final_checkpoint_holds_finite_state_and_loads(tmp_path: Path) -> None:
     assert checkpoint.step == 12
     assert checkpoint.state["skipped_steps"] == 1
     assert all(torch.isfinite(t).all() for t in checkpoint.tensors.values() if t.is_floating_point())
+
+
+@pytest.mark.parametrize(
+    ("policies", "snapshot"),
+    [({}, False), ({"on_nonfinite": "rollback"}, True), ({"on_loss_increase": "rollback"}, True)],
+)
+def test_state_is_snapshotted_only_when_a_policy_can_roll_back(tmp_path: Path, policies: dict, snapshot: bool) -> None:
+    trainer = Trainer(Poisoned(set()), blobs(), steps=8, lr_max=None, output_dir=str(tmp_path / "run"), **policies)
+    trainer.fit()
+    assert (trainer._snapshot is not None) is snapshot

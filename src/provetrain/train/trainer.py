@@ -503,6 +503,9 @@ class Trainer:
 
     # -------------------------------------------------------------------------------- snapshots, outputs
     def _take_snapshot(self) -> None:
+        # A full copy of model and optimizer state: only worth its cost when a policy can roll back to it.
+        if "rollback" not in (self.config.on_nonfinite, self.config.on_loss_increase):
+            return
         self._snapshot = _Snapshot(
             {k: v.detach().clone() for k, v in self.model.state_dict().items()},
             copy.deepcopy(self.optimizer.state_dict()),
@@ -510,7 +513,7 @@ class Trainer:
         )
 
     def _restore_snapshot(self, *, factor: float) -> None:
-        assert self._snapshot is not None  # taken before the first step
+        assert self._snapshot is not None  # taken before the first step under a rollback policy
         self.model.load_state_dict(self._snapshot.model)
         self.optimizer.load_state_dict(copy.deepcopy(self._snapshot.optimizer))
         self.applied_steps = self._snapshot.applied_steps
