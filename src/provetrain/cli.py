@@ -219,32 +219,6 @@ def _print_run_summary(result: Any, *, quiet: bool) -> None:
     stdout.print(f"outputs: {result.output_dir}/ (metrics.jsonl, certificate.json, report.png)", highlight=False)
 
 
-def _model_and_inputs(spec: str | None, input_shape: str | None) -> tuple[Any, Any]:
-    """The built-in digits MLP on digits test images, or a user's ``module:factory``.
-
-    A factory returns a model, or ``(model, example_inputs)``; with a model alone, ``--input-shape`` gives
-    the shape of a random standard-normal input batch.
-    """
-    import torch
-
-    from provetrain.data.sources import load_digits, resolve_function
-    from provetrain.models.builtin import build_model
-
-    if spec is None:
-        data = load_digits(seed=0)
-        torch.manual_seed(0)
-        return build_model("mlp", data), data.test.tensors[0][:256]
-    made = resolve_function(spec, "model")()
-    if isinstance(made, tuple):
-        return made
-    if input_shape is None:
-        raise ValueError(
-            f"model {spec!r} returned only a model: give --input-shape (e.g. 8,64) or return (model, inputs)"
-        )
-    shape = tuple(int(part) for part in input_shape.split(","))
-    return made, torch.randn(*shape, generator=torch.Generator().manual_seed(0))
-
-
 @app.command("parity")
 def parity(
     model: Annotated[str | None, typer.Option(help="module:factory returning a model or (model, inputs).")] = None,
@@ -255,9 +229,10 @@ def parity(
     """CUDA forward vs CPU forward per element (TF32 off; TF32 on reported apart); without CUDA, float32 vs
     a float64 CPU reference. Exits 1 when the obligation fails."""
     from provetrain.verify.parity import forward_parity
+    from provetrain.verify.suite import model_and_inputs
 
     try:
-        net, inputs = _model_and_inputs(model, input_shape)
+        net, inputs = model_and_inputs(model, input_shape)
         results = forward_parity(net, inputs, tolerance=tolerance)
     except (ValueError, TypeError) as error:
         _exit_with_error(error)
@@ -341,10 +316,10 @@ def verify(
     ] = None,
 ) -> None:
     """Run the contract's falsification tests and proof obligations on a model; exit 1 unless all pass."""
-    from provetrain.verify.suite import run_verification
+    from provetrain.verify.suite import model_and_inputs, run_verification
 
     try:
-        net, inputs = _model_and_inputs(model, input_shape)
+        net, inputs = model_and_inputs(model, input_shape)
         results = run_verification(net, inputs, thorough=thorough)
     except (ValueError, TypeError) as error:
         _exit_with_error(error)

@@ -26,11 +26,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from provetrain.data.sources import load_digits, resolve_function
 from provetrain.errors import ContractViolation
+from provetrain.models.builtin import build_model
 from provetrain.ops.adam import AdamW
 from provetrain.ops.clip import clip_grad_norm_
 
-__all__ = ["CheckResult", "exact_norm_at_most", "run_verification"]
+__all__ = ["CheckResult", "exact_norm_at_most", "model_and_inputs", "run_verification"]
 
 Method = Literal["falsification", "property test", "smt proof", "parity"]
 Result = Literal["pass", "fail", "unknown"]
@@ -197,6 +199,27 @@ def _cross_entropy(model: nn.Module, inputs: Tensor) -> tuple[Result, str]:
         f"z3 over the reals with exp/log axioms, 1..{len(proofs)} classes; computed CE >= 0 on the model's logits"
     )
     return ("pass" if proved and runtime else "fail"), evidence
+
+
+def model_and_inputs(spec: str | None, input_shape: str | None = None) -> tuple[nn.Module, Tensor]:
+    """The built-in digits MLP on digits test images, or a user's ``module:factory``.
+
+    A factory returns a model, or ``(model, example_inputs)``; with a model alone, ``--input-shape`` gives
+    the shape of a random standard-normal input batch.
+    """
+    if spec is None:
+        data = load_digits(seed=0)
+        torch.manual_seed(0)
+        return build_model("mlp", data), data.test.tensors[0][:256]
+    made = resolve_function(spec, "model")()
+    if isinstance(made, tuple):
+        return made
+    if input_shape is None:
+        raise ValueError(
+            f"model {spec!r} returned only a model: give --input-shape (e.g. 8,64) or return (model, inputs)"
+        )
+    shape = tuple(int(part) for part in input_shape.split(","))
+    return made, torch.randn(*shape, generator=torch.Generator().manual_seed(0))
 
 
 def run_verification(
