@@ -13,19 +13,22 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from provetrain.errors import ContractViolation
+from provetrain.ops import adam as adam_module
 from provetrain.ops import fused
 from provetrain.ops.adam import Adam, AdamW, adam_step_
 from provetrain.ops.clip import clip_coefficient, global_sum_of_squares, scale_gradient
 
-FUSED_PATHS = [
-    pytest.param(False, id="reference"),
+REFERENCE = {"fused": False}
+PATHS = [
+    pytest.param(REFERENCE, id="reference"),
     pytest.param(
-        True,
+        {"fused": True},
         id="fused",
         marks=pytest.mark.skipif(
             not fused.fused_available(), reason=f"fused kernel unavailable: {fused.fused_unavailable_reason()}"
         ),
     ),
+    pytest.param({"foreach": True}, id="multi_tensor"),
 ]
 OPTIMIZERS = [
     pytest.param(Adam, torch.optim.Adam, id="Adam"),
@@ -94,10 +97,10 @@ PARITY_CASES = {
 }
 
 
-@pytest.mark.parametrize("use_fused", FUSED_PATHS)
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize(("ours", "theirs"), OPTIMIZERS)
 @pytest.mark.parametrize("case", [*PARITY_CASES, "param_groups"])
-def test_trajectory_matches_torch(ours: type[Adam], theirs: type, case: str, use_fused: bool) -> None:
+def test_trajectory_matches_torch(ours: type[Adam], theirs: type, case: str, path: dict[str, bool]) -> None:
     a, b = make_model(), make_model()
     if case == "param_groups":
 
@@ -107,10 +110,10 @@ def test_trajectory_matches_torch(ours: type[Adam], theirs: type, case: str, use
                 {"params": m.fc2.parameters(), "maximize": True},
             ]
 
-        opt_a, opt_b = ours(groups(a), lr=1e-2, fused=use_fused), theirs(groups(b), lr=1e-2, foreach=False)
+        opt_a, opt_b = ours(groups(a), lr=1e-2, **path), theirs(groups(b), lr=1e-2, foreach=False)
     else:
         kwargs = PARITY_CASES[case]
-        opt_a, opt_b = ours(a.parameters(), **kwargs, fused=use_fused), theirs(b.parameters(), **kwargs, foreach=False)
+        opt_a, opt_b = ours(a.parameters(), **kwargs, **path), theirs(b.parameters(), **kwargs, foreach=False)
     batches = make_batches(300)
     train(a, opt_a, batches)
     train(b, opt_b, batches)
@@ -120,7 +123,7 @@ def test_trajectory_matches_torch(ours: type[Adam], theirs: type, case: str, use
     for key in ours_state:  # the moments grow large here: compare them relative to their largest value
         scale = max(1.0, torch_state[key].abs().max().item())
         assert (ours_state[key] - torch_state[key]).abs().max().item() <= 1e-5 * scale, key
-    if not use_fused:
+    if path == REFERENCE:
         # The reference path runs torch's own kernels in torch's order: the same bits, not just close.
         assert_bitwise_equal(ours_state, torch_state)
 
@@ -137,7 +140,7 @@ def test_trajectory_matches_torch(ours: type[Adam], theirs: type, case: str, use
 @pytest.mark.parametrize(("ours", "theirs"), OPTIMIZERS)
 def test_low_and_high_precision_params_follow_torch(ours: type[Adam], theirs: type, dtype, eps, tolerance) -> None:
     a, b = make_model(dtype), make_model(dtype)
-    opt_a = ours(a.parameters(), lr=1e-2, eps=eps, weight_decay=0.01)
+    opt_a = ours(a.parameters(), lr=1e-2, eps=eps, weight_decay=0.01, **REFERENCE)
     opt_b = theirs(b.parameters(), lr=1e-2, eps=eps, weight_decay=0.01, foreach=False)
     batches = make_batches(60, dtype)
     train(a, opt_a, batches)
@@ -195,10 +198,10 @@ def test_clipped_step_is_clip_then_unclipped_step_bitwise(ours: type[Adam]) -> N
     assert clipped_steps > 10
 
 
-@pytest.mark.parametrize("use_fused", FUSED_PATHS)
-def test_clipped_norm_is_bounded_and_unclipped_norm_is_reported(use_fused: bool) -> None:
+@pytest.mark.parametrize("path", PATHS)
+def test_clipped_norm_is_bounded_and_unclipped_norm_is_reported(path: dict[str, bool]) -> None:
     model = make_model()
-    opt = AdamW(model.parameters(), lr=1e-2, clip_value=1e-3, fused=use_fused)
+    opt = AdamW(model.parameters(), lr=1e-2, clip_value=1e-3, **path)
     for x, y in make_batches(10):
         opt.zero_grad()
         F.mse_loss(model(x), y).backward()
@@ -228,14 +231,14 @@ def poisoned_step(model: MLP, opt: Adam, batch: tuple[torch.Tensor, ...], poison
         opt.step(loss=loss)
 
 
-@pytest.mark.parametrize("use_fused", FUSED_PATHS)
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("clip_value", [None, 0.2])
 @pytest.mark.parametrize("ours", [Adam, AdamW])
 @pytest.mark.parametrize("poison", ["nan_batch", "nan_grad", "inf_loss"])
-def test_skipped_step_leaves_no_trace(ours: type[Adam], clip_value, use_fused: bool, poison: str) -> None:
+def test_skipped_step_leaves_no_trace(ours: type[Adam], clip_value, path: dict[str, bool], poison: str) -> None:
     a, b = make_model(), make_model()
-    opt_a = ours(a.parameters(), lr=1e-2, clip_value=clip_value, fused=use_fused)
-    opt_b = ours(b.parameters(), lr=1e-2, clip_value=clip_value, fused=use_fused)
+    opt_a = ours(a.parameters(), lr=1e-2, clip_value=clip_value, **path)
+    opt_b = ours(b.parameters(), lr=1e-2, clip_value=clip_value, **path)
     batches = make_batches(10)
     train(a, opt_a, batches[:5])
     poisoned_step(a, opt_a, batches[5], poison)
@@ -294,12 +297,12 @@ def test_pure_step_with_false_skip_equals_no_skip(k: float | None) -> None:
 # -- the finite guard: raise -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("use_fused", FUSED_PATHS)
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("named", [True, False])
-def test_raise_names_the_parameter_and_changes_nothing(use_fused: bool, named: bool) -> None:
+def test_raise_names_the_parameter_and_changes_nothing(path: dict[str, bool], named: bool) -> None:
     model = make_model()
     params = model.named_parameters() if named else model.parameters()
-    opt = Adam(params, lr=1e-2, clip_value=1.0, on_nonfinite="raise", fused=use_fused)
+    opt = Adam(params, lr=1e-2, clip_value=1.0, on_nonfinite="raise", **path)
     batches = make_batches(3)
     train(model, opt, batches[:2])
     x, y = batches[2]
@@ -320,10 +323,10 @@ def test_raise_names_the_parameter_and_changes_nothing(use_fused: bool, named: b
     assert_bitwise_equal(dict(enumerate(counters)), dict(enumerate(opt.state_dict()["provetrain"].values())))
 
 
-@pytest.mark.parametrize("use_fused", FUSED_PATHS)
-def test_raise_on_nonfinite_loss_quotes_the_loss_clause(use_fused: bool) -> None:
+@pytest.mark.parametrize("path", PATHS)
+def test_raise_on_nonfinite_loss_quotes_the_loss_clause(path: dict[str, bool]) -> None:
     model = make_model()
-    opt = AdamW(model.parameters(), on_nonfinite="raise", fused=use_fused)
+    opt = AdamW(model.parameters(), on_nonfinite="raise", **path)
     x, y = make_batches(1)[0]
     F.mse_loss(model(x), y).backward()
     before = snapshot(model, opt)
@@ -343,18 +346,18 @@ def roundtrip(state_dict: dict[str, Any]) -> dict[str, Any]:
     return torch.load(buffer, weights_only=True)
 
 
-@pytest.mark.parametrize("use_fused", FUSED_PATHS)
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("ours", [Adam, AdamW])
-def test_state_dict_round_trip_continues_identically(ours: type[Adam], use_fused: bool) -> None:
+def test_state_dict_round_trip_continues_identically(ours: type[Adam], path: dict[str, bool]) -> None:
     a = make_model()
-    opt_a = ours(a.named_parameters(), lr=1e-2, clip_value=0.5, fused=use_fused)
+    opt_a = ours(a.named_parameters(), lr=1e-2, clip_value=0.5, **path)
     batches = make_batches(10)
     train(a, opt_a, batches[:3])
     poisoned_step(a, opt_a, batches[3], "nan_grad")
     saved = roundtrip(opt_a.state_dict())
     b = make_model()
     b.load_state_dict(a.state_dict())
-    opt_b = ours(b.named_parameters(), lr=1.0, clip_value=0.5, fused=use_fused)
+    opt_b = ours(b.named_parameters(), lr=1.0, clip_value=0.5, **path)
     opt_b.load_state_dict(saved)
     assert opt_b.param_groups[0]["lr"] == 1e-2
     names = ("skipped_steps", "last_grad_norm", "last_clipped_grad_norm")
@@ -501,12 +504,12 @@ def test_closure_and_loss_together_are_refused() -> None:
 # -- torch.optim behaviour kept -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("use_fused", FUSED_PATHS)
-def test_params_without_grad_are_left_alone_and_zero_grad_works(use_fused: bool) -> None:
+@pytest.mark.parametrize("path", PATHS)
+def test_params_without_grad_are_left_alone_and_zero_grad_works(path: dict[str, bool]) -> None:
     model = make_model()
     model.fc1.weight.requires_grad_(False)
     frozen = model.fc1.weight.detach().clone()
-    opt = Adam(model.parameters(), lr=1e-2, fused=use_fused)
+    opt = Adam(model.parameters(), lr=1e-2, **path)
     train(model, opt, make_batches(3))
     assert torch.equal(model.fc1.weight, frozen) and model.fc1.weight not in opt.state
     opt.zero_grad()
@@ -566,7 +569,11 @@ class RecordHostReads(TorchDispatchMode):
 
 @pytest.mark.parametrize("clip_value", [None, 0.2])
 @pytest.mark.parametrize("ours", [Adam, AdamW])
-def test_skip_mode_step_reads_nothing_back_from_tensors(ours: type[Adam], clip_value: float | None) -> None:
+def test_skip_mode_step_reads_nothing_back_from_tensors(
+    ours: type[Adam], clip_value: float | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # On CPU the step scalars come from a free read of the CPU count; run the device branch CUDA takes.
+    monkeypatch.setattr(adam_module, "_HOST_SCALARS_ON_CPU", False)
     model = make_model()
     opt = ours(model.named_parameters(), lr=1e-2, clip_value=clip_value, fused=False)
     for poison in ("none", "nan_grad", "nan_batch", "none"):
@@ -582,7 +589,8 @@ def test_skip_mode_step_reads_nothing_back_from_tensors(ours: type[Adam], clip_v
     assert opt.skipped_steps.item() == 2
 
 
-def test_raise_mode_reads_one_flag_per_step() -> None:
+def test_raise_mode_reads_one_flag_per_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(adam_module, "_HOST_SCALARS_ON_CPU", False)
     model = make_model()
     opt = Adam(model.parameters(), clip_value=0.2, on_nonfinite="raise", fused=False)
     x, y = make_batches(1)[0]

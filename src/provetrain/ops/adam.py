@@ -58,7 +58,7 @@ from torch import Tensor
 from torch.optim.optimizer import Optimizer
 
 from provetrain.errors import ContractViolation
-from provetrain.ops import fused
+from provetrain.ops import fused, multi_tensor
 from provetrain.ops.clip import (
     clip_coefficient,
     first_nonfinite_gradient,
@@ -79,6 +79,9 @@ _TORCH_ONLY_GROUP_KEYS = ("amsgrad", "foreach", "capturable", "differentiable", 
 # Where state_dict() keeps the counters; torch.optim ignores keys it does not know.
 _COUNTERS_KEY = "provetrain"
 _REDUCED_DTYPES = (torch.bfloat16, torch.float16)
+# Step scalars of CPU parameters come from the (free) read of the CPU count, for bit parity with torch's
+# Python arithmetic; tests turn it off to run, on CPU, the device-side code that CUDA runs.
+_HOST_SCALARS_ON_CPU = True
 
 
 def adam_step_(
@@ -214,10 +217,17 @@ def _adam_group_(
 def _step_scalars(step: Tensor, lr: float, beta1: float, beta2: float) -> tuple[Tensor, Tensor]:
     r"""``(-lr / (1 - beta1**t), sqrt(1 - beta2**t))`` as 0-d float64 tensors on the step's device.
 
-    On CPU each is rounded as torch's Python float arithmetic rounds it (a 0-d ``pow`` takes the scalar
-    libm path, where a vectorised one may differ in the last bit); the division is a true division, not the
-    ``reciprocal() * lr`` that ``lr / tensor`` would give.
+    On CPU the count is read (no device synchronisation) and both are computed in Python floats exactly as
+    ``torch.optim.Adam(foreach=False)`` computes them (``bias_correction2 ** 0.5``): torch's vectorised
+    float64 ``sqrt`` is not always correctly rounded (measured at t = 38, beta2 = 0.999 on an AVX-512 CPU).
+    Elsewhere they stay on the device; the division is a true division, not ``reciprocal() * lr``.
     """
+    if step.device.type == "cpu" and _HOST_SCALARS_ON_CPU:
+        t = max(float(step), 1.0)  # 0 only on a skipped first step, whose scalars are never used
+        return (
+            torch.full((), -(lr / (1 - beta1**t)), dtype=torch.float64),
+            torch.full((), (1 - beta2**t) ** 0.5, dtype=torch.float64),
+        )
     t = step.to(torch.float64)
     bias_correction1 = 1 - beta1**t
     bias_correction2 = 1 - beta2**t
@@ -312,6 +322,10 @@ class Adam(Optimizer):
         tensor(True)
     """
 
+    # torch.amp.GradScaler hands this optimizer its scale and inf flag (grad_scale, found_inf) instead of
+    # unscaling the gradients itself and reading found_inf on the host.
+    _step_supports_amp_scaling = True
+
     def __init__(
         self,
         params: Iterable[Any],
@@ -324,6 +338,7 @@ class Adam(Optimizer):
         on_nonfinite: OnNonfinite = "skip",
         maximize: bool = False,
         fused: bool | None = None,
+        foreach: bool | None = None,
         decoupled_weight_decay: bool = False,
     ) -> None:
         if isinstance(params, Tensor):
@@ -346,6 +361,7 @@ class Adam(Optimizer):
         self.clip_value = _check_clip_value(clip_value)
         self.on_nonfinite: OnNonfinite = _check_on_nonfinite(on_nonfinite)
         self.fused = _check_fused(fused)
+        self.foreach = _check_foreach(foreach, self.fused)
         if not params:
             _raise_no_params()
         super().__init__(params, defaults)
@@ -392,12 +408,22 @@ class Adam(Optimizer):
                 raise ValueError("pass either closure or loss to step(), not both: the closure returns the loss")
             with torch.enable_grad():
                 loss = closure()
+        # Set by torch.amp.GradScaler.step() for optimizers with _step_supports_amp_scaling (and deleted after).
+        grad_scale: Tensor | None = getattr(self, "grad_scale", None)
+        found_inf: Tensor | None = getattr(self, "found_inf", None)
         with torch.no_grad():
             batches = self._gather()
+            if self._use_multi_tensor(batches):
+                self._step_multi_tensor(batches, loss, grad_scale, found_inf)
+                return loss
+            if grad_scale is not None:
+                # The other paths clip what is stored: unscale first, as GradScaler.unscale_ would.
+                torch._foreach_div_([g for b in batches for g in b.grads], grad_scale)
+            skip_scaled = None if found_inf is None else found_inf > 0
             if self._use_fused(batches):
-                self._step_fused(batches, loss)
+                self._step_fused(batches, loss, skip_scaled)
             else:
-                self._step_reference(batches, loss)
+                self._step_reference(batches, loss, skip_scaled)
         return loss
 
     def _gather(self) -> list[_GroupBatch]:
@@ -437,6 +463,20 @@ class Adam(Optimizer):
                 b.exp_avg_sqs.append(state["exp_avg_sq"])
                 b.steps.append(state["step"])
 
+    def _use_multi_tensor(self, batches: list[_GroupBatch]) -> bool:
+        """The multi-tensor path: chosen with foreach=True, else the default where the C kernel is not used."""
+        if self.foreach is False or self.fused is True:
+            return False
+        if self.foreach is None and (self.fused is False or self._use_fused(batches)):
+            return False
+        for b in batches:
+            # A parameter without state yet gets zeros_like(p) (same strides): p stands in for its moments.
+            states = [self.state.get(p) or {"exp_avg": p, "exp_avg_sq": p} for p in b.params]
+            moments = [[s[key] for s in states] for key in ("exp_avg", "exp_avg_sq")]
+            if not multi_tensor.fused_kernel_supports(b.params, b.grads, *moments):
+                return False
+        return True
+
     def _use_fused(self, batches: list[_GroupBatch]) -> bool:
         if self.fused is False:
             return False
@@ -454,14 +494,50 @@ class Adam(Optimizer):
             )
         return True
 
-    def _step_reference(self, batches: list[_GroupBatch], loss: Tensor | float | None) -> None:
+    def _step_multi_tensor(
+        self,
+        batches: list[_GroupBatch],
+        loss: Tensor | float | None,
+        grad_scale: Tensor | None,
+        found_inf: Tensor | None,
+    ) -> None:
+        grads = [g for b in batches for g in b.grads]
+        # Pass 1: s 4^e = sum of squares, O(1) launches per (device, dtype); finite iff every gradient is.
+        sum_sq, exponent = multi_tensor.scaled_sum_of_squares_multi_tensor(grads)
+        skip = _skip_flag(sum_sq, loss, found_inf)
+        # Host read of the device flag: the one synchronisation of raise mode; skip mode never reads it.
+        if self.on_nonfinite == "raise" and bool(skip):
+            self._raise_nonfinite(batches, loss)
+        self._attach_state(batches)
+        total_norm, divisor = multi_tensor.clip_divisor(
+            sum_sq, exponent, self.clip_value, grad_scale=grad_scale, **_clip_metadata(grads)
+        )
+        # Pass 2: torch's fused kernel divides each gradient by the divisor, or does nothing when skipping.
+        found = skip.to(torch.float32)
+        for b in batches:
+            hyper = b.hyperparameters()
+            for indices in _group_by_device_and_dtype(b.params).values():
+                multi_tensor.adam_update_multi_tensor_(
+                    [b.params[i] for i in indices],
+                    [b.grads[i] for i in indices],
+                    [b.exp_avgs[i] for i in indices],
+                    [b.exp_avg_sqs[i] for i in indices],
+                    [b.steps[i] for i in indices],
+                    divisor=divisor,
+                    found_inf=found,
+                    **hyper,
+                )
+        # The clipped norm is N_hat sigma / D: no second pass over the gradients (ops.multi_tensor docstring).
+        scale = divisor.double() if grad_scale is None else divisor.double() / grad_scale.to(divisor.device).double()
+        self._record(skip, total_norm, total_norm / scale)
+
+    def _step_reference(
+        self, batches: list[_GroupBatch], loss: Tensor | float | None, skip_scaled: Tensor | None = None
+    ) -> None:
         grads = [g for b in batches for g in b.grads]
         # Finite guard: S = s 4^e, and s is finite iff every gradient element is (any dtype).
         sum_sq, exponent = scaled_sum_of_squares(grads)
-        skip = ~torch.isfinite(sum_sq)
-        loss_nonfinite = _loss_nonfinite_flag(loss, sum_sq.device)
-        if loss_nonfinite is not None:
-            skip = skip | loss_nonfinite
+        skip = _skip_flag(sum_sq, loss, skip_scaled)
         # Host read of the device flag: the one synchronisation of raise mode; skip mode never reads it.
         if self.on_nonfinite == "raise" and bool(skip):
             self._raise_nonfinite(batches, loss)
@@ -481,11 +557,13 @@ class Adam(Optimizer):
         clipped_norm = total_norm if k is None else torch.stack(clipped_sum_sqs).sum().sqrt()
         self._record(skip, total_norm, clipped_norm)
 
-    def _step_fused(self, batches: list[_GroupBatch], loss: Tensor | float | None) -> None:
+    def _step_fused(
+        self, batches: list[_GroupBatch], loss: Tensor | float | None, skip_scaled: Tensor | None = None
+    ) -> None:
         # Everything here is on the CPU: reading a flag or a count costs no device synchronisation.
         grads = [g for b in batches for g in b.grads]
         sum_sq, grads_finite = fused.sum_sq_and_finite(grads)
-        skip = not (grads_finite and _loss_is_finite(loss))
+        skip = not (grads_finite and _loss_is_finite(loss)) or (skip_scaled is not None and bool(skip_scaled))
         if skip and self.on_nonfinite == "raise":
             self._raise_nonfinite(batches, loss)
         self._attach_state(batches)
@@ -547,7 +625,10 @@ class Adam(Optimizer):
         return steps + int(self.skipped_steps) + 1
 
     def __repr__(self) -> str:
-        policy = f"clip_value={self.clip_value}, on_nonfinite={self.on_nonfinite!r}, fused={self.fused}"
+        policy = (
+            f"clip_value={self.clip_value}, on_nonfinite={self.on_nonfinite!r}, fused={self.fused}, "
+            f"foreach={self.foreach}"
+        )
         return super().__repr__().replace(" (", f" ({policy}", 1)
 
     # -- parameter groups and state dicts ---------------------------------------------------------
@@ -596,7 +677,7 @@ class Adam(Optimizer):
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
-        for name in ("clip_value", "on_nonfinite", "fused", "_counters"):
+        for name in ("clip_value", "on_nonfinite", "fused", "foreach", "_counters"):
             state[name] = self.__dict__[name]
         return state
 
@@ -664,6 +745,7 @@ class AdamW(Adam):
         on_nonfinite: OnNonfinite = "skip",
         maximize: bool = False,
         fused: bool | None = None,
+        foreach: bool | None = None,
     ) -> None:
         super().__init__(
             params,
@@ -675,6 +757,7 @@ class AdamW(Adam):
             on_nonfinite=on_nonfinite,
             maximize=maximize,
             fused=fused,
+            foreach=foreach,
             decoupled_weight_decay=True,
         )
 
@@ -735,6 +818,17 @@ def _fresh_counters(device: torch.device) -> dict[str, Tensor]:
 
 def _clip_metadata(grads: Sequence[Tensor]) -> dict[str, Any]:
     return {"numel": sum(g.numel() for g in grads), "dtypes": tuple(dict.fromkeys(g.dtype for g in grads))}
+
+
+def _skip_flag(sum_sq: Tensor, loss: Tensor | float | None, found_inf: Tensor | None) -> Tensor:
+    """0-d bool on ``sum_sq``'s device: a gradient, the loss, or GradScaler's ``found_inf`` is non-finite."""
+    skip = ~torch.isfinite(sum_sq)
+    loss_nonfinite = _loss_nonfinite_flag(loss, sum_sq.device)
+    if loss_nonfinite is not None:
+        skip = skip | loss_nonfinite
+    if found_inf is not None:
+        skip = skip | (found_inf.to(sum_sq.device, non_blocking=True) > 0)
+    return skip
 
 
 def _loss_nonfinite_flag(loss: Tensor | float | None, device: torch.device) -> Tensor | None:
@@ -837,6 +931,17 @@ def _check_on_nonfinite(on_nonfinite: object) -> OnNonfinite:
             "or 'raise' (raise ContractViolation)"
         )
     return on_nonfinite  # type: ignore[return-value]
+
+
+def _check_foreach(value: object, fused_value: bool | None) -> bool | None:
+    if value is not None and not isinstance(value, bool):
+        raise TypeError(f"foreach={value!r} must be True, False or None (choose the path automatically)")
+    if value is True and fused_value is True:
+        raise ValueError(
+            "foreach=True and fused=True name two different paths; pass one of them (fused=True: the C kernel "
+            "for float32 CPU tensors; foreach=True: torch's multi-tensor kernels on any device)"
+        )
+    return value
 
 
 def _check_fused(value: object) -> bool | None:

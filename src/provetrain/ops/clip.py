@@ -346,6 +346,7 @@ def clip_coefficient(
     numel: int,
     dtypes: Collection[torch.dtype],
     exponent: torch.Tensor | int = 0,
+    extra_roundings: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r"""The pre-clip norm and the clip coefficient from a float64 sum of squares.
 
@@ -362,6 +363,10 @@ def clip_coefficient(
         numel: total element count ``n`` of the gradients, ``0 <= n < 2^40``.
         dtypes: the gradient dtypes present (``u_d`` and ``eta_d`` are their maxima).
         exponent: ``e`` with ``S = sum_sq 4^e`` (0-d int tensor or int in ``[-1073, 1024]``), default 0.
+        extra_roundings: ``x >= 0``, the roundings a term of ``sum_sq`` may pass through beyond the ``n - 1``
+            of a plain float64 sum of exact squares (:mod:`provetrain.ops.multi_tensor` forms it from
+            per-tensor norms: ``x = 5``). The margin becomes ``N_up = N_hat (1 + (n + 4 + x) u)``, which the
+            *Proof*, step 2, covers for ``n - 1 + x`` roundings per term.
 
     Returns:
         ``(total_norm, k)``: 0-d float64 tensors on ``sum_sq.device``. ``total_norm = N_hat`` (the norm
@@ -378,6 +383,8 @@ def clip_coefficient(
     max_norm = _check_max_norm(max_norm)
     if isinstance(numel, bool) or not isinstance(numel, int) or not 0 <= numel < MAX_NUMEL:
         raise ValueError(f"numel={numel!r}; expected an int in [0, 2**40): the total gradient element count")
+    if isinstance(extra_roundings, bool) or not isinstance(extra_roundings, int) or not 0 <= extra_roundings < 64:
+        raise ValueError(f"extra_roundings={extra_roundings!r}; expected an int in [0, 64)")
     u_d, eta_d = _rounding_constants(dtypes)
     device = sum_sq.device
     sum_sq = sum_sq.to(torch.float64)
@@ -388,7 +395,7 @@ def clip_coefficient(
 
     norm_s = torch.sqrt(sum_sq)
     total_norm = _mul_pow2(norm_s, e)
-    upper_s = norm_s * (1.0 + ((numel + 5) // 2) * 2.0**-52)  # C >= 1 + (n + 4) u, exact
+    upper_s = norm_s * (1.0 + ((numel + 5 + extra_roundings) // 2) * 2.0**-52)  # C >= 1 + (n + 4 + x) u, exact
     nan = torch.full((), math.nan, dtype=torch.float64, device=device)
     if max_norm == math.inf:
         return total_norm, torch.where(torch.isnan(upper_s), nan, 1.0)

@@ -1,0 +1,294 @@
+r"""The clipped, finite-guarded Adam step on torch's multi-tensor kernels: O(1) launches per tensor group.
+
+What runs on CUDA (and on CPU for tensors the C kernel of :mod:`provetrain.ops.fused` does not take, or when
+chosen with ``foreach=True``). Per (device, dtype) group of gradients:
+
+1. **Sum of squares** (:func:`scaled_sum_of_squares_multi_tensor`): ``torch._foreach_norm(g, 2,
+   dtype=float64)`` gives each tensor's float64 norm ``r_j`` in one launch; ``s_g = dot(r, r)``. float64
+   gradients are first scaled by ``2^-e`` (``e`` the binary exponent of their largest magnitude, from one
+   ``_foreach_norm(g, inf)``), so nothing overflows. The groups are combined in the scaled form
+   ``S = s 4^e`` (:func:`combine_scaled_sums`). ``s`` is finite iff every gradient is: the finite guard.
+2. **Divisor** (:func:`clip_divisor`): the clip coefficient ``k`` of :func:`provetrain.ops.clip.clip_coefficient`
+   (with ``extra_roundings`` for step 1's extra roundings), turned into a float32 divisor
+   ``D >= sigma / k`` rounded *up* (``sigma``: a GradScaler's loss scale, else 1), and ``D = sigma`` exactly
+   when ``k == 1``. No host read.
+3. **Update**: ``torch._fused_adam_`` / ``torch._fused_adamw_`` with ``grad_scale=D`` and ``found_inf`` = the
+   skip flag: the kernel divides each gradient by ``D`` (writing the clipped gradient back to ``.grad``) and
+   does nothing at all when ``found_inf`` is 1. Step counts advance before the kernel and are restored by
+   ``found_inf`` after it, as ``torch.optim.Adam(fused=True)`` does under a GradScaler.
+
+Error analysis (extends the *Proof* of :mod:`provetrain.ops.clip`)
+-----------------------------------------------------------------
+*Step 1.* For float16 / bfloat16 / float32 gradients each square is exact in float64 (torch's CPU norm casts
+the tensor to float64 first; the CUDA kernel casts each element and accumulates in float64, FMA or not): the
+per-tensor sum ``s_j`` is a sum of exact squares in some order, ``(1 +- u)^(n_j - 1)``. ``r_j = fl(sqrt
+s_j)`` is faithful, ``(1 +- u)^2`` (the assumption of the clip proof), ``fl(r_j^2)`` adds one rounding, and
+the dot over tensors and the sums over groups add at most ``T - 1``. A term therefore passes through at
+most ``(n_j - 1) + 5 + (T - 1) <= n + 3`` roundings: four more than the ``n - 1`` of the reference sum. For
+float64 gradients the scaled squares round too (``n + 4`` in all, up to the absolute ``2^-1074`` terms of
+the reference proof). Combining groups rescales by exact powers of two (only results below ``2^-1022``
+round, the reference proof's ``delta``). So ``clip_coefficient(..., extra_roundings=5)`` keeps
+``N_up >= N`` (its margin ``C = 1 + (n + 4 + x) u`` covers ``n - 1 + x`` roundings per term, ``x = 5``).
+With a loss scale ``sigma = m 2^j`` (``m in [1/2, 1)``), ``S / sigma^2 = fl(fl(s / m) / m) 4^(e - j)``:
+two more roundings (none when ``sigma`` is a power of two, GradScaler's default), ``x = 7``.
+
+*Step 2.* ``k N <= A (1 + u)^2`` (clip proof, step 4). ``D`` is ``sigma * (1 / k)`` evaluated in float64
+and moved one float64 step up, then cast to float32 and moved one float32 step up if the cast went down:
+``D >= sigma / k`` exactly (``inf`` when ``k = 0`` or on overflow; ``g / inf = 0``). ``k == 1`` gives
+``D = sigma`` bit for bit, so without a scaler and without clipping every gradient is unchanged.
+
+*Step 3.* The kernels compute ``y = g_scaled / D`` in the op-math type (float32 for float16 / bfloat16 /
+float32 parameters, float64 for float64), CUDA's through a float64 quotient first (``g /=
+static_cast<double>(D)``): ``|y_i| <= |g_i| (k / sigma)... = |g_i| k (1 + u)(1 + u_op)`` relative, or a
+subnormal absolute error. Adam uses ``y``; the gradient written back to ``.grad`` is ``y`` cast to the
+parameter dtype (``(1 + u_d)`` more, or ``eta_d / 2`` absolute). By Minkowski::
+
+    ||y|| <= k N (1 + u)(1 + u_op)(1 + u_d) + sqrt(n) (eta_d / 2)(1 + 2^-15)
+          <= max_norm (1 - 4 u_d)(1 + u)^3 (1 + u_op)(1 + u_d) - eta_d (floor(sqrt n) + 1 - 0.51 sqrt n)
+          <= max_norm
+
+for float32 / bfloat16 / float16 (``u_op = 2^-24 <= u_d``: ``(1 - 4x)(1 + x)^2 <= 1 - 2x`` and ``2 u_d``
+dwarfs ``(1 + u)^3``) and for float64 (``u_op = u_d = u`` and no second cast: ``(1 - 4u)(1 + u)^4 < 1``).
+So the contract's ``grad_norm <= clip_value`` holds on this path for what Adam uses and what ``.grad``
+holds, as on the reference path. ``tests/ops/test_multi_tensor.py`` checks it in exact arithmetic.
+
+*Not over-clipped.* ``D <= (sigma / k)(1 + 2u)(1 + 2^-23)``: the clipped norm is at least the reference
+path's lower bound times ``(1 - 2^-22)``.
+
+*Skip.* ``found_inf = 1`` makes the kernels return before touching anything, and the step counts get
+``+1`` then ``-1`` (exact for counts below ``2^24``): parameters, moments, counts and gradients keep their bits.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from provetrain.ops.clip import _mul_pow2, _pow2, clip_coefficient
+
+__all__ = [
+    "EXTRA_ROUNDINGS",
+    "adam_update_multi_tensor_",
+    "clip_divisor",
+    "combine_scaled_sums",
+    "fused_kernel_supports",
+    "scaled_sum_of_squares_multi_tensor",
+]
+
+EXTRA_ROUNDINGS = 5
+"""Roundings per term of the multi-tensor sum of squares beyond the reference sum's ``n - 1`` (*Step 1*)."""
+
+NO_EXPONENT = -1073
+"""The exponent of an all-zero partial sum: it never sets the common scale in :func:`combine_scaled_sums`."""
+
+# Devices with torch's fused Adam kernels (torch.optim.Adam(fused=True) supports these).
+_FUSED_DEVICE_TYPES = frozenset({"cpu", "cuda", "xpu", "mps", "hpu"})
+_FUSED_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+_PLAIN_TENSOR_TYPES = (Tensor, torch.nn.Parameter)
+
+
+def combine_scaled_sums(sums: Sequence[Tensor], exponents: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    r"""``(s, e)`` with :math:`s\,4^e = \sum_g s_g 4^{e_g}`: partial sums in scaled form, combined exactly.
+
+    :math:`e = \max e_g` over the partial sums that are not zero; each :math:`s_g 4^{e_g - e}` is an exact
+    power-of-two scaling unless it falls below ``2^-1022`` (absolute error ``<= 2^-1074``, negligible since
+    the partial that attains ``e`` is ``>= 2^-298``). All on ``sums[0].device``; no host read.
+    """
+    device = sums[0].device
+    if len(sums) == 1:
+        return sums[0], exponents[0].to(device)
+    s = torch.stack([x.to(device, non_blocking=True) for x in sums])
+    e = torch.stack([x.to(device, non_blocking=True) for x in exponents])
+    e = torch.where(s == 0, NO_EXPONENT, e)
+    top = e.amax()
+    # Below 4^-1022 a partial sum (< 2^300) is 0 in float64 either way; the clamp keeps _mul_pow2 in range.
+    total = _mul_pow2(s, (2 * (e - top)).clamp(min=-2044)).sum()
+    return total, torch.where(total == 0, 0, top)
+
+
+def scaled_sum_of_squares_multi_tensor(grads: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    r"""``(s, e)`` with :math:`s\,4^e = \sum_i g_i^2`, with O(1) kernel launches per (device, dtype) group.
+
+    Args:
+        grads: dense float16 / bfloat16 / float32 / float64 tensors, possibly on several devices.
+
+    Returns:
+        0-d float64 ``s`` and int64 ``e`` on ``grads[0].device``; no host-device synchronisation.
+
+    Guarantees:
+        A term of ``s`` passes through at most ``n - 1 + EXTRA_ROUNDINGS`` float64 roundings (module
+        *Step 1*); pass ``extra_roundings=EXTRA_ROUNDINGS`` to :func:`~provetrain.ops.clip.clip_coefficient`.
+        ``s`` is finite iff every gradient element is.
+    """
+    groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    for g in grads:
+        groups.setdefault((g.device, g.dtype), []).append(g)
+    sums, exponents = [], []
+    for (device, dtype), group in groups.items():
+        if dtype == torch.float64:
+            s, e = _float64_group_sum(group)
+        else:
+            norms = torch.stack(torch._foreach_norm(group, 2, dtype=torch.float64))
+            s, e = torch.dot(norms, norms), torch.zeros((), dtype=torch.int64, device=device)
+        sums.append(s)
+        exponents.append(e)
+    return combine_scaled_sums(sums, exponents)
+
+
+def _float64_group_sum(group: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """float64 gradients scaled by ``2^-e`` (``e``: exponent of their largest magnitude) before squaring."""
+    maxima = torch.stack(torch._foreach_norm(group, math.inf))
+    _, exponent = torch.frexp(maxima.amax())
+    # frexp of inf/nan gives an unspecified exponent; the clamp keeps the scaling finite so they propagate.
+    exponent = exponent.to(torch.int64).clamp(-1073, 1024)
+    half = torch.div(exponent, 2, rounding_mode="floor")
+    scaled = torch._foreach_mul(group, _pow2(-half))
+    torch._foreach_mul_(scaled, _pow2(half - exponent))
+    norms = torch.stack(torch._foreach_norm(scaled, 2))
+    return torch.dot(norms, norms), exponent
+
+
+def clip_divisor(
+    sum_sq: Tensor,
+    exponent: Tensor,
+    max_norm: float | None,
+    *,
+    numel: int,
+    dtypes: Sequence[torch.dtype],
+    grad_scale: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    r"""The pre-clip norm and the float32 divisor ``D`` that clips a (loss-scaled) gradient: ``y = g / D``.
+
+    .. math:: D = \lceil \sigma / k \rceil_{32} \;(D = \sigma \text{ when } k = 1), \qquad
+              k = \text{clip\_coefficient}(S / \sigma^2, c)
+
+    Args:
+        sum_sq, exponent: ``(s, e)`` from :func:`scaled_sum_of_squares_multi_tensor` of the gradients as
+            stored (multiplied by ``sigma`` under a GradScaler).
+        max_norm: the clip value ``c``, or None for no clipping (``D = sigma``).
+        numel, dtypes: total element count and the gradient dtypes.
+        grad_scale: GradScaler's 0-d float32 scale ``sigma`` on the gradients' device, or None (``sigma = 1``).
+
+    Returns:
+        ``(total_norm, D)``: the float64 norm of the *unscaled* gradient before clipping, and the 0-d float32
+        divisor for ``grad_scale=`` of torch's fused kernels. No host read.
+
+    Guarantees:
+        ``D >= sigma / k`` exactly, so ``||g / D|| <= c`` in the kernels' arithmetic (module docstring).
+    """
+    device = sum_sq.device
+    extra = EXTRA_ROUNDINGS
+    if grad_scale is not None:
+        # S / sigma^2 with sigma = m 2^j: two roundings by m (none for a power of two), exact shift of e.
+        mantissa, shift = torch.frexp(grad_scale.to(device, torch.float64))
+        sum_sq = sum_sq / mantissa / mantissa
+        exponent = exponent - shift.to(torch.int64)
+        extra += 2
+    total_norm, k = clip_coefficient(
+        sum_sq,
+        math.inf if max_norm is None else max_norm,
+        numel=numel,
+        dtypes=set(dtypes),
+        exponent=exponent,
+        extra_roundings=extra,
+    )
+    sigma = torch.ones((), dtype=torch.float64, device=device) if grad_scale is None else grad_scale.double()
+    if max_norm is None:
+        return total_norm, sigma.to(torch.float32)
+    # sigma / k rounds to nearest once; one step up makes it >= the exact quotient (inf when k = 0).
+    quotient = sigma / k
+    wide = torch.nextafter(quotient, torch.full_like(quotient, math.inf))
+    narrow = wide.to(torch.float32)
+    narrow = torch.where(narrow.double() < wide, torch.nextafter(narrow, torch.full_like(narrow, math.inf)), narrow)
+    return total_norm, torch.where(k == 1.0, sigma.to(torch.float32), narrow)
+
+
+def fused_kernel_supports(params: Sequence[Tensor], *others: Sequence[Tensor]) -> bool:
+    """Whether torch's fused Adam kernel can take these tensors.
+
+    Plain tensors (not subclasses) of one floating dtype on a device with a fused kernel, each dense and
+    non-overlapping with the same strides as its parameter: the CPU kernel walks memory linearly (it does
+    not check layout), so ``p``, ``g``, ``m`` and ``v`` must lay their elements out alike.
+    """
+    if not params:
+        return True
+    first = params[0]
+    if first.device.type not in _FUSED_DEVICE_TYPES or first.dtype not in _FUSED_DTYPES:
+        return False
+    for i, p in enumerate(params):
+        if type(p) not in _PLAIN_TENSOR_TYPES or p.dtype != first.dtype or p.device != first.device:
+            return False
+        if not _dense(p):
+            return False
+        stride = p.stride()
+        for tensors in others:
+            t = tensors[i]
+            if type(t) not in _PLAIN_TENSOR_TYPES or t.dtype != p.dtype or t.device != p.device:
+                return False
+            if t.stride() != stride or not _dense(t):
+                return False
+    return True
+
+
+def _dense(t: Tensor) -> bool:
+    """Whether ``t``'s elements fill ``numel`` consecutive slots exactly once (any dimension order)."""
+    if t.layout != torch.strided:
+        return False
+    expected = 1
+    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape, strict=True) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def adam_update_multi_tensor_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: list[Tensor],
+    *,
+    divisor: Tensor,
+    found_inf: Tensor,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled_weight_decay: bool,
+    maximize: bool,
+) -> None:
+    r"""One Adam (AdamW) step of one (device, dtype) group in torch's fused kernel, clipped by ``divisor``.
+
+    Each gradient is divided by ``divisor`` in the kernel (and written back to ``.grad`` divided); nothing
+    changes where ``found_inf`` is 1 (0-d float32). The tensors must satisfy :func:`fused_kernel_supports`.
+    ``steps`` are 0-d float32 counts on the parameters' device. No host read on CUDA.
+    """
+    device = params[0].device
+    divisor = divisor.to(device, non_blocking=True)
+    found_inf = found_inf.to(device, non_blocking=True)
+    kernel = torch._fused_adamw_ if decoupled_weight_decay else torch._fused_adam_
+    torch._foreach_add_(steps, 1.0)
+    kernel(
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        [],
+        steps,
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        weight_decay=weight_decay,
+        eps=eps,
+        amsgrad=False,
+        maximize=maximize,
+        grad_scale=divisor,
+        found_inf=found_inf,
+    )
+    # As torch.optim.Adam(fused=True) under a GradScaler: a skipped step takes back its count.
+    torch._foreach_sub_(steps, [found_inf] * len(steps))
