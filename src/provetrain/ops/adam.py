@@ -455,6 +455,8 @@ class Adam(Optimizer):
     def _attach_state(self, batches: list[_GroupBatch]) -> None:
         """Fetch each parameter's state, creating it (zeros, step 0) on first use, after the raise check."""
         for b in batches:
+            if b.exp_avgs:
+                continue  # attached already (a path that hands the step over to the reference path)
             for p in b.params:
                 state = self.state[p]
                 if not state:
@@ -512,6 +514,13 @@ class Adam(Optimizer):
         total_norm, divisor = multi_tensor.clip_divisor(
             sum_sq, exponent, self.clip_value, grad_scale=grad_scale, **_clip_metadata(grads)
         )
+        if divisor.is_cpu and math.isinf(divisor) and not bool(skip):
+            # N / c beyond float32's range: the kernel would zero the gradient. On CPU reading is free, so
+            # take the reference path (float64 k) and keep the direction; elsewhere see ops.multi_tensor.
+            if grad_scale is not None:
+                torch._foreach_div_(grads, grad_scale)
+            self._step_reference(batches, loss, None if found_inf is None else found_inf > 0)
+            return
         # Pass 2: torch's fused kernel divides each gradient by the divisor, or does nothing when skipping.
         found = skip.to(torch.float32)
         for b in batches:

@@ -55,6 +55,12 @@ holds, as on the reference path. ``tests/ops/test_multi_tensor.py`` checks it in
 *Not over-clipped.* ``D <= (sigma / k)(1 + 2u)(1 + 2^-23)``: the clipped norm is at least the reference
 path's lower bound times ``(1 - 2^-22)``.
 
+*Overflow of the divisor.* ``D`` is float32 (the kernels' ``grad_scale``): when ``sigma / k`` exceeds
+float32's largest value (a clipped gradient whose norm is over ``3.4e38`` times the clip value) ``D = inf``
+and the kernel writes zeros: the bound holds but the direction is lost. :class:`provetrain.Adam` sees it
+on CPU (a free read) and takes the reference path for that step; on CUDA it cannot look without a
+synchronisation, so there such a step applies a zero gradient (Adam's moments still decay).
+
 *Skip.* ``found_inf = 1`` makes the kernels return before touching anything, and the step counts get
 ``+1`` then ``-1`` (exact for counts below ``2^24``): parameters, moments, counts and gradients keep their bits.
 """

@@ -1,0 +1,311 @@
+"""provetrain.ops.multi_tensor: the bound in exact arithmetic, skip equivalence, torch parity, GradScaler, op counts."""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from provetrain.ops.adam import Adam, AdamW
+from provetrain.ops.clip import scaled_sum_of_squares
+from provetrain.ops.multi_tensor import (
+    adam_update_multi_tensor_,
+    clip_divisor,
+    fused_kernel_supports,
+    scaled_sum_of_squares_multi_tensor,
+)
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+FINITE_MAX = {torch.float16: 6e4, torch.bfloat16: 3e38, torch.float32: 3e38, torch.float64: 1e300}
+
+
+def exact_sum_of_squares(tensors: list[torch.Tensor]) -> Fraction:
+    return sum((Fraction(x) ** 2 for t in tensors for x in t.double().reshape(-1).tolist()), Fraction(0))
+
+
+def clip_through_kernel(grads: list[torch.Tensor], max_norm: float) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Run pass 1, the divisor and torch's fused kernel; return the gradients the kernel wrote back."""
+    grads = [g.clone() for g in grads]
+    s, e = scaled_sum_of_squares_multi_tensor(grads)
+    numel = sum(g.numel() for g in grads)
+    _, divisor = clip_divisor(s, e, max_norm, numel=numel, dtypes=[g.dtype for g in grads])
+    found = (~torch.isfinite(s)).to(torch.float32)
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for g in grads:
+        by_dtype.setdefault(g.dtype, []).append(g)
+    for group in by_dtype.values():
+        params = [torch.zeros_like(g) for g in group]
+        adam_update_multi_tensor_(
+            params,
+            group,
+            [torch.zeros_like(g) for g in group],
+            [torch.zeros_like(g) for g in group],
+            [torch.zeros((), dtype=torch.float32) for _ in group],
+            divisor=divisor,
+            found_inf=found,
+            lr=1e-3,
+            beta1=0.9,
+            beta2=0.999,
+            eps=1e-8,
+            weight_decay=0.0,
+            decoupled_weight_decay=False,
+            maximize=False,
+        )
+    return grads, divisor
+
+
+@st.composite
+def gradient_lists(draw: st.DrawFn) -> list[torch.Tensor]:
+    dtypes = draw(st.lists(st.sampled_from(DTYPES), min_size=1, max_size=3))
+    out = []
+    for dtype in dtypes:
+        exponent = draw(st.integers(-30, 30)) if dtype != torch.float64 else draw(st.integers(-300, 300))
+        values = draw(st.lists(st.floats(-1, 1, allow_nan=False), min_size=1, max_size=8))
+        t = torch.tensor(values, dtype=torch.float64) * 2.0**exponent
+        out.append(t.clamp(-FINITE_MAX[dtype], FINITE_MAX[dtype]).to(dtype))
+    return out
+
+
+@settings(max_examples=300, deadline=None)
+@given(grads=gradient_lists(), ratio=st.floats(1e-6, 4.0))
+def test_kernel_clipped_gradient_obeys_the_bound_in_exact_arithmetic(grads: list[torch.Tensor], ratio: float) -> None:
+    norm = math.sqrt(float(exact_sum_of_squares(grads)))
+    max_norm = max(ratio * norm, 1e-300) if norm > 0 else 1.0
+    clipped, _ = clip_through_kernel(grads, max_norm)
+    assert all(torch.isfinite(g).all() for g in clipped)
+    assert exact_sum_of_squares(clipped) <= Fraction(max_norm) ** 2
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_no_clip_leaves_gradients_bit_for_bit(dtype: torch.dtype) -> None:
+    grads = [torch.randn(50, generator=torch.Generator().manual_seed(i)).to(dtype) for i in range(3)]
+    clipped, divisor = clip_through_kernel(grads, 1e4)
+    assert divisor.item() == 1.0
+    assert all(torch.equal(a, b) for a, b in zip(clipped, grads, strict=True))
+
+
+def test_float32_overflowing_norm_keeps_the_direction() -> None:
+    grads = [torch.tensor([3e38, 3e38, 1.0, 1.0])]
+    s, _ = scaled_sum_of_squares_multi_tensor(grads)
+    assert math.isfinite(s.item())
+    # The kernel alone cannot divide by more than float32's largest value: the bound holds with zeros ...
+    clipped, divisor = clip_through_kernel(grads, 1.0)
+    assert math.isinf(divisor.item()) and not any(t.any() for t in clipped)
+    # ... so on CPU the optimizer takes the reference path for that step and keeps the direction.
+    p = torch.nn.Parameter(torch.zeros(4))
+    p.grad = grads[0].clone()
+    opt = Adam([p], lr=1e-3, clip_value=1.0, foreach=True)
+    opt.step()
+    assert opt.state[p]["exp_avg"][0].item() == pytest.approx(0.1 / math.sqrt(2), rel=1e-6)
+    assert opt.last_clipped_grad_norm.item() <= 1.0
+
+
+@pytest.mark.parametrize("grads", [[torch.tensor([1e300, -1e300])], [torch.tensor([1e-310, 3e-320])]])
+def test_float64_extremes_are_scaled_not_overflowed(grads: list[torch.Tensor]) -> None:
+    s, e = scaled_sum_of_squares_multi_tensor(grads)
+    reference_s, reference_e = scaled_sum_of_squares(grads)
+    assert int(e) == int(reference_e)
+    assert s.item() == pytest.approx(reference_s.item(), rel=1e-14)
+
+
+def test_divisor_is_at_least_sigma_over_k_exactly() -> None:
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(500):
+        s = torch.rand((), dtype=torch.float64, generator=generator) * 10.0 ** torch.randint(
+            -20, 20, (), generator=generator
+        )
+        sigma = torch.tensor(2.0 ** torch.randint(-4, 17, (), generator=generator).item() * 1.5, dtype=torch.float32)
+        for scale in (None, sigma):
+            total, divisor = clip_divisor(
+                s, torch.zeros((), dtype=torch.int64), 0.7, numel=10, dtypes=[torch.float32], grad_scale=scale
+            )
+            sigma_value = Fraction(1) if scale is None else Fraction(scale.item())
+            # The clipped norm ||g|| / D (with ||g|| = sqrt(s)) never exceeds the clip value, up to sqrt's rounding.
+            assert Fraction(total.item()) * sigma_value / Fraction(divisor.item()) <= Fraction(0.7)
+            assert divisor.item() >= sigma_value
+
+
+# -- the optimizer on this path -----------------------------------------------------------------------
+
+
+def make_model(dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.Tanh(), torch.nn.Linear(12, 3)).to(dtype)
+
+
+def batches(n: int, dtype: torch.dtype = torch.float32) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(1)
+    return [
+        (torch.randn(16, 6, generator=generator).to(dtype), torch.randn(16, 3, generator=generator).to(dtype))
+        for _ in range(n)
+    ]
+
+
+def state_bits(model: torch.nn.Module, opt: torch.optim.Optimizer) -> list[torch.Tensor]:
+    out = []
+    for p in model.parameters():
+        out.append(p.detach().clone())
+        out += [torch.as_tensor(v).clone() for _, v in sorted(opt.state[p].items())]
+    return out
+
+
+def assert_same_bits(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        assert x.dtype == y.dtype and torch.equal(x.reshape(-1).view(torch.uint8), y.reshape(-1).view(torch.uint8))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("ours", "theirs"), [(Adam, torch.optim.Adam), (AdamW, torch.optim.AdamW)])
+def test_matches_torch_fused_given_the_same_clipped_gradient(
+    ours: type[Adam], theirs: type, dtype: torch.dtype
+) -> None:
+    clip_value, eps = 0.3, (1e-3 if dtype == torch.float16 else 1e-8)
+    a, b = make_model(dtype), make_model(dtype)
+    opt_a = ours(a.parameters(), lr=1e-2, weight_decay=0.01, eps=eps, clip_value=clip_value, foreach=True)
+    opt_b = theirs(b.parameters(), lr=1e-2, weight_decay=0.01, eps=eps, fused=True)
+    clipped = 0
+    for x, y in batches(300, dtype):
+        for model, opt in ((a, opt_a), (b, opt_b)):
+            opt.zero_grad()
+            F.mse_loss(model(x).float(), y.float()).backward()
+        grads = [p.grad for p in b.parameters()]
+        s, e = scaled_sum_of_squares_multi_tensor(grads)
+        _, divisor = clip_divisor(s, e, clip_value, numel=sum(g.numel() for g in grads), dtypes=[dtype])
+        clipped += int(divisor.item() != 1.0)
+        opt_b.grad_scale, opt_b.found_inf = divisor, torch.zeros(())  # torch's kernel divides by the same D
+        opt_a.step()
+        opt_b.step()
+    assert clipped > 50
+    assert_same_bits(state_bits(a, opt_a), state_bits(b, opt_b))
+    assert opt_a.skipped_steps.item() == 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("clip_value", [None, 0.05])
+def test_skipped_step_keeps_every_bit(dtype: torch.dtype, clip_value: float | None) -> None:
+    model = make_model(dtype)
+    opt = AdamW(model.parameters(), lr=1e-2, clip_value=clip_value, foreach=True, eps=1e-3)
+    for x, y in batches(3, dtype):
+        opt.zero_grad()
+        F.mse_loss(model(x).float(), y.float()).backward()
+        opt.step()
+    before = state_bits(model, opt)
+    x, y = batches(1, dtype)[0]
+    opt.zero_grad()
+    F.mse_loss(model(x).float(), y.float()).backward()
+    model[2].weight.grad[0, 1] = math.nan
+    grads_before = [p.grad.clone() for p in model.parameters()]
+    opt.step()
+    assert_same_bits(state_bits(model, opt), before)
+    assert all(
+        torch.equal(
+            p.grad,
+            g,
+        )
+        or torch.isnan(g).any()
+        for p, g in zip(model.parameters(), grads_before, strict=True)
+    )
+    assert opt.skipped_steps.item() == 1 and torch.isnan(opt.last_clipped_grad_norm)
+
+
+def test_raise_mode_names_the_parameter() -> None:
+    from provetrain.errors import ContractViolation
+
+    model = make_model()
+    opt = Adam(model.named_parameters(), foreach=True, on_nonfinite="raise")
+    F.mse_loss(model(torch.ones(2, 6)), torch.zeros(2, 3)).backward()
+    model[0].bias.grad[3] = math.inf
+    with pytest.raises(ContractViolation, match=r"0\.bias"):
+        opt.step()
+
+
+def test_unsupported_layouts_fall_back_to_the_reference_path() -> None:
+    p = torch.nn.Parameter(torch.randn(8, 6).t())  # a transpose: permuted strides, still dense
+    q = torch.nn.Parameter(torch.randn(12)[::2])  # strided: not dense
+    assert fused_kernel_supports([p], [torch.zeros_like(p)])
+    assert not fused_kernel_supports([q], [torch.zeros_like(q)])
+    opt = Adam([q], lr=0.1, foreach=True, clip_value=0.5)
+    q.grad = torch.ones(6)
+    opt.step()
+    assert opt.last_clipped_grad_norm.item() <= 0.5
+    assert torch.isfinite(q).all()
+
+
+# -- GradScaler -----------------------------------------------------------------------------------
+
+
+def run_with_scaler(opt_factory, steps: list[tuple[torch.Tensor, torch.Tensor]], poison_at: int) -> tuple:
+    model = make_model()
+    opt = opt_factory(model.parameters())
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    scales = []
+    for i, (x, y) in enumerate(steps):
+        opt.zero_grad()
+        loss = F.mse_loss(model(x), y) * (math.inf if i == poison_at else 1.0)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        scales.append(scaler.get_scale())
+    return model, opt, scales
+
+
+def test_grad_scaler_equals_torch_fused_adam_with_the_same_scaler() -> None:
+    data = batches(40)
+    ours = run_with_scaler(lambda p: Adam(p, lr=1e-2, foreach=True), data, poison_at=7)
+    theirs = run_with_scaler(lambda p: torch.optim.Adam(p, lr=1e-2, fused=True), data, poison_at=7)
+    assert_same_bits(state_bits(ours[0], ours[1]), state_bits(theirs[0], theirs[1]))
+    assert ours[2] == theirs[2]  # the scaler backed off once, at the same step, in both
+    assert ours[1].skipped_steps.item() == 1  # GradScaler's inf check and the contract's skip: one decision
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+def test_grad_scaler_clips_the_unscaled_gradient(foreach: bool) -> None:
+    model, opt, _ = run_with_scaler(
+        lambda p: Adam(p, lr=1e-2, clip_value=0.05, foreach=foreach, fused=None if foreach else False),
+        batches(20),
+        poison_at=5,
+    )
+    grads = [p.grad for p in model.parameters()]
+    if foreach:  # torch's kernel writes the gradient it used back: unscaled and clipped
+        assert exact_sum_of_squares(grads) <= Fraction(0.05) ** 2
+    else:  # the reference path clips out of place: .grad holds the unscaled gradient
+        assert math.sqrt(exact_sum_of_squares(grads)) == pytest.approx(opt.last_grad_norm.item(), rel=1e-12)
+    assert opt.last_grad_norm.item() > 0.05  # so the clip was active
+    assert opt.last_clipped_grad_norm.item() <= 0.05
+    assert opt.skipped_steps.item() == 1
+
+
+# -- op counts ------------------------------------------------------------------------------------
+
+
+class CountOps(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def ops_per_step(tensors: int, clip_value: float | None) -> int:
+    params = [torch.nn.Parameter(torch.randn(64)) for _ in range(tensors)]
+    opt = Adam(params, lr=1e-3, clip_value=clip_value, foreach=True)
+    for p in params:
+        p.grad = torch.randn(64)
+    opt.step()
+    with CountOps() as counter:
+        opt.step(loss=torch.tensor(1.0))
+    return counter.count
+
+
+@pytest.mark.parametrize("clip_value", [None, 1e-3])
+def test_ops_per_step_do_not_grow_with_the_tensor_count(clip_value: float | None) -> None:
+    assert ops_per_step(10, clip_value) == ops_per_step(100, clip_value)
