@@ -1,6 +1,7 @@
 """Time one clipped Adam step: provetrain's two-pass kernel against torch, and against the memory floor.
 
-    python bench/step.py [--tensors 16 --numel 1000000 --repeats 40 --threads T --device cpu --flush-mb 1024]
+    python bench/step.py [--tensors 16 --numel 1000000 | --model gpt-12l|gpt2-small] [--dtype float32|bfloat16|float16]
+                         [--repeats 40 --threads T --device cpu|cuda --flush-mb 1024] [--ops-only]
 
 Every case runs in the same process on its own copy of the same problem, in interleaved rounds (one call
 of each case per round, in turn), so a burst of load from a neighbour hits all cases alike; the table
@@ -11,7 +12,11 @@ Cases (see bench/README.md):
     (a) torch.nn.utils.clip_grad_norm_(..., 1.0) + torch.optim.Adam(fused=True)
     (b) torch.nn.utils.clip_grad_norm_(..., 1.0) + torch.optim.Adam() (the default implementation)
     (c) provetrain.ops.fused: pass 1, the clip coefficient in Python, pass 2
-    (d) provetrain.Adam(..., clip_value=1.0).step(), end to end, when provetrain.Adam exists
+    (d) provetrain.Adam(..., clip_value=1.0).step(), end to end, on its default path
+    (e) provetrain.Adam(..., clip_value=1.0, foreach=True).step(): the multi-tensor path
+    (f) provetrain.Adam(..., clip_value=1.0, fused=False).step(): the reference path
+After the timings: dispatched aten ops per step at 10, 100 and 1000 tensors for (a), (d), (e), (f), and the
+bytes each path allocates per step (fresh tensors made by its ops), against the parameter bytes.
 Bandwidth probes give the floor: 32 bytes per parameter over the best bandwidth measured.
 """
 
@@ -25,7 +30,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
 
+from provetrain import Adam
 from provetrain.ops import fused
 
 BYTES_PER_PARAM = 32  # pass 1 reads g (4); pass 2 reads p, g, m, v (16) and writes p, m, v (12)
@@ -57,13 +65,36 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--flush-mb", type=int, default=1024, help="cache flush before each call (0: none)")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="parameter dtype")
+    parser.add_argument("--model", default=None, choices=sorted(MODELS), help="a GPT's parameter shapes instead")
+    parser.add_argument("--ops-only", action="store_true", help="print op counts and allocations only")
     return parser.parse_args()
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def gpt_shapes(layers: int, width: int, vocab: int, block: int) -> list[tuple[int, ...]]:
+    """nanoGPT's parameter shapes (tied head): 12 per block, embeddings and the final norm."""
+    block_shapes = [(width,), (width,), (3 * width, width), (3 * width,), (width, width), (width,),
+                    (width,), (width,), (4 * width, width), (4 * width,), (width, 4 * width), (width,)]  # fmt: skip
+    return [(vocab, width), (block, width), *block_shapes * layers, (width,), (width,)]
+
+
+MODELS = {
+    # A 12-layer, 256-wide character GPT: 9.6M parameters in 148 tensors.
+    "gpt-12l": gpt_shapes(12, 256, 65, 256),
+    # GPT-2 small: 124M parameters in 148 tensors.
+    "gpt2-small": gpt_shapes(12, 768, 50257, 1024),
+}
 
 
 def make_problem(args: argparse.Namespace) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     generator = torch.Generator().manual_seed(args.seed)
-    params = [torch.randn(args.numel, generator=generator) for _ in range(args.tensors)]
-    grads = [torch.randn(args.numel, generator=generator) for _ in range(args.tensors)]
+    shapes = MODELS[args.model] if args.model else [(args.numel,)] * args.tensors
+    dtype = DTYPES[args.dtype]
+    params = [torch.randn(shape, generator=generator).to(dtype) for shape in shapes]
+    grads = [torch.randn(shape, generator=generator).to(dtype) for shape in shapes]
     return [p.to(args.device) for p in params], [g.to(args.device) for g in grads]
 
 
@@ -150,24 +181,113 @@ def kernel_cases(params: list[torch.Tensor], grads: list[torch.Tensor]) -> tuple
     return cases, k_source
 
 
-def provetrain_adam_case(params: list[torch.Tensor], grads: list[torch.Tensor]) -> tuple[list[Case], str]:
-    try:
-        from provetrain import Adam
-    except ImportError:
-        try:
-            from provetrain.ops.adam import Adam
-        except ImportError:
-            return [], "provetrain.Adam not importable: case (d) skipped"
+PROVETRAIN_PATHS = {
+    "d": ("(d) provetrain.Adam(clip_value=1.0) default", {}),
+    "e": ("(e) provetrain.Adam(..., foreach=True)", {"foreach": True}),
+    "f": ("(f) provetrain.Adam(..., fused=False) reference", {"fused": False}),
+}
+
+
+def default_path(opt: Adam) -> str:
+    batches = opt._gather()
+    if opt._use_multi_tensor(batches):
+        return "multi-tensor"
+    return "C kernel" if opt._use_fused(batches) else "reference"
+
+
+def provetrain_adam_cases(params: list[torch.Tensor], grads: list[torch.Tensor]) -> tuple[list[Case], str]:
+    cases = []
+    for key, (label, kwargs) in PROVETRAIN_PATHS.items():
+        ps = leaves(params, grads)
+        opt = Adam(ps, lr=1e-3, clip_value=CLIP, **kwargs)
+        if key == "d":
+            note = f"(d) takes provetrain.Adam's {default_path(opt)} path here"
+        reset = lambda ps=ps: copy_grads([p.grad for p in ps], grads)  # noqa: E731
+        cases.append(Case(label, opt.step, key=key, reset=reset))
+    return cases, note
+
+
+class CountOps(TorchDispatchMode):
+    """Counts dispatched aten ops and the bytes of the fresh tensors they return (not views or in-place)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = 0
+        self.fresh_bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.ops += 1
+        inputs = {t.untyped_storage().data_ptr() for t in _tensors((args, kwargs))}
+        for t in _tensors(out):
+            if t.untyped_storage().data_ptr() not in inputs:
+                inputs.add(t.untyped_storage().data_ptr())
+                self.fresh_bytes += t.untyped_storage().nbytes()
+        return out
+
+
+def _tensors(tree: object) -> list[torch.Tensor]:
+    if isinstance(tree, torch.Tensor):
+        return [tree]
+    if isinstance(tree, (list, tuple)):
+        return [t for item in tree for t in _tensors(item)]
+    if isinstance(tree, dict):
+        return [t for item in tree.values() for t in _tensors(item)]
+    return []
+
+
+def count_step(make_step: Callable[[list[torch.Tensor]], Callable[[], object]], params, grads) -> CountOps:
+    """Ops and fresh bytes of the second call (the first creates the optimizer state)."""
     ps = leaves(params, grads)
-    opt = Adam(ps, lr=1e-3, clip_value=CLIP)
-    case = Case(
-        "(d) provetrain.Adam(clip_value=1.0).step()",
-        opt.step,
-        key="d",
-        reset=lambda: copy_grads([p.grad for p in ps], grads),
+    step = make_step(ps)
+    step()
+    copy_grads([p.grad for p in ps], grads)
+    with CountOps() as counter:
+        step()
+    return counter
+
+
+def step_makers() -> dict[str, Callable[[list[torch.Tensor]], Callable[[], object]]]:
+    def torch_fused(ps: list[torch.Tensor]) -> Callable[[], object]:
+        opt = torch.optim.Adam(ps, lr=1e-3, fused=True)
+        return lambda: (torch.nn.utils.clip_grad_norm_(ps, CLIP), opt.step())
+
+    makers = {"a": torch_fused}
+    for key, (_, kwargs) in PROVETRAIN_PATHS.items():
+        makers[key] = lambda ps, kwargs=kwargs: Adam(ps, lr=1e-3, clip_value=CLIP, **kwargs).step
+    return makers
+
+
+def report_ops_and_memory(args: argparse.Namespace, params, grads) -> None:
+    makers = step_makers()
+    dtype = DTYPES[args.dtype]
+    print(f"\ndispatched aten ops per step ({args.dtype}, tensors of 1,000 elements; torch = (a)):")
+    print(f"{'tensors':>8s} " + " ".join(f"{key:>7s}" for key in makers) + "   (e)/(a)")
+    for count in (10, 100, 1000):
+        small = [torch.randn(1000, dtype=torch.float32).to(args.device, dtype) for _ in range(count)]
+        ops = {key: count_step(make, small, small).ops for key, make in makers.items()}
+        print(f"{count:8d} " + " ".join(f"{ops[key]:7d}" for key in makers) + f"   {ops['e'] / ops['a']:6.2f}")
+    param_bytes = sum(p.numel() * p.element_size() for p in params)
+    print(
+        f"\nmemory one step allocates (torch.profiler, CPU allocations inside ops included; a bound on the "
+        f"transient peak), over the parameter bytes ({param_bytes / 2**20:.0f} MiB):"
     )
-    path = "fused kernel" if getattr(opt, "_use_fused", None) and opt._use_fused(opt._gather()) else "reference"
-    return [case], f"provetrain.Adam takes its {path} path here"
+    for key, make in makers.items():
+        total = allocated_bytes(make, params, grads)
+        print(f"  ({key}) {total / 2**20:9.1f} MiB = {total / param_bytes:5.2f}x")
+
+
+def allocated_bytes(make_step, params, grads) -> int:
+    """Bytes allocated during the second step: the ops' allocations from the profiler's memory records."""
+    ps = leaves(params, grads)
+    step = make_step(ps)
+    step()
+    copy_grads([p.grad for p in ps], grads)
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if ps[0].is_cuda else [])]
+    with profile(activities=activities, profile_memory=True) as prof:
+        step()
+    usage = [e.self_cpu_memory_usage + e.self_device_memory_usage for e in prof.key_averages()]
+    return sum(u for u in usage if u > 0)
 
 
 def probe_cases(params: list[torch.Tensor], grads: list[torch.Tensor], with_kernel: bool) -> list[Case]:
@@ -212,10 +332,10 @@ def time_rounds(cases: list[Case], repeats: int, device: str, flush_mb: int) -> 
                 case.times.append(time.perf_counter() - start)
 
 
-def report(cases: list[Case], args: argparse.Namespace, notes: list[str]) -> None:
-    n = args.tensors * args.numel
+def report(cases: list[Case], args: argparse.Namespace, notes: list[str], n: int, tensors: int) -> None:
+    shape = args.model or f"{args.tensors} tensors x {args.numel:,}"
     print(
-        f"bench/step.py: {args.tensors} tensors x {args.numel:,} float32 = {n / 1e6:.1f}M params, "
+        f"bench/step.py: {shape} {args.dtype} = {n / 1e6:.1f}M params in {tensors} tensors, "
         f"{args.device}, {torch.get_num_threads()} threads, median of {args.repeats} interleaved rounds, "
         f"{args.flush_mb} MB cache flush before each call"
     )
@@ -245,10 +365,10 @@ def report(cases: list[Case], args: argparse.Namespace, notes: list[str]) -> Non
             print(f"baseline_{key} / ours = {by_key[key].median_ms / ours.median_ms:5.2f}   (target {target})")
     if probes:
         print(f"ours / floor       = {ours.median_ms / floor_ms:5.2f}   (target <= 1.15)")
-    if "d" in by_key and ours is not by_key["d"]:
-        d = by_key["d"].median_ms
-        print(f"baseline_a / provetrain.Adam = {by_key['a'].median_ms / d:5.2f}, provetrain.Adam / ours = "
-              f"{d / ours.median_ms:5.2f}")  # fmt: skip
+    for key in ("d", "e", "f"):
+        if key in by_key and "a" in by_key:
+            print(f"baseline_a / ({key}) = {by_key['a'].median_ms / by_key[key].median_ms:5.2f}   "
+                  f"{PROVETRAIN_PATHS[key][0][4:]}")  # fmt: skip
 
 
 def main() -> None:
@@ -258,21 +378,25 @@ def main() -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device here")
     params, grads = make_problem(args)
+    if args.ops_only:
+        report_ops_and_memory(args, params, grads)
+        return
     notes: list[str] = []
     cases = torch_cases(params, grads)
-    with_kernel = args.device == "cpu" and fused.fused_available()
+    with_kernel = args.device == "cpu" and args.dtype == "float32" and not args.model and fused.fused_available()
     if with_kernel:
         kernel, k_source = kernel_cases(params, grads)
         cases += kernel
         notes.append(f"k from {k_source}")
     elif args.device == "cpu":
         notes.append(f"fused kernel unavailable: {fused.fused_unavailable_reason()}")
-    adam, adam_note = provetrain_adam_case(params, grads)
+    adam, adam_note = provetrain_adam_cases(params, grads)
     cases += adam
     notes.append(adam_note)
     cases += probe_cases(params, grads, with_kernel)
     time_rounds(cases, args.repeats, args.device, args.flush_mb)
-    report(cases, args, notes)
+    report(cases, args, notes, sum(p.numel() for p in params), len(params))
+    report_ops_and_memory(args, params, grads)
 
 
 if __name__ == "__main__":

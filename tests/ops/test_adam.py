@@ -567,15 +567,18 @@ class RecordHostReads(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+@pytest.mark.parametrize(
+    "path", [pytest.param(REFERENCE, id="reference"), pytest.param({"foreach": True}, id="multi_tensor")]
+)
 @pytest.mark.parametrize("clip_value", [None, 0.2])
 @pytest.mark.parametrize("ours", [Adam, AdamW])
 def test_skip_mode_step_reads_nothing_back_from_tensors(
-    ours: type[Adam], clip_value: float | None, monkeypatch: pytest.MonkeyPatch
+    ours: type[Adam], clip_value: float | None, path: dict[str, bool], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # On CPU the step scalars come from a free read of the CPU count; run the device branch CUDA takes.
-    monkeypatch.setattr(adam_module, "_HOST_SCALARS_ON_CPU", False)
+    monkeypatch.setattr(adam_module, "_FREE_CPU_READS", False)
     model = make_model()
-    opt = ours(model.named_parameters(), lr=1e-2, clip_value=clip_value, fused=False)
+    opt = ours(model.named_parameters(), lr=1e-2, clip_value=clip_value, **path)
     for poison in ("none", "nan_grad", "nan_batch", "none"):
         x, y = make_batches(1)[0]
         opt.zero_grad()
@@ -590,7 +593,7 @@ def test_skip_mode_step_reads_nothing_back_from_tensors(
 
 
 def test_raise_mode_reads_one_flag_per_step(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(adam_module, "_HOST_SCALARS_ON_CPU", False)
+    monkeypatch.setattr(adam_module, "_FREE_CPU_READS", False)
     model = make_model()
     opt = Adam(model.parameters(), clip_value=0.2, on_nonfinite="raise", fused=False)
     x, y = make_batches(1)[0]

@@ -79,9 +79,10 @@ _TORCH_ONLY_GROUP_KEYS = ("amsgrad", "foreach", "capturable", "differentiable", 
 # Where state_dict() keeps the counters; torch.optim ignores keys it does not know.
 _COUNTERS_KEY = "provetrain"
 _REDUCED_DTYPES = (torch.bfloat16, torch.float16)
-# Step scalars of CPU parameters come from the (free) read of the CPU count, for bit parity with torch's
-# Python arithmetic; tests turn it off to run, on CPU, the device-side code that CUDA runs.
-_HOST_SCALARS_ON_CPU = True
+# Reading a CPU tensor costs no device synchronisation, so CPU steps use such reads: the step scalars from
+# the count (bit parity with torch's Python arithmetic) and the multi-tensor path's overflow check. Tests
+# turn them off to run, on CPU, exactly the device-side code that CUDA runs.
+_FREE_CPU_READS = True
 
 
 def adam_step_(
@@ -222,7 +223,7 @@ def _step_scalars(step: Tensor, lr: float, beta1: float, beta2: float) -> tuple[
     float64 ``sqrt`` is not always correctly rounded (measured at t = 38, beta2 = 0.999 on an AVX-512 CPU).
     Elsewhere they stay on the device; the division is a true division, not ``reciprocal() * lr``.
     """
-    if step.device.type == "cpu" and _HOST_SCALARS_ON_CPU:
+    if step.device.type == "cpu" and _FREE_CPU_READS:
         t = max(float(step), 1.0)  # 0 only on a skipped first step, whose scalars are never used
         return (
             torch.full((), -(lr / (1 - beta1**t)), dtype=torch.float64),
@@ -514,7 +515,7 @@ class Adam(Optimizer):
         total_norm, divisor = multi_tensor.clip_divisor(
             sum_sq, exponent, self.clip_value, grad_scale=grad_scale, **_clip_metadata(grads)
         )
-        if divisor.is_cpu and math.isinf(divisor) and not bool(skip):
+        if divisor.is_cpu and _FREE_CPU_READS and math.isinf(divisor) and not bool(skip):
             # N / c beyond float32's range: the kernel would zero the gradient. On CPU reading is free, so
             # take the reference path (float64 k) and keep the direction; elsewhere see ops.multi_tensor.
             if grad_scale is not None:
