@@ -33,7 +33,7 @@ def test_same_seed_same_initial_weights() -> None:
     ("text", "key", "pattern"),
     [
         ("data: nowhere:make\n", "data", r"cannot import module 'nowhere'"),
-        ("data: arrays\ndata_args: {path: missing.npz}\n", "data", r"missing\.npz does not exist"),
+        ("data: arrays\ndata_args: {path: missing.npz}\n", "data_args.path", r"missing\.npz does not exist"),
         ("model: resnet\n", "model", r"'resnet' is neither a built-in nor of the form 'module:function'"),
         ("model: torch.nn:NoSuchLayer\n", "model", r"has no callable 'NoSuchLayer'"),
     ],

@@ -3,13 +3,21 @@
 Every source returns a :class:`DataSplits`: a training set, an optional evaluation set, and what the model
 needs to know about them (the task, the input shape, the number of classes or the vocabulary size).
 Nothing is downloaded: the default, scikit-learn's 8x8 digits, ships inside scikit-learn.
+
+Every problem with a data file or an argument raises ``ValueError`` (:class:`ArgumentError` when one
+argument is to blame, naming it) with a message that names the file and what is wrong; a user function that
+raises is reported as such, with its name.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
+import zipfile
+import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from numbers import Real
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,9 +25,74 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-__all__ = ["DataSplits", "load_arrays", "load_data", "load_digits", "load_text"]
+__all__ = [
+    "ArgumentError",
+    "DataFileError",
+    "DataSplits",
+    "call_user_function",
+    "check_arguments",
+    "load_arrays",
+    "load_data",
+    "load_digits",
+    "load_text",
+    "resolve_function",
+]
 
 Task = Literal["classification", "language-model"]
+# Labels are class indices, so the largest sizes the model's output layer; beyond this many classes that
+# layer alone outgrows memory at any useful width, and a label that large is a mistake in the data.
+MAX_CLASSES = 2**24
+
+
+class ArgumentError(ValueError):
+    """A bad value of one named argument of a data source or a model (``path``, ``hidden``)."""
+
+    def __init__(self, argument: str, problem: str) -> None:
+        self.argument = argument
+        super().__init__(problem)
+
+
+class DataFileError(ArgumentError):
+    """A data file that cannot be used: blames the ``path`` argument, and the message starts with the file."""
+
+    def __init__(self, path: Path, problem: str) -> None:
+        self.path = path
+        super().__init__("path", f"{path}: {problem}")
+
+
+def check_arguments(
+    function: Callable[..., Any], arguments: Mapping[str, Any], what: str, *, supplied: tuple[str, ...]
+) -> None:
+    """``arguments`` name only parameters of the built-in ``function`` (besides the ``supplied`` ones, which
+    provetrain passes itself) and give every required one; else an :class:`ArgumentError` naming it."""
+    parameters = [
+        p
+        for p in inspect.signature(function).parameters.values()
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in supplied
+    ]
+    known = [p.name for p in parameters]
+    for name in arguments:
+        if name not in known:
+            raise ArgumentError(name, f"{what} has no argument {name!r}; its arguments are {', '.join(known)}")
+    for parameter in parameters:
+        if parameter.default is parameter.empty and parameter.name not in arguments:
+            raise ArgumentError(parameter.name, f"{what} needs the argument {parameter.name!r}")
+
+
+def _check_count(name: str, value: Any, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ArgumentError(name, f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_fraction(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, Real) or not 0.0 < value < 1.0:
+        raise ArgumentError(name, f"{name} must be a number in (0, 1), got {value!r}")
+
+
+def _check_path(value: Any) -> Path:
+    if not isinstance(value, str | Path) or not str(value):
+        raise ArgumentError("path", f"path must be a file name, got {value!r}")
+    return Path(value)
 
 
 @dataclass(frozen=True)
@@ -42,8 +115,7 @@ class DataSplits:
 
 
 def _split(x: torch.Tensor, y: torch.Tensor, test_fraction: float, seed: int) -> tuple[TensorDataset, TensorDataset]:
-    if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    _check_fraction("test_fraction", test_fraction)
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
     cut = len(x) - max(1, round(len(x) * test_fraction))
     train, test = order[:cut], order[cut:]
@@ -64,54 +136,130 @@ def load_digits(*, seed: int = 0, test_fraction: float = 0.2) -> DataSplits:
 def load_arrays(path: str | Path, *, target: str = "y", seed: int = 0, test_fraction: float = 0.2) -> DataSplits:
     """Features and integer labels from ``.npz`` (arrays ``x`` and ``y``, optionally ``x_test``/``y_test``) or
     ``.csv`` (a header row; the ``target`` column holds the labels, every other column is a feature)."""
-    path = Path(path)
+    path = _check_path(path)
+    _check_fraction("test_fraction", test_fraction)
     if not path.is_file():
         raise FileNotFoundError(f"data file {path} does not exist")
     if path.suffix == ".npz":
-        with np.load(path, allow_pickle=False) as arrays:
-            missing = {"x", "y"} - set(arrays.files)
-            if missing:
-                raise ValueError(f"{path}: missing arrays {sorted(missing)}; it has {sorted(arrays.files)}")
-            x, y = arrays["x"], arrays["y"]
-            test_arrays = (arrays["x_test"], arrays["y_test"]) if {"x_test", "y_test"} <= set(arrays.files) else None
+        x, y, test_arrays = _read_npz(path)
     elif path.suffix == ".csv":
-        header = path.read_text(encoding="utf-8").splitlines()[0].split(",")
-        if target not in header:
-            raise ValueError(f"{path}: no column named {target!r}; columns are {header}")
-        table = np.loadtxt(path, delimiter=",", skiprows=1, ndmin=2)
-        column = header.index(target)
-        x, y = np.delete(table, column, axis=1), table[:, column]
+        if not isinstance(target, str):
+            raise ArgumentError("target", f"target must be a column name, got {target!r}")
+        x, y = _read_csv(path, target)
         test_arrays = None
     else:
-        raise ValueError(f"{path}: unsupported data file type {path.suffix!r}; use .npz or .csv")
-    x_t, y_t = _as_features(x, y, path)
+        raise DataFileError(path, f"unsupported data file type {path.suffix!r}; use .npz or .csv")
+    x_t, y_t = _as_features(x, y, path, "")
     if test_arrays is None:
+        if len(x_t) < 2:
+            raise DataFileError(path, f"{len(x_t)} example(s); at least 2 are needed (one to train, one to test)")
         train, test = _split(x_t, y_t, test_fraction, seed)
     else:
-        train, test = TensorDataset(x_t, y_t), TensorDataset(*_as_features(*test_arrays, path))
+        test_x, test_y = _as_features(*test_arrays, path, "_test")
+        if test_x.shape[1:] != x_t.shape[1:]:
+            raise DataFileError(
+                path, f"x_test has examples of shape {tuple(test_x.shape[1:])}, x of {tuple(x_t.shape[1:])}"
+            )
+        train, test = TensorDataset(x_t, y_t), TensorDataset(test_x, test_y)
     num_classes = int(max(train.tensors[1].max(), test.tensors[1].max())) + 1
     return DataSplits(train, test, "classification", tuple(x_t.shape[1:]), num_classes)
 
 
-def _as_features(x: np.ndarray, y: np.ndarray, path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
+    try:
+        with np.load(path, allow_pickle=False) as arrays:
+            missing = {"x", "y"} - set(arrays.files)
+            if missing:
+                raise DataFileError(path, f"missing arrays {sorted(missing)}; it has {sorted(arrays.files)}")
+            x, y = arrays["x"], arrays["y"]
+            has_test = {"x_test", "y_test"} <= set(arrays.files)
+            return x, y, (arrays["x_test"], arrays["y_test"]) if has_test else None
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as error:  # empty, truncated, not an npz
+        raise DataFileError(path, f"cannot read it as an .npz archive ({error})") from None
+    except DataFileError:
+        raise
+    except ValueError as error:  # e.g. an object array, which would need pickle
+        raise DataFileError(path, f"cannot read it as an .npz archive ({error})") from None
+
+
+def _read_csv(path: Path, target: str) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as error:
+        raise DataFileError(path, f"not UTF-8 text ({error.reason})") from None
+    if not lines or not lines[0].strip():
+        raise DataFileError(path, "no header row (the first line names the columns)")
+    header = [name.strip() for name in lines[0].split(",")]
+    if target not in header:
+        raise ArgumentError("target", f"{path}: no column named {target!r}; columns are {header}")
+    if len(header) < 2:
+        raise DataFileError(path, f"only the target column {target!r}; at least one feature column is needed")
+    rows = [line for line in lines[1:] if line.strip()]
+    if not rows:
+        raise DataFileError(path, "a header but no data rows")
+    try:
+        table = np.loadtxt(rows, delimiter=",", ndmin=2)
+    except ValueError:
+        raise _csv_row_error(path, lines, len(header)) from None
+    column = header.index(target)
+    return np.delete(table, column, axis=1), table[:, column]
+
+
+def _csv_row_error(path: Path, lines: list[str], columns: int) -> DataFileError:
+    """The first line numpy could not read, by its line number in the file."""
+    for number, line in enumerate(lines[1:], start=2):
+        cells = line.split(",") if line.strip() else []
+        if cells and len(cells) != columns:
+            return DataFileError(path, f"line {number}: {len(cells)} values, but the header names {columns} columns")
+        for cell in cells:
+            try:
+                float(cell)
+            except ValueError:
+                return DataFileError(path, f"line {number}: {cell.strip()!r} is not a number")
+    return DataFileError(path, "numpy cannot read the rows as numbers")
+
+
+def _as_features(x: np.ndarray, y: np.ndarray, path: Path, suffix: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float32 features and int64 class labels, or a ValueError naming the array (``x``, ``y_test``)."""
+    x_name, y_name = f"x{suffix}", f"y{suffix}"
+    if x.dtype.kind == "c":
+        raise DataFileError(path, f"{x_name} is complex; features must be real (the imaginary part would be lost)")
+    for name, array in ((x_name, x), (y_name, y)):
+        if array.dtype.kind not in "biuf":
+            raise DataFileError(path, f"{name} has dtype {array.dtype}; it must hold numbers")
+    if x.ndim < 2:
+        raise DataFileError(path, f"{x_name} has shape {x.shape}; expected (examples, features...)")
+    if y.ndim != 1:
+        raise DataFileError(path, f"{y_name} has shape {y.shape}; expected (examples,), one class index each")
     if len(x) != len(y):
-        raise ValueError(f"{path}: {len(x)} inputs but {len(y)} labels")
-    if not np.isfinite(x).all():
-        raise ValueError(f"{path}: inputs hold NaN or Inf values")
-    if np.any(y < 0) or np.any(y != np.round(y)):
-        raise ValueError(f"{path}: labels must be non-negative integers (class indices)")
-    return torch.tensor(x, dtype=torch.float32), torch.tensor(y, dtype=torch.int64)
+        raise DataFileError(path, f"{len(x)} inputs but {len(y)} labels")
+    if len(x) == 0:
+        raise DataFileError(path, f"{x_name} holds no examples")
+    features = torch.tensor(x, dtype=torch.float32)
+    if not torch.isfinite(features).all():
+        raise DataFileError(path, "inputs hold NaN or Inf values (or values beyond float32's range)")
+    labels = y.astype(np.float64)
+    if not np.isfinite(labels).all() or np.any(labels < 0) or np.any(labels != np.round(labels)):
+        raise DataFileError(path, "labels must be non-negative integers (class indices)")
+    if labels.max() >= MAX_CLASSES:
+        raise DataFileError(path, f"label {labels.max():g} is not a class index (at most {MAX_CLASSES - 1})")
+    return features, torch.tensor(labels, dtype=torch.int64)
 
 
 def load_text(path: str | Path, *, block_size: int = 64, seed: int = 0, test_fraction: float = 0.1) -> DataSplits:
     """Character-level language-model data from a UTF-8 text file: windows of ``block_size`` characters,
     each target the window shifted by one character."""
-    path = Path(path)
+    path = _check_path(path)
+    _check_count("block_size", block_size)
+    _check_fraction("test_fraction", test_fraction)
     if not path.is_file():
         raise FileNotFoundError(f"text file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise DataFileError(path, f"not UTF-8 text ({error.reason})") from None
     if len(text) < 2 * (block_size + 1):
-        raise ValueError(f"{path}: {len(text)} characters is too short for block_size {block_size}")
+        raise DataFileError(path, f"{len(text)} characters is too short for block_size {block_size}")
     vocabulary = sorted(set(text))
     index = {ch: i for i, ch in enumerate(vocabulary)}
     ids = torch.tensor([index[ch] for ch in text], dtype=torch.int64)
@@ -133,23 +281,47 @@ def load_data(spec: str, arguments: Mapping[str, Any] | None = None, *, seed: in
     """Resolve a data spec: a built-in name (``digits``, ``arrays``, ``text``) or ``module:function``.
 
     A user function is called with ``arguments`` as keywords and must return a :class:`DataSplits`, or a
-    ``(train, test)`` pair of ``TensorDataset`` for classification.
+    ``(train, test)`` pair of ``TensorDataset`` of ``(inputs, integer labels)`` for classification.
     """
     arguments = dict(arguments or {})
     if spec in BUILTIN_DATA:
+        check_arguments(BUILTIN_DATA[spec], arguments, f"data {spec!r}", supplied=("seed",))
         return BUILTIN_DATA[spec](seed=seed, **arguments)
-    result = resolve_function(spec, "data")(**arguments)
+    result = call_user_function(spec, "data", arguments)
     if isinstance(result, DataSplits):
         return result
     if isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], TensorDataset):
         train, test = result
+        for name, dataset in (("train", train), ("test", test)):
+            _check_pair_part(spec, name, dataset)
         labels = train.tensors[1] if test is None else torch.cat([train.tensors[1], test.tensors[1]])
         return DataSplits(train, test, "classification", tuple(train.tensors[0].shape[1:]), int(labels.max()) + 1)
     raise TypeError(f"data function {spec!r} returned {type(result).__name__}; expected DataSplits or (train, test)")
 
 
+def _check_pair_part(spec: str, name: str, dataset: Any) -> None:
+    where = f"data function {spec!r}: its {name} set"
+    if dataset is None and name == "test":
+        return
+    if not isinstance(dataset, TensorDataset) or len(dataset.tensors) != 2:
+        raise TypeError(f"{where} is {type(dataset).__name__}; expected a TensorDataset of (inputs, labels)")
+    inputs, labels = dataset.tensors
+    if len(dataset) == 0 or inputs.ndim < 2:
+        raise ValueError(f"{where} has inputs of shape {tuple(inputs.shape)}; expected (examples >= 1, features...)")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool or labels.ndim != 1:
+        raise ValueError(
+            f"{where} has labels of dtype {labels.dtype} and shape {tuple(labels.shape)}; expected one "
+            "integer class index per example"
+        )
+    if int(labels.min()) < 0 or int(labels.max()) >= MAX_CLASSES:
+        raise ValueError(f"{where} has labels outside [0, {MAX_CLASSES}); labels are class indices")
+
+
 def resolve_function(spec: str, what: str) -> Callable[..., Any]:
-    """Import ``module:function``; errors say which part is missing."""
+    """Import ``module:function``; errors say which part is missing.
+
+    Importing runs the module's code, as any Python entry point does: a config names only code you trust.
+    """
     module_name, sep, attribute = spec.partition(":")
     if not sep or not module_name or not attribute:
         raise ValueError(f"{what} {spec!r} is neither a built-in nor of the form 'module:function'")
@@ -157,7 +329,21 @@ def resolve_function(spec: str, what: str) -> Callable[..., Any]:
         module = importlib.import_module(module_name)
     except ImportError as error:
         raise ValueError(f"{what} {spec!r}: cannot import module {module_name!r} ({error})") from None
+    except Exception as error:  # the module's own code failed while importing (a SyntaxError, a raise)
+        raise ValueError(
+            f"{what} {spec!r}: importing module {module_name!r} raised {type(error).__name__}: {error}"
+        ) from error
     function = getattr(module, attribute, None)
     if not callable(function):
         raise ValueError(f"{what} {spec!r}: module {module_name!r} has no callable {attribute!r}")
     return function
+
+
+def call_user_function(spec: str, what: str, arguments: Mapping[str, Any]) -> Any:
+    """Call the user's ``module:function`` with ``arguments`` as keywords; whatever it raises becomes a
+    ``ValueError`` naming the function (the original stays chained, for a debugger)."""
+    function = resolve_function(spec, what)
+    try:
+        return function(**arguments)
+    except Exception as error:
+        raise ValueError(f"{what} function {spec!r} raised {type(error).__name__}: {error}") from error

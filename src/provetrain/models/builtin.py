@@ -1,7 +1,8 @@
 """Built-in models for ``provetrain train``: an MLP, a small CNN for square images, a tiny GPT.
 
 Each factory takes the data's facts (``input_shape``, ``num_classes``) plus its own keyword options, so
-a config names a model and the data decides its input and output sizes.
+a config names a model and the data decides its input and output sizes. Options are checked before any
+layer is built: a bad one raises :class:`~provetrain.data.sources.ArgumentError` naming it.
 """
 
 from __future__ import annotations
@@ -14,13 +15,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from provetrain.data.sources import DataSplits, resolve_function
+from provetrain.data.sources import ArgumentError, DataSplits, call_user_function, check_arguments
 
 __all__ = ["BUILTIN_MODELS", "build_model", "cnn", "mlp", "tiny_gpt"]
 
 
 def mlp(input_shape: Sequence[int], num_classes: int, *, hidden: Sequence[int] = (128, 64)) -> nn.Module:
     """Flatten, then Linear+ReLU layers of the ``hidden`` widths, then a Linear to the class logits."""
+    if isinstance(hidden, str | bytes) or not isinstance(hidden, Sequence):
+        raise ArgumentError("hidden", f"hidden must be a list of layer widths, got {hidden!r}")
+    for index, size in enumerate(hidden):
+        _check_size(f"hidden[{index}]", size)
     layers: list[nn.Module] = [nn.Flatten()]
     width = math.prod(input_shape)
     for size in hidden:
@@ -32,6 +37,7 @@ def mlp(input_shape: Sequence[int], num_classes: int, *, hidden: Sequence[int] =
 
 def cnn(input_shape: Sequence[int], num_classes: int, *, channels: int = 16) -> nn.Module:
     """Two 3x3 conv layers on a square single-channel image (a flat input of side*side is reshaped)."""
+    _check_size("channels", channels)
     side = math.isqrt(math.prod(input_shape))
     if side * side != math.prod(input_shape):
         raise ValueError(f"cnn needs square single-channel images; input shape {tuple(input_shape)} is not")
@@ -71,8 +77,13 @@ class TinyGPT(nn.Module):
 
     def __init__(self, vocab_size: int, block_size: int, *, width: int = 64, layers: int = 2, heads: int = 4) -> None:
         super().__init__()
+        _check_size("vocab_size", vocab_size)
+        _check_size("block_size", block_size)
+        _check_size("width", width)
+        _check_size("layers", layers, minimum=0)
+        _check_size("heads", heads)
         if width % heads:
-            raise ValueError(f"width {width} must be divisible by heads {heads}")
+            raise ArgumentError("heads", f"width {width} must be divisible by heads {heads}")
         self.token = nn.Embedding(vocab_size, width)
         self.position = nn.Embedding(block_size, width)
         self.blocks = nn.Sequential(*(_Block(width, heads) for _ in range(layers)))
@@ -84,9 +95,18 @@ class TinyGPT(nn.Module):
         return self.head(self.norm(self.blocks(self.token(ids) + self.position(positions))))
 
 
-def tiny_gpt(input_shape: Sequence[int], num_classes: int, **options: Any) -> nn.Module:
+def tiny_gpt(
+    input_shape: Sequence[int], num_classes: int, *, width: int = 64, layers: int = 2, heads: int = 4
+) -> nn.Module:
     """A :class:`TinyGPT` sized from the data: vocabulary ``num_classes``, context ``input_shape[0]``."""
-    return TinyGPT(num_classes, input_shape[0], **options)
+    if len(input_shape) != 1:
+        raise ValueError(f"tiny-gpt needs token sequences (data: text); input shape {tuple(input_shape)} is not")
+    return TinyGPT(num_classes, input_shape[0], width=width, layers=layers, heads=heads)
+
+
+def _check_size(name: str, value: Any, *, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ArgumentError(name, f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
 BUILTIN_MODELS: Mapping[str, Callable[..., nn.Module]] = {"mlp": mlp, "cnn": cnn, "tiny-gpt": tiny_gpt}
@@ -96,8 +116,10 @@ def build_model(spec: str, data: DataSplits, arguments: Mapping[str, Any] | None
     """A built-in model sized from ``data``, or ``module:function`` called with ``arguments`` as keywords."""
     arguments = dict(arguments or {})
     if spec in BUILTIN_MODELS:
-        return BUILTIN_MODELS[spec](data.input_shape, data.num_classes, **arguments)
-    model = resolve_function(spec, "model")(**arguments)
+        factory = BUILTIN_MODELS[spec]
+        check_arguments(factory, arguments, f"model {spec!r}", supplied=("input_shape", "num_classes"))
+        return factory(data.input_shape, data.num_classes, **arguments)
+    model = call_user_function(spec, "model", arguments)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model function {spec!r} returned {type(model).__name__}; expected a torch.nn.Module")
     return model

@@ -2,27 +2,73 @@
 
 ``provetrain train CONFIG.yaml`` reads one of these; ``Trainer(..., **overrides)`` builds one from
 keywords. Any invalid value raises :class:`provetrain.ConfigError` naming the key (and, for a file, its
-line and column) before anything is written.
+line and column) before anything is written. Counts are strict integers (``steps: true`` or ``steps: 2.5``
+is an error, not 1 or 2) and no number accepts a boolean.
+
+A config loaded from a file remembers where each key was (:func:`config_error`), so a problem found only
+when the data or the model is built is still reported at the file, line and column of its key.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    Strict,
+    ValidationError,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from provetrain.errors import ConfigError
 from provetrain.train.schedule import ScheduleName
-from provetrain.yaml_schema import read_yaml_text, validate_yaml
+from provetrain.yaml_schema import KeyPositions, read_yaml_text, validate_yaml_located
 
-__all__ = ["NonFinitePolicy", "TrainConfig", "TrendPolicy", "load_config", "make_config"]
+__all__ = [
+    "ConfigSource",
+    "NonFinitePolicy",
+    "TrainConfig",
+    "TrendPolicy",
+    "config_error",
+    "load_config",
+    "make_config",
+    "override",
+]
 
 DEFAULT_EPOCHS = 10
+# numpy's seed range; the Trainer derives per-epoch seeds as seed * 1_000_003 + epoch, which stays inside
+# torch's 64-bit seeds for every seed up to here.
+MAX_SEED = 2**32 - 1
+
+
+def _no_bool(value: Any) -> Any:
+    # pydantic reads True as 1.0 and YAML reads `yes`/`true` as True: a number must be written as one.
+    if isinstance(value, bool):
+        raise PydanticCustomError("float_type", "Input should be a number, not a boolean")
+    return value
+
+
+Int = Annotated[int, Strict()]
+Float = Annotated[float, BeforeValidator(_no_bool)]
 
 NonFinitePolicy = Literal["skip", "raise", "rollback"]
 TrendPolicy = Literal["warn", "reduce_lr", "rollback", "raise"]
+
+
+@dataclass(frozen=True)
+class ConfigSource:
+    """The file a config was read from, and the 1-based (line, column) of each of its keys."""
+
+    path: Path
+    positions: KeyPositions
 
 
 class TrainConfig(BaseModel):
@@ -39,51 +85,54 @@ class TrainConfig(BaseModel):
 
     # Optimizer: provetrain's guarded Adam or AdamW (decoupled weight decay).
     optimizer: Literal["adam", "adamw"] = "adamw"
-    lr: float = Field(default=1e-3, gt=0, allow_inf_nan=False)
+    lr: Float = Field(default=1e-3, gt=0, allow_inf_nan=False)
     # The contract's lr_max: a number, "auto" (estimated from curvature before training) or None (no bound
     # known: the `lr < lr_max` clause is then reported as unchecked in the certificate).
-    lr_max: float | Literal["auto"] | None = "auto"
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = Field(default=1e-8, ge=0, allow_inf_nan=False)
-    weight_decay: float = Field(default=1e-2, ge=0, allow_inf_nan=False)
+    lr_max: Annotated[float | Literal["auto"] | None, BeforeValidator(_no_bool)] = "auto"
+    betas: tuple[Float, Float] = (0.9, 0.999)
+    eps: Float = Field(default=1e-8, ge=0, allow_inf_nan=False)
+    weight_decay: Float = Field(default=1e-2, ge=0, allow_inf_nan=False)
     # Global gradient-norm bound (the contract's clip_value); None turns clipping off.
-    clip_value: float | None = Field(default=1.0, gt=0, allow_inf_nan=False)
+    clip_value: Float | None = Field(default=1.0, gt=0, allow_inf_nan=False)
 
     # Schedule over applied steps (skipped steps do not advance it).
     schedule: ScheduleName = "cosine"
-    warmup_steps: int = Field(default=0, ge=0)
-    min_lr_ratio: float = Field(default=0.0, ge=0, lt=1)
+    warmup_steps: Int = Field(default=0, ge=0)
+    min_lr_ratio: Float = Field(default=0.0, ge=0, lt=1)
 
     # Length: one of steps or epochs (neither: DEFAULT_EPOCHS epochs).
-    steps: int | None = Field(default=None, ge=1)
-    epochs: int | None = Field(default=None, ge=1)
-    batch_size: int = Field(default=64, ge=1)
+    steps: Int | None = Field(default=None, ge=1)
+    epochs: Int | None = Field(default=None, ge=1)
+    batch_size: Int = Field(default=64, ge=1)
 
     # How often device values are read on the host (metrics, policies); every step on CPU where it is free.
-    log_every: int = Field(default=10, ge=1)
+    log_every: Int = Field(default=10, ge=1)
     # Evaluate on the held-out set every N applied steps (and always at the end); None: only at the end.
-    eval_every: int | None = Field(default=None, ge=1)
+    eval_every: Int | None = Field(default=None, ge=1)
 
     # Non-finite loss or gradient: skip the batch, raise, or roll back to the last good state with a lower lr.
     on_nonfinite: NonFinitePolicy = "skip"
-    max_consecutive_skips: int = Field(default=5, ge=1)
-    max_total_skips: int = Field(default=50, ge=1)
-    rollback_lr_factor: float = Field(default=0.5, gt=0, lt=1)
-    max_rollbacks: int = Field(default=3, ge=1)
+    max_consecutive_skips: Int = Field(default=5, ge=1)
+    max_total_skips: Int = Field(default=50, ge=1)
+    rollback_lr_factor: Float = Field(default=0.5, gt=0, lt=1)
+    max_rollbacks: Int = Field(default=3, ge=1)
 
     # The invariant "loss non-increasing in expectation": a trend test on the loss stream and what to do.
     on_loss_increase: TrendPolicy = "warn"
-    monitor_window: int = Field(default=50, ge=5)
-    monitor_alpha: float = Field(default=1e-3, gt=0, lt=0.5)
+    monitor_window: Int = Field(default=50, ge=5)
+    monitor_alpha: Float = Field(default=1e-3, gt=0, lt=0.5)
 
     # Checkpoints every N applied steps into output_dir/checkpoints (None: only the final one).
-    checkpoint_every: int | None = Field(default=None, ge=1)
-    keep_checkpoints: int = Field(default=2, ge=1)
+    checkpoint_every: Int | None = Field(default=None, ge=1)
+    keep_checkpoints: Int = Field(default=2, ge=1)
 
-    seed: int = 0
+    seed: Int = Field(default=0, ge=0, le=MAX_SEED)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # Run outputs; None: runs/<data>-<model>-<timestamp>.
     output_dir: str | None = None
+
+    # Where the values came from, when they were read from a file (see config_error).
+    _source: ConfigSource | None = PrivateAttr(default=None)
 
     @model_validator(mode="before")
     @classmethod
@@ -108,9 +157,44 @@ def load_config(path: str | Path) -> TrainConfig:
     """Read and validate a YAML training configuration; errors name the key, line and column."""
     path = Path(path)
     text = read_yaml_text(path, ConfigError, what="config file")
+    expected = "a mapping of settings; without a config file, provetrain train runs the embedded default job"
     if not text.strip():
-        return make_config({})
-    return validate_yaml(text, TrainConfig, path=path, error=ConfigError, empty_expected="a mapping of settings")
+        raise ConfigError("the config file is empty", path=path, expected=expected)
+    config, positions = validate_yaml_located(text, TrainConfig, path=path, error=ConfigError, empty_expected=expected)
+    config._source = ConfigSource(path, positions)
+    return config
+
+
+def config_error(config: TrainConfig, problem: str, *, key: str, expected: str | None = None) -> ConfigError:
+    """A ConfigError about ``key`` (``model_args.hidden[0]``), located at that key in the config's file, or at
+    the nearest enclosing key the file has (``model_args``, then ``model``: a default is located at the
+    setting it belongs to, when the file has that)."""
+    source = config._source
+    if source is None:
+        return ConfigError(problem, key=key, expected=expected)
+    where = key
+    while where and where not in source.positions:
+        where = where[: max(where.rfind("."), where.rfind("["), 0)]
+    if not where:
+        where = key.split(".")[0].removesuffix("_args")
+    line, column = source.positions.get(where, (None, None))
+    return ConfigError(problem, path=source.path, line=line, column=column, key=key, expected=expected)
+
+
+def override(config: TrainConfig, update: dict[str, Any]) -> TrainConfig:
+    """``config`` with ``update`` applied and validated. A ``steps`` given on top of a config replaces its
+    length, whichever it was. The file positions of the updated keys are dropped: their values no longer
+    come from the file."""
+    if not update:
+        return config
+    if "steps" in update:
+        update = {**update, "epochs": None}
+    updated = make_config({**config.model_dump(), **update})
+    if config._source is not None:
+        positions = config._source.positions
+        kept = {k: v for k, v in positions.items() if k.split(".")[0].split("[")[0] not in update}
+        updated._source = ConfigSource(config._source.path, kept)
+    return updated
 
 
 def make_config(values: dict[str, Any]) -> TrainConfig:

@@ -1,25 +1,30 @@
 """Build a run from a config: resolve the data and the model, then hand them to the Trainer.
 
-Everything that can be wrong with a config (a bad value, a data file that is missing, a model function
-that does not exist) is found here, before the Trainer creates the run directory.
+Everything that can be wrong with a config (a bad value, a data file that is missing or malformed, a model
+function that does not exist or raises, a model that does not run on the data) is found here, before the
+Trainer creates the run directory, and reported as a :class:`ConfigError` at the file, line and column of
+the key to blame.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from rich.console import Console
 
-from provetrain.data.sources import load_data
+from provetrain.data.sources import ArgumentError, load_data
 from provetrain.errors import ConfigError
 from provetrain.models.builtin import build_model
-from provetrain.train.config import TrainConfig, load_config
+from provetrain.train.config import TrainConfig, config_error, load_config, override
 from provetrain.train.trainer import Trainer, TrainResult
 
 __all__ = ["default_config_path", "prepare_trainer", "train_from_config"]
+
+Built = TypeVar("Built")
 
 
 def default_config_path() -> Path:
@@ -28,26 +33,60 @@ def default_config_path() -> Path:
 
 
 def prepare_trainer(config: TrainConfig, *, console: Console | None = None, **overrides: Any) -> Trainer:
-    """A Trainer for ``config`` with its data and model resolved; ConfigError names the failing key."""
-    update = {k: v for k, v in overrides.items() if v is not None}
-    if "steps" in update:  # a step count given on top of a config replaces its length, whichever it was
-        update["epochs"] = None
-    config = config.model_copy(update=update)
-    try:
-        data = load_data(config.data, config.data_args, seed=config.seed)
-    except (ValueError, TypeError, FileNotFoundError) as error:
-        raise ConfigError(str(error), key="data") from None
+    """A Trainer for ``config`` with its data and model resolved and checked to run together; ConfigError
+    names the failing key (located in the config's file when it came from one)."""
+    config = override(config, {k: v for k, v in overrides.items() if v is not None})
+    data = _build(config, "data", lambda: load_data(config.data, config.data_args, seed=config.seed))
     torch.manual_seed(config.seed)  # the initial weights are part of the run: same seed, same model
+    model = _build(config, "model", lambda: build_model(config.model, data, config.model_args))
     try:
-        model = build_model(config.model, data, config.model_args)
-    except (ValueError, TypeError) as error:
-        raise ConfigError(str(error), key="model") from None
-    try:
-        return Trainer(model, data, config=config, console=console)
-    except ConfigError:
-        raise
+        trainer = Trainer(model, data, config=config, console=console)
+    except ConfigError as error:
+        raise config_error(config, error.problem, key=error.key or "data", expected=error.expected) from None
     except ValueError as error:  # e.g. device="cuda" without CUDA
-        raise ConfigError(str(error), key="device") from None
+        raise config_error(config, str(error), key="device") from None
+    _check_first_batch(trainer, config)
+    return trainer
+
+
+def _build(config: TrainConfig, section: str, build: Callable[[], Built]) -> Built:
+    """``build()``, with its errors as a ConfigError at ``section`` (``data``/``model``), or at the argument
+    in ``<section>_args`` that is to blame."""
+    try:
+        return build()
+    except ArgumentError as error:
+        raise config_error(config, str(error), key=f"{section}_args.{error.argument}") from None
+    except FileNotFoundError as error:
+        raise config_error(config, str(error), key=f"{section}_args.path") from None
+    except (ValueError, TypeError) as error:
+        raise config_error(config, str(error), key=section) from None
+    except (RuntimeError, MemoryError, OverflowError) as error:  # torch refusing a size it cannot allocate
+        problem = f"building the {section} {getattr(config, section)!r} failed ({type(error).__name__}: {error})"
+        raise config_error(config, problem, key=f"{section}_args") from None
+
+
+@torch.no_grad()
+def _check_first_batch(trainer: Trainer, config: TrainConfig) -> None:
+    """The model's forward and the loss on two training examples, so a model that does not fit the data
+    fails here, named, before anything is written. Eval mode and no gradient: no buffer (BatchNorm's
+    running statistics) and no random state changes."""
+    inputs, targets = (t[:2].to(trainer.device) for t in trainer.data.train.tensors[:2])
+    was_training = trainer.model.training
+    trainer.model.eval()
+    try:
+        loss = trainer.loss_fn(trainer.model(inputs), targets)
+    except Exception as error:
+        shape = tuple(inputs.shape[1:])
+        problem = (
+            f"the model {config.model!r} does not run on the data {config.data!r} (examples of shape {shape}, "
+            f"{trainer.data.num_classes} classes): {type(error).__name__}: {error}"
+        )
+        raise config_error(config, problem, key="model") from None
+    finally:
+        trainer.model.train(was_training)
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise config_error(config, f"the loss on the model's outputs is not a scalar (got {shape})", key="model")
 
 
 def train_from_config(
