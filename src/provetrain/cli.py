@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import json
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from provetrain import __version__
 from provetrain.contract.load import load_contract
 from provetrain.contract.registry import ClauseStatus, clause_statuses
 from provetrain.errors import ConfigError, ContractError, ContractViolation
+from provetrain.train.config import MAX_SEED
 
 app = typer.Typer(
     help="Train PyTorch models under a machine-checked contract.",
@@ -25,6 +29,8 @@ app = typer.Typer(
 contract_app = typer.Typer(help="Show the contract and how each clause is enforced and evidenced.")
 app.add_typer(contract_app, name="contract")
 
+# Text that quotes the user (config values, paths, clause texts, model output names) is printed with markup
+# off or escaped: `[/x]` in a config value must neither crash the printer nor vanish.
 # Piped output (CI logs, files) gets a wide table instead of rich's 80-column default.
 stdout = Console(soft_wrap=False, width=None if sys.stdout.isatty() else 180)
 stderr = Console(stderr=True, soft_wrap=True)
@@ -34,6 +40,14 @@ ContractFile = Annotated[
     typer.Argument(help="Contract YAML (default: the bundled training-loop-v1.yaml).", show_default=False),
 ]
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of a table.")]
+
+
+class Device(str, Enum):
+    """Where a run trains: ``auto`` picks CUDA when it is available."""
+
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
 
 
 def _version(value: bool) -> None:
@@ -51,9 +65,13 @@ def _main(
     """Train PyTorch models under a machine-checked contract."""
 
 
+def _print_error(label: str, error: Exception) -> None:
+    stderr.print(Text.assemble((label, "bold red"), " ", str(error)), highlight=False)
+
+
 def _exit_with_error(error: Exception, code: int = 2) -> NoReturn:
     """One clear line on stderr and an exit code; never a traceback for the user's mistakes."""
-    stderr.print(f"[bold red]error:[/] {error}", highlight=False)
+    _print_error("error:", error)
     raise typer.Exit(code) from None
 
 
@@ -88,13 +106,13 @@ def _table(statuses: list[ClauseStatus], title: str) -> Table:
         binding = [status.predicate.function.__name__] if status.predicate else []
         binding += [site.rsplit(".", 1)[-1] for site in status.binding.enforced_by]
         evidence = sorted({e.kind for e in status.binding.evidence})
-        verdict = "[green]bound[/]" if status.bound else "[yellow]" + "; ".join(status.gaps) + "[/]"
+        verdict = Text("bound", "green") if status.bound else Text("; ".join(status.gaps), "yellow")
         table.add_row(
-            clause.id,
-            clause.kind,
-            clause.text,
-            ", ".join(binding) or "-",
-            f"{len(status.binding.evidence)} ({', '.join(evidence)})" if evidence else "-",
+            escape(clause.id),
+            escape(clause.kind),
+            escape(clause.text),
+            escape(", ".join(binding) or "-"),
+            escape(f"{len(status.binding.evidence)} ({', '.join(evidence)})" if evidence else "-"),
             verdict,
         )
     return table
@@ -108,7 +126,7 @@ def contract_status(path: ContractFile = None, as_json: JsonFlag = False) -> Non
         print(json.dumps([_as_json(s) for s in statuses], indent=2))
         return
     bound = sum(s.bound for s in statuses)
-    stdout.print(_table(statuses, f"{path or 'training-loop-v1.yaml (bundled)'}"))
+    stdout.print(_table(statuses, escape(f"{path or 'training-loop-v1.yaml (bundled)'}")))
     stdout.print(f"{bound} of {len(statuses)} clauses bound.")
 
 
@@ -122,7 +140,9 @@ def contract_audit(path: ContractFile = None, as_json: JsonFlag = False) -> None
     elif gaps:
         for status in gaps:
             stdout.print(
-                f"UNBOUND {status.clause.id} `{status.clause.text}`: {'; '.join(status.gaps)}", highlight=False
+                f"UNBOUND {status.clause.id} `{status.clause.text}`: {'; '.join(status.gaps)}",
+                highlight=False,
+                markup=False,
             )
         stdout.print(f"{len(gaps)} of {len(statuses)} clauses unbound.")
     else:
@@ -138,8 +158,8 @@ def train(
     ] = None,
     output_dir: Annotated[str | None, typer.Option(help="Where to write the run outputs.")] = None,
     steps: Annotated[int | None, typer.Option(min=1, help="Override the number of steps.")] = None,
-    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda.")] = None,
-    seed: Annotated[int | None, typer.Option(help="Override the seed.")] = None,
+    device: Annotated[Device | None, typer.Option(help="Override the device.")] = None,
+    seed: Annotated[int | None, typer.Option(min=0, max=MAX_SEED, help="Override the seed.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or messages; results only.")] = False,
     resume: Annotated[
         Path | None, typer.Option(help="Continue from a checkpoint directory (<run>/checkpoints or its step-N).")
@@ -153,16 +173,17 @@ def train(
     from provetrain.train.distributed import torchrun_process_group
     from provetrain.train.run import default_config_path, prepare_trainer
 
-    overrides = {"output_dir": output_dir, "steps": steps, "device": device, "seed": seed}
+    device_name = device.value if device is not None else None
+    overrides = {"output_dir": output_dir, "steps": steps, "device": device_name, "seed": seed}
     try:
         settings = load_config(default_config_path() if config is None else config)
-        with torchrun_process_group(device or settings.device) as rank:
+        with torchrun_process_group(device_name or settings.device) as rank:
             trainer = prepare_trainer(settings, console=None if quiet else stdout, **overrides)
             result = trainer.fit(resume_from=resume)
     except (ConfigError, ContractError, FileExistsError) as error:
         _exit_with_error(error)
     except ContractViolation as violation:
-        stderr.print(f"[bold red]contract violation:[/] {violation}", highlight=False)
+        _print_error("contract violation:", violation)
         raise typer.Exit(1) from None
     if rank == 0:
         _print_run_summary(result, quiet=quiet)
@@ -192,7 +213,7 @@ def lr_max(
             f"{'converged' if estimate.converged else 'NOT converged'})",
             highlight=False,
         )
-        stdout.print(estimate.explanation, highlight=False)
+        stdout.print(estimate.explanation, highlight=False, markup=False)
         verdict = "below" if lr < estimate.lr_max else "NOT below"
         stdout.print(f"configured lr = {lr:g} is {verdict} lr_max", highlight=False)
     if not lr < estimate.lr_max:
@@ -207,7 +228,8 @@ def _print_run_summary(result: Any, *, quiet: bool) -> None:
         for clause in result.certificate["clauses"]:
             if clause["kind"] in ("precondition", "postcondition", "invariant"):
                 actions = ", ".join(f"{k} x{v}" for k, v in clause["actions"].items()) or "-"
-                table.add_row(clause["id"], clause["text"], str(clause["checks"]), str(clause["violations"]), actions)
+                cells = (clause["id"], clause["text"], str(clause["checks"]), str(clause["violations"]), actions)
+                table.add_row(*map(escape, cells))
         stdout.print(table)
     evaluation = result.evaluation or {}
     if "accuracy" in evaluation:
@@ -216,7 +238,9 @@ def _print_run_summary(result: Any, *, quiet: bool) -> None:
         f"steps: {result.steps} ({result.applied_steps} applied, {result.skipped_steps} skipped, "
         f"{result.rollbacks} rollbacks); final train loss {result.final_loss:.4f}"
     )
-    stdout.print(f"outputs: {result.output_dir}/ (metrics.jsonl, certificate.json, report.png)", highlight=False)
+    stdout.print(
+        f"outputs: {result.output_dir}/ (metrics.jsonl, certificate.json, report.png)", highlight=False, markup=False
+    )
 
 
 @app.command("parity")
@@ -253,7 +277,7 @@ def parity(
         for r in results:
             verdict = ("[green]pass[/]" if r.passed else "[red]FAIL[/]") if r.obligation else "(informational)"
             table.add_row(
-                r.output,
+                escape(r.output),
                 r.reference,
                 r.candidate,
                 str(r.elements),
@@ -281,7 +305,10 @@ def prove(
     gradient of length 1..bound (sqrt stubbed by its error contract); exits 1 unless every length is proved."""
     from provetrain.verify.prove import PROOF_COLUMNS, proof_rows, prove_clip_bound
 
-    report = prove_clip_bound(bound, timeout_s=timeout, algorithm="torch" if torch_algorithm else "provetrain")
+    try:
+        report = prove_clip_bound(bound, timeout_s=timeout, algorithm="torch" if torch_algorithm else "provetrain")
+    except ValueError as error:  # a timeout that is not a finite number of seconds
+        _exit_with_error(error)
     rows = proof_rows(report)
     if as_json:
         print(
@@ -318,6 +345,8 @@ def verify(
     """Run the contract's falsification tests and proof obligations on a model; exit 1 unless all pass."""
     from provetrain.verify.suite import model_and_inputs, run_verification
 
+    if json_path is not None and json_path.is_dir():  # found before the checks run, not after
+        _exit_with_error(ValueError(f"--json {json_path} is a directory; give the name of a file to write"))
     try:
         net, inputs = model_and_inputs(model, input_shape)
         results = run_verification(net, inputs, thorough=thorough)
@@ -328,13 +357,16 @@ def verify(
         table.add_column(column, overflow="fold")
     colour = {"pass": "green", "fail": "red", "unknown": "yellow"}
     for r in results:
-        table.add_row(r.clause, r.method, f"[{colour[r.result]}]{r.result}[/]", r.evidence, f"{r.seconds:.2f}s")
+        table.add_row(r.clause, r.method, Text(r.result, colour[r.result]), escape(r.evidence), f"{r.seconds:.2f}s")
     stdout.print(table)
     if json_path is not None:
         from provetrain.train.outputs import atomic_write
 
         text = json.dumps([r.__dict__ for r in results], indent=2) + "\n"
-        atomic_write(json_path, lambda file: file.write(text.encode("utf-8")))
+        try:
+            atomic_write(json_path, lambda file: file.write(text.encode("utf-8")))
+        except OSError as error:
+            _exit_with_error(ValueError(f"--json {json_path}: cannot write it ({error.strerror or error})"))
     if any(r.result != "pass" for r in results):
         raise typer.Exit(1)
 

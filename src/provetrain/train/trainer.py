@@ -675,7 +675,7 @@ class Trainer:
 
     def _say(self, message: str) -> None:
         if self.console is not None:
-            self.console.print(message, highlight=False)
+            self.console.print(message, highlight=False, markup=False)  # messages quote user values
 
     def _progress(self, first_step: int = 0) -> Any:
         from contextlib import contextmanager

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from provetrain.data.sources import load_digits, resolve_function
+from provetrain.data.sources import call_user_function, load_digits
 from provetrain.errors import ContractViolation
 from provetrain.models.builtin import build_model
 from provetrain.ops.adam import AdamW
@@ -205,27 +205,65 @@ def model_and_inputs(spec: str | None, input_shape: str | None = None) -> tuple[
     """The built-in digits MLP on digits test images, or a user's ``module:factory``.
 
     A factory returns a model, or ``(model, example_inputs)``; with a model alone, ``--input-shape`` gives
-    the shape of a random standard-normal input batch.
+    the shape of a random standard-normal input batch. The model's forward is run once on the inputs, so a
+    model and inputs that do not fit raise a ``ValueError`` here, naming the factory.
     """
     if spec is None:
         data = load_digits(seed=0)
         torch.manual_seed(0)
         return build_model("mlp", data), data.test.tensors[0][:256]
-    made = resolve_function(spec, "model")()
-    if isinstance(made, tuple):
-        return made
-    if input_shape is None:
-        raise ValueError(
-            f"model {spec!r} returned only a model: give --input-shape (e.g. 8,64) or return (model, inputs)"
+    made = call_user_function(spec, "model", {})
+    model, inputs = made if isinstance(made, tuple) and len(made) == 2 else (made, None)
+    if not isinstance(model, nn.Module) or not (inputs is None or isinstance(inputs, Tensor)):
+        raise TypeError(
+            f"model {spec!r} returned {_kind(made)}; expected a torch.nn.Module or a (module, input tensor) pair"
         )
-    shape = tuple(int(part) for part in input_shape.split(","))
-    return made, torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    if inputs is None:
+        if input_shape is None:
+            raise ValueError(
+                f"model {spec!r} returned only a model: give --input-shape (e.g. 8,64) or return (model, inputs)"
+            )
+        inputs = torch.randn(*_parse_shape(input_shape), generator=torch.Generator().manual_seed(0))
+    _check_forward(model, inputs, spec)
+    return model, inputs
+
+
+def _kind(value: object) -> str:
+    if isinstance(value, tuple):
+        return "(" + ", ".join(type(v).__name__ for v in value) + ")"
+    return type(value).__name__
+
+
+def _parse_shape(text: str) -> tuple[int, ...]:
+    parts = text.split(",")
+    if not all(part.strip().isdigit() and int(part) > 0 for part in parts):
+        raise ValueError(f"--input-shape {text!r}: expected positive integers separated by commas, e.g. 8,64")
+    return tuple(int(part) for part in parts)
+
+
+@torch.no_grad()
+def _check_forward(model: nn.Module, inputs: Tensor, spec: str) -> None:
+    """One forward in eval mode (no buffer changes) on a copy, named in the error when it fails."""
+    try:
+        copy.deepcopy(model).eval()(inputs)
+    except Exception as error:
+        raise ValueError(
+            f"model {spec!r} does not run on inputs of shape {tuple(inputs.shape)}: {type(error).__name__}: {error}"
+        ) from None
 
 
 def run_verification(
     model: nn.Module, inputs: Tensor, *, thorough: bool = False, proof_bound: int | None = None
 ) -> list[CheckResult]:
     """Run every falsification test and obligation check on ``model`` (one example batch ``inputs``)."""
+    with torch.no_grad():
+        outputs = copy.deepcopy(model).float().eval()(inputs)
+    if not isinstance(outputs, Tensor) or outputs.ndim < 2 or not outputs.is_floating_point():
+        shape = tuple(outputs.shape) if isinstance(outputs, Tensor) else type(outputs).__name__
+        raise ValueError(
+            f"verify trains the model as a classifier: its forward must return logits, a float tensor of shape "
+            f"(batch..., classes); it returned {shape}"
+        )
     trials = 200 if thorough else 20
     bound = proof_bound if proof_bound is not None else (4 if thorough else 2)
     plan: list[tuple[str, str, Method, Callable[[], tuple[Result, str]]]] = [
