@@ -166,14 +166,18 @@ def load_arrays(path: str | Path, *, target: str = "y", seed: int = 0, test_frac
 
 
 def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
-    try:
-        with np.load(path, allow_pickle=False) as arrays:
-            missing = {"x", "y"} - set(arrays.files)
-            if missing:
-                raise DataFileError(path, f"missing arrays {sorted(missing)}; it has {sorted(arrays.files)}")
-            x, y = arrays["x"], arrays["y"]
-            has_test = {"x_test", "y_test"} <= set(arrays.files)
-            return x, y, (arrays["x_test"], arrays["y_test"]) if has_test else None
+    try:  # np.load leaves a file it opened unclosed when it cannot read it: open it here
+        with path.open("rb") as handle:
+            arrays = np.load(handle, allow_pickle=False)
+            if not isinstance(arrays, np.lib.npyio.NpzFile):
+                raise DataFileError(path, "holds a single array (.npy), not named arrays x and y (.npz)")
+            with arrays:
+                missing = {"x", "y"} - set(arrays.files)
+                if missing:
+                    raise DataFileError(path, f"missing arrays {sorted(missing)}; it has {sorted(arrays.files)}")
+                x, y = arrays["x"], arrays["y"]
+                has_test = {"x_test", "y_test"} <= set(arrays.files)
+                return x, y, (arrays["x_test"], arrays["y_test"]) if has_test else None
     except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as error:  # empty, truncated, not an npz
         raise DataFileError(path, f"cannot read it as an .npz archive ({error})") from None
     except DataFileError:
