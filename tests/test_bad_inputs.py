@@ -442,6 +442,12 @@ def test_train_refuses_a_bad_config(workdir: Path, text: str, pattern: str) -> N
 LR_MAX_ROWS = ["alias bomb", "steps: true", "2e19 labels", "hidden: [-5]", "model factory raises", "empty file"]
 
 
+def test_an_output_dir_that_is_a_file_is_located_in_the_config(workdir: Path) -> None:
+    (workdir / "cfg.yaml").write_text("steps: 2\noutput_dir: ok.npz/run\n")
+    result = runner.invoke(app, ["train", "cfg.yaml"])
+    _assert_refused(result, r"^error: cfg\.yaml:2:1: key 'output_dir': ok\.npz is a file", workdir)
+
+
 @pytest.mark.parametrize("row", LR_MAX_ROWS)
 def test_lr_max_refuses_a_bad_config(workdir: Path, row: str) -> None:
     (_, text, pattern) = next(r for r in TRAIN_CONFIGS if r[0] == row)
@@ -460,6 +466,16 @@ COMMANDS: list[tuple[str, list[str], str]] = [
     ("train: --device tpu", ["train", "--device", "tpu", "--output-dir", "out"], r"Invalid value for '--device'"),
     ("train: --seed -1", ["train", "--seed", "-1", "--output-dir", "out"], r"Invalid value for '--seed'"),
     ("train: --seed 2**63", ["train", "--seed", str(2**63), "--output-dir", "out"], r"Invalid value for '--seed'"),
+    (
+        "train: --output-dir a file",
+        ["train", "--output-dir", "ok.npz"],
+        r"^error: <config>: key 'output_dir': ok\.npz is a file, so the run directory ok\.npz cannot be created",
+    ),
+    (
+        "train: --output-dir under a file",
+        ["train", "--output-dir", "ok.npz/run"],
+        r"^error: <config>: key 'output_dir': ok\.npz is a file, so the run directory ok\.npz/run cannot",
+    ),
     ("train: --steps 0", ["train", "--steps", "0", "--output-dir", "out"], r"Invalid value for '--steps'"),
     (
         "verify: --json a directory",

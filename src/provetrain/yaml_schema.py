@@ -293,6 +293,9 @@ def _expected(detail: dict[str, Any]) -> str:
     if kind in ("greater_than", "greater_than_equal"):
         sign = ">" if kind == "greater_than" else ">="
         return f"a number {sign} {ctx.get('gt', ctx.get('ge'))}"
+    if kind in ("less_than", "less_than_equal"):
+        sign = "<" if kind == "less_than" else "<="
+        return f"a number {sign} {ctx.get('lt', ctx.get('le'))}"
     if kind in ("string_too_short", "too_short"):
         return "a non-empty value"
     if kind == "value_error":

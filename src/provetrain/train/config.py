@@ -65,10 +65,12 @@ TrendPolicy = Literal["warn", "reduce_lr", "rollback", "raise"]
 
 @dataclass(frozen=True)
 class ConfigSource:
-    """The file a config was read from, and the 1-based (line, column) of each of its keys."""
+    """The file a config was read from, the 1-based (line, column) of each of its keys, and the settings
+    replaced since (whose values no longer come from the file)."""
 
     path: Path
     positions: KeyPositions
+    overridden: frozenset[str] = frozenset()
 
 
 class TrainConfig(BaseModel):
@@ -170,7 +172,7 @@ def config_error(config: TrainConfig, problem: str, *, key: str, expected: str |
     the nearest enclosing key the file has (``model_args``, then ``model``: a default is located at the
     setting it belongs to, when the file has that)."""
     source = config._source
-    if source is None:
+    if source is None or key.split(".")[0].split("[")[0] in source.overridden:
         return ConfigError(problem, key=key, expected=expected)
     where = key
     while where and where not in source.positions:
@@ -183,17 +185,15 @@ def config_error(config: TrainConfig, problem: str, *, key: str, expected: str |
 
 def override(config: TrainConfig, update: dict[str, Any]) -> TrainConfig:
     """``config`` with ``update`` applied and validated. A ``steps`` given on top of a config replaces its
-    length, whichever it was. The file positions of the updated keys are dropped: their values no longer
-    come from the file."""
+    length, whichever it was. Errors about the updated keys are no longer located in the file."""
     if not update:
         return config
     if "steps" in update:
         update = {**update, "epochs": None}
     updated = make_config({**config.model_dump(), **update})
     if config._source is not None:
-        positions = config._source.positions
-        kept = {k: v for k, v in positions.items() if k.split(".")[0].split("[")[0] not in update}
-        updated._source = ConfigSource(config._source.path, kept)
+        source = config._source
+        updated._source = ConfigSource(source.path, source.positions, source.overridden | set(update))
     return updated
 
 

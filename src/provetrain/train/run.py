@@ -36,6 +36,7 @@ def prepare_trainer(config: TrainConfig, *, console: Console | None = None, **ov
     """A Trainer for ``config`` with its data and model resolved and checked to run together; ConfigError
     names the failing key (located in the config's file when it came from one)."""
     config = override(config, {k: v for k, v in overrides.items() if v is not None})
+    _check_output_dir(config)
     data = _build(config, "data", lambda: load_data(config.data, config.data_args, seed=config.seed))
     torch.manual_seed(config.seed)  # the initial weights are part of the run: same seed, same model
     model = _build(config, "model", lambda: build_model(config.model, data, config.model_args))
@@ -63,6 +64,18 @@ def _build(config: TrainConfig, section: str, build: Callable[[], Built]) -> Bui
     except (RuntimeError, MemoryError, OverflowError) as error:  # torch refusing a size it cannot allocate
         problem = f"building the {section} {getattr(config, section)!r} failed ({type(error).__name__}: {error})"
         raise config_error(config, problem, key=f"{section}_args") from None
+
+
+def _check_output_dir(config: TrainConfig) -> None:
+    """An ``output_dir`` that is, or lies under, an existing file can never be created: say so now, not
+    after the data is loaded."""
+    if config.output_dir is None:
+        return
+    target = Path(config.output_dir)
+    for path in (target, *target.parents):
+        if path.exists() and not path.is_dir():
+            problem = f"{path} is a file, so the run directory {target} cannot be created there"
+            raise config_error(config, problem, key="output_dir", expected="a new or empty directory")
 
 
 @torch.no_grad()
