@@ -586,11 +586,10 @@ class Adam(Optimizer):
         clipped_sum_sq = math.nan
         if not skip:  # pass 2 advances the moments: it must not run on a skipped step
             clipped_sum_sq = sum(_fused_group_step_(b, k) for b in batches)
-        self._record(
-            torch.tensor(skip),
-            total_norm,
-            torch.tensor(math.sqrt(clipped_sum_sq), dtype=torch.float64),
-        )
+        # k == 1 leaves every gradient bit for bit, so the clipped norm is the pre-clip norm: pass 2's sum
+        # of the same squares, vectorised differently, may differ from pass 1's in its last bit.
+        clipped_norm = total_norm if k == 1.0 else torch.tensor(math.sqrt(clipped_sum_sq), dtype=torch.float64)
+        self._record(torch.tensor(skip), total_norm, clipped_norm)
 
     def _record(self, skip: Tensor, total_norm: Tensor, clipped_norm: Tensor) -> None:
         counters = self._counters
