@@ -455,6 +455,7 @@ BAD_ARGUMENTS: list[tuple[dict[str, Any], type[Exception], str]] = [
     ({"clip_value": "1"}, TypeError, r"clip_value='1' must be a float or None"),
     ({"on_nonfinite": "ignore"}, ValueError, r"on_nonfinite='ignore' is not one of 'skip' .* or 'raise'"),
     ({"fused": "yes"}, TypeError, r"fused='yes' must be True, False or None"),
+    ({"eps": 0.0}, ValueError, r"eps=0\.0 must be > 0"),
     ({"params": []}, ContractViolation, r"loss_decrease precondition `!params\.is_empty\(\)` violated"),
     ({"params": [{"params": []}]}, ContractViolation, r"`!params\.is_empty\(\)` violated"),
     ({"params": torch.zeros(2)}, TypeError, r"got a single tensor; pass \[tensor\]"),

@@ -910,6 +910,10 @@ def _check_hyperparameters(values: dict[str, Any], *, where: str) -> dict[str, A
             raise TypeError(f"{where}{name}={value!r} must be a float, e.g. {name}={typical}")
         if not (value >= 0.0 and math.isfinite(value)):
             raise ValueError(f"{where}{name}={value!r} must be finite and >= 0, e.g. {name}={typical}")
+    if values["eps"] == 0.0:
+        # m / (sqrt(v) + 0) is 0/0 = NaN wherever a gradient entry and its moments are exactly 0: a finite
+        # loss and finite gradients would write NaN weights (the optimizer contract's `epsilon > 0.0`).
+        raise ValueError(f"{where}eps=0.0 must be > 0: Adam divides by sqrt(v) + eps; pass e.g. eps=1e-8")
     for name in ("maximize", "decoupled_weight_decay"):
         if not isinstance(values[name], bool):
             raise TypeError(f"{where}{name}={values[name]!r} must be True or False")
