@@ -12,11 +12,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from provetrain.ops import adam as adam_module
 from provetrain.ops.adam import Adam, AdamW
-from provetrain.ops.clip import scaled_sum_of_squares
+from provetrain.ops.clip import clip_coefficient, clip_coefficient_on_host, scaled_sum_of_squares
 from provetrain.ops.multi_tensor import (
     adam_update_multi_tensor_,
     clip_divisor,
+    clip_divisor_on_host,
     fused_kernel_supports,
     scaled_sum_of_squares_multi_tensor,
 )
@@ -29,12 +31,23 @@ def exact_sum_of_squares(tensors: list[torch.Tensor]) -> Fraction:
     return sum((Fraction(x) ** 2 for t in tensors for x in t.double().reshape(-1).tolist()), Fraction(0))
 
 
-def clip_through_kernel(grads: list[torch.Tensor], max_norm: float) -> tuple[list[torch.Tensor], torch.Tensor]:
+def divisor_of(grads: list[torch.Tensor], max_norm: float, *, on_host: bool) -> torch.Tensor:
+    """The float32 divisor from the device-side code (what CUDA runs) or the host-side code (CPU)."""
+    s, e = scaled_sum_of_squares_multi_tensor(grads)
+    metadata = {"numel": sum(g.numel() for g in grads), "dtypes": [g.dtype for g in grads]}
+    if on_host:
+        _, value = clip_divisor_on_host(float(s), int(e), max_norm, **metadata)
+        return torch.tensor(value, dtype=torch.float32)
+    return clip_divisor(s, e, max_norm, **metadata)[1]
+
+
+def clip_through_kernel(
+    grads: list[torch.Tensor], max_norm: float, *, on_host: bool = False
+) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Run pass 1, the divisor and torch's fused kernel; return the gradients the kernel wrote back."""
     grads = [g.clone() for g in grads]
-    s, e = scaled_sum_of_squares_multi_tensor(grads)
-    numel = sum(g.numel() for g in grads)
-    _, divisor = clip_divisor(s, e, max_norm, numel=numel, dtypes=[g.dtype for g in grads])
+    s, _ = scaled_sum_of_squares_multi_tensor(grads)
+    divisor = divisor_of(grads, max_norm, on_host=on_host)
     found = (~torch.isfinite(s)).to(torch.float32)
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
     for g in grads:
@@ -73,11 +86,13 @@ def gradient_lists(draw: st.DrawFn) -> list[torch.Tensor]:
 
 
 @settings(max_examples=300, deadline=None)
-@given(grads=gradient_lists(), ratio=st.floats(1e-6, 4.0))
-def test_kernel_clipped_gradient_obeys_the_bound_in_exact_arithmetic(grads: list[torch.Tensor], ratio: float) -> None:
+@given(grads=gradient_lists(), ratio=st.floats(1e-6, 4.0), on_host=st.booleans())
+def test_kernel_clipped_gradient_obeys_the_bound_in_exact_arithmetic(
+    grads: list[torch.Tensor], ratio: float, on_host: bool
+) -> None:
     norm = math.sqrt(float(exact_sum_of_squares(grads)))
     max_norm = max(ratio * norm, 1e-300) if norm > 0 else 1.0
-    clipped, _ = clip_through_kernel(grads, max_norm)
+    clipped, _ = clip_through_kernel(grads, max_norm, on_host=on_host)
     assert all(torch.isfinite(g).all() for g in clipped)
     assert exact_sum_of_squares(clipped) <= Fraction(max_norm) ** 2
 
@@ -161,11 +176,14 @@ def assert_same_bits(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
         assert x.dtype == y.dtype and torch.equal(x.reshape(-1).view(torch.uint8), y.reshape(-1).view(torch.uint8))
 
 
+@pytest.mark.parametrize("free_cpu_reads", [True, False], ids=["host_math", "device_math"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("ours", "theirs"), [(Adam, torch.optim.Adam), (AdamW, torch.optim.AdamW)])
 def test_matches_torch_fused_given_the_same_clipped_gradient(
-    ours: type[Adam], theirs: type, dtype: torch.dtype
+    ours: type[Adam], theirs: type, dtype: torch.dtype, free_cpu_reads: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # device_math runs, on CPU, the tensor code CUDA runs; host_math the Python-float code CPU steps use.
+    monkeypatch.setattr(adam_module, "_FREE_CPU_READS", free_cpu_reads)
     clip_value, eps = 0.3, (1e-3 if dtype == torch.float16 else 1e-8)
     a, b = make_model(dtype), make_model(dtype)
     opt_a = ours(a.parameters(), lr=1e-2, weight_decay=0.01, eps=eps, clip_value=clip_value, foreach=True)
@@ -175,9 +193,7 @@ def test_matches_torch_fused_given_the_same_clipped_gradient(
         for model, opt in ((a, opt_a), (b, opt_b)):
             opt.zero_grad()
             F.mse_loss(model(x).float(), y.float()).backward()
-        grads = [p.grad for p in b.parameters()]
-        s, e = scaled_sum_of_squares_multi_tensor(grads)
-        _, divisor = clip_divisor(s, e, clip_value, numel=sum(g.numel() for g in grads), dtypes=[dtype])
+        divisor = divisor_of([p.grad for p in b.parameters()], clip_value, on_host=free_cpu_reads)
         clipped += int(divisor.item() != 1.0)
         opt_b.grad_scale, opt_b.found_inf = divisor, torch.zeros(())  # torch's kernel divides by the same D
         opt_a.step()
@@ -309,3 +325,34 @@ def ops_per_step(tensors: int, clip_value: float | None) -> int:
 @pytest.mark.parametrize("clip_value", [None, 1e-3])
 def test_ops_per_step_do_not_grow_with_the_tensor_count(clip_value: float | None) -> None:
     assert ops_per_step(10, clip_value) == ops_per_step(100, clip_value)
+
+
+# -- host and device code agree -------------------------------------------------------------------------
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    mantissa=st.floats(0.0, 1.0),
+    scale=st.integers(-300, 300),
+    max_norm=st.floats(1e-30, 1e30),
+    numel=st.integers(1, 2**30),
+    exponent=st.integers(-1073, 1024) | st.just(0),
+    dtypes=st.sampled_from([{torch.float32}, {torch.bfloat16, torch.float32}, {torch.float64}, {torch.float16}]),
+    sigma=st.none() | st.floats(2.0**-20, 2.0**24).map(lambda x: float(torch.tensor(x, dtype=torch.float32))),
+)
+def test_host_math_equals_device_math_where_sqrt_rounds_alike(
+    mantissa: float, scale: int, max_norm: float, numel: int, exponent: int, dtypes, sigma: float | None
+) -> None:
+    s = mantissa * 10.0**scale
+    s_t, e_t = torch.tensor(s, dtype=torch.float64), torch.tensor(exponent)
+    on_device = clip_coefficient(s_t, max_norm, numel=numel, dtypes=dtypes, exponent=e_t)
+    on_host = clip_coefficient_on_host(s, max_norm, numel=numel, dtypes=dtypes, exponent=exponent)
+    scale_t = None if sigma is None else torch.tensor(sigma, dtype=torch.float32)
+    divisor_device = clip_divisor(s_t, e_t, max_norm, numel=numel, dtypes=list(dtypes), grad_scale=scale_t)[1]
+    divisor_host = clip_divisor_on_host(s, exponent, max_norm, numel=numel, dtypes=list(dtypes), grad_scale=sigma)[1]
+    if torch.sqrt(s_t).item() == math.sqrt(s):
+        assert (on_device[0].item(), on_device[1].item()) == on_host
+        if sigma is None:  # with a scale, S / m^2 is formed first and sqrt sees another value
+            assert divisor_device.item() == divisor_host
+    else:  # torch's float64 sqrt is faithful, math.sqrt correctly rounded: one ulp apart at most
+        assert on_device[1].item() == pytest.approx(on_host[1], rel=2**-50)

@@ -61,6 +61,7 @@ from provetrain.errors import ContractViolation
 from provetrain.ops import fused, multi_tensor
 from provetrain.ops.clip import (
     clip_coefficient,
+    clip_coefficient_on_host,
     first_nonfinite_gradient,
     global_sum_of_squares,
     scale_gradient,
@@ -507,6 +508,9 @@ class Adam(Optimizer):
         grads = [g for b in batches for g in b.grads]
         # Pass 1: s 4^e = sum of squares, O(1) launches per (device, dtype); finite iff every gradient is.
         sum_sq, exponent = multi_tensor.scaled_sum_of_squares_multi_tensor(grads)
+        if sum_sq.is_cpu and _FREE_CPU_READS:
+            self._step_multi_tensor_on_host(batches, grads, sum_sq, exponent, loss, grad_scale, found_inf)
+            return
         skip = _skip_flag(sum_sq, loss, found_inf)
         # Host read of the device flag: the one synchronisation of raise mode; skip mode never reads it.
         if self.on_nonfinite == "raise" and bool(skip):
@@ -515,15 +519,48 @@ class Adam(Optimizer):
         total_norm, divisor = multi_tensor.clip_divisor(
             sum_sq, exponent, self.clip_value, grad_scale=grad_scale, **_clip_metadata(grads)
         )
-        if divisor.is_cpu and _FREE_CPU_READS and math.isinf(divisor) and not bool(skip):
-            # N / c beyond float32's range: the kernel would zero the gradient. On CPU reading is free, so
-            # take the reference path (float64 k) and keep the direction; elsewhere see ops.multi_tensor.
+        # Pass 2: torch's fused kernel divides each gradient by the divisor, or does nothing when skipping.
+        self._update_multi_tensor(batches, divisor, skip.to(torch.float32))
+        # The clipped norm is N_hat sigma / D: no second pass over the gradients (ops.multi_tensor docstring).
+        scale = divisor.double() if grad_scale is None else divisor.double() / grad_scale.to(divisor.device).double()
+        self._record(skip, total_norm, total_norm / scale)
+
+    def _step_multi_tensor_on_host(
+        self,
+        batches: list[_GroupBatch],
+        grads: list[Tensor],
+        sum_sq: Tensor,
+        exponent: Tensor,
+        loss: Tensor | float | None,
+        grad_scale: Tensor | None,
+        found_inf: Tensor | None,
+    ) -> None:
+        """The multi-tensor step with the sum on the CPU: its scalar math in Python floats (free reads)."""
+        s, e = float(sum_sq), int(exponent)
+        skip = not (math.isfinite(s) and _loss_is_finite(loss)) or (found_inf is not None and bool(found_inf > 0))
+        if skip and self.on_nonfinite == "raise":
+            self._raise_nonfinite(batches, loss)
+        self._attach_state(batches)
+        sigma = None if grad_scale is None else float(grad_scale)
+        total_norm, divisor = multi_tensor.clip_divisor_on_host(
+            s, e, self.clip_value, grad_scale=sigma, **_clip_metadata(grads)
+        )
+        if skip:
+            self._record_on_host(True, total_norm, math.nan)
+            return
+        if math.isinf(divisor):
+            # N / c beyond float32's range: the kernel would zero the gradient. Take the reference path
+            # (float64 k) and keep the direction; on other devices see ops.multi_tensor.
             if grad_scale is not None:
                 torch._foreach_div_(grads, grad_scale)
             self._step_reference(batches, loss, None if found_inf is None else found_inf > 0)
             return
-        # Pass 2: torch's fused kernel divides each gradient by the divisor, or does nothing when skipping.
-        found = skip.to(torch.float32)
+        self._update_multi_tensor(
+            batches, torch.tensor(divisor, dtype=torch.float32), torch.zeros((), dtype=torch.float32)
+        )
+        self._record_on_host(False, total_norm, total_norm * (sigma or 1.0) / divisor)
+
+    def _update_multi_tensor(self, batches: list[_GroupBatch], divisor: Tensor, found: Tensor) -> None:
         for b in batches:
             hyper = b.hyperparameters()
             for indices in _group_by_device_and_dtype(b.params).values():
@@ -537,9 +574,6 @@ class Adam(Optimizer):
                     found_inf=found,
                     **hyper,
                 )
-        # The clipped norm is N_hat sigma / D: no second pass over the gradients (ops.multi_tensor docstring).
-        scale = divisor.double() if grad_scale is None else divisor.double() / grad_scale.to(divisor.device).double()
-        self._record(skip, total_norm, total_norm / scale)
 
     def _step_reference(
         self, batches: list[_GroupBatch], loss: Tensor | float | None, skip_scaled: Tensor | None = None
@@ -577,19 +611,22 @@ class Adam(Optimizer):
         if skip and self.on_nonfinite == "raise":
             self._raise_nonfinite(batches, loss)
         self._attach_state(batches)
-        sum_sq_t = torch.tensor(sum_sq, dtype=torch.float64)
-        if skip or self.clip_value is None:
-            total_norm, k = sum_sq_t.sqrt(), 1.0
-        else:
-            total_norm, k_t = clip_coefficient(sum_sq_t, self.clip_value, **_clip_metadata(grads))
-            k = float(k_t)
-        clipped_sum_sq = math.nan
-        if not skip:  # pass 2 advances the moments: it must not run on a skipped step
-            clipped_sum_sq = sum(_fused_group_step_(b, k) for b in batches)
+        max_norm = math.inf if skip or self.clip_value is None else self.clip_value
+        total_norm, k = clip_coefficient_on_host(sum_sq, max_norm, **_clip_metadata(grads))
+        if skip:
+            self._record_on_host(True, total_norm, math.nan)
+            return  # pass 2 advances the moments: it must not run on a skipped step
+        clipped_sum_sq = sum(_fused_group_step_(b, k) for b in batches)
         # k == 1 leaves every gradient bit for bit, so the clipped norm is the pre-clip norm: pass 2's sum
         # of the same squares, vectorised differently, may differ from pass 1's in its last bit.
-        clipped_norm = total_norm if k == 1.0 else torch.tensor(math.sqrt(clipped_sum_sq), dtype=torch.float64)
-        self._record(torch.tensor(skip), total_norm, clipped_norm)
+        self._record_on_host(False, total_norm, total_norm if k == 1.0 else math.sqrt(clipped_sum_sq))
+
+    def _record_on_host(self, skip: bool, total_norm: float, clipped_norm: float) -> None:
+        """:meth:`_record` for values already on the host (CPU paths)."""
+        counters = self._counters
+        counters["skipped_steps"].add_(int(skip))
+        counters["last_grad_norm"].fill_(total_norm)
+        counters["last_clipped_grad_norm"].fill_(math.nan if skip else clipped_norm)
 
     def _record(self, skip: Tensor, total_norm: Tensor, clipped_norm: Tensor) -> None:
         counters = self._counters

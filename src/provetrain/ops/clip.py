@@ -133,6 +133,7 @@ from provetrain.errors import ContractViolation
 
 __all__ = [
     "clip_coefficient",
+    "clip_coefficient_on_host",
     "clip_grad_norm_",
     "clip_grads_",
     "first_nonfinite_gradient",
@@ -381,10 +382,7 @@ def clip_coefficient(
         ``||round_d(g k)|| <= max_norm`` (module *Proof*, steps 2-5). ``|N_hat - N| <= 0.51 (n + 4) u N``.
     """
     max_norm = _check_max_norm(max_norm)
-    if isinstance(numel, bool) or not isinstance(numel, int) or not 0 <= numel < MAX_NUMEL:
-        raise ValueError(f"numel={numel!r}; expected an int in [0, 2**40): the total gradient element count")
-    if isinstance(extra_roundings, bool) or not isinstance(extra_roundings, int) or not 0 <= extra_roundings < 64:
-        raise ValueError(f"extra_roundings={extra_roundings!r}; expected an int in [0, 64)")
+    _check_counts(numel, extra_roundings)
     u_d, eta_d = _rounding_constants(dtypes)
     device = sum_sq.device
     sum_sq = sum_sq.to(torch.float64)
@@ -414,6 +412,69 @@ def clip_coefficient(
         k_clip = _divide_scaled(numerator, upper_s, e)
     k = torch.where(no_clip, 1.0, k_clip)
     return total_norm, torch.where(torch.isnan(upper_s), nan, k)
+
+
+def clip_coefficient_on_host(
+    sum_sq: float,
+    max_norm: float,
+    *,
+    numel: int,
+    dtypes: Collection[torch.dtype],
+    exponent: int = 0,
+    extra_roundings: int = 0,
+) -> tuple[float, float]:
+    """:func:`clip_coefficient` in Python floats, for sums already on the host (CPU paths: no tensor ops).
+
+    The same operations in the same order, each an IEEE-754 double operation rounded to nearest (Python's
+    ``*``, ``/``, ``math.frexp``, powers of two), so the *Proof* holds as stated; ``math.sqrt`` is correctly
+    rounded, a special case of the faithful sqrt it assumes. It matches :func:`clip_coefficient` bit for bit
+    wherever torch's ``sqrt`` rounds correctly too (tested).
+
+    Returns:
+        ``(total_norm, k)`` as Python floats, with the meaning and guarantees of :func:`clip_coefficient`.
+    """
+    max_norm = _check_max_norm(max_norm)
+    _check_counts(numel, extra_roundings)
+    u_d, eta_d = _rounding_constants(dtypes)
+    e = min(max(exponent, -1073), 1024)
+    norm_s = math.sqrt(sum_sq) if not sum_sq < 0 else math.nan
+    total_norm = _mul_pow2_host(norm_s, e)
+    upper_s = norm_s * (1.0 + ((numel + 5 + extra_roundings) // 2) * 2.0**-52)
+    if math.isnan(upper_s):
+        return total_norm, math.nan
+    if max_norm == math.inf:
+        return total_norm, 1.0
+    if upper_s == 0 or (math.isfinite(upper_s) and _at_most(upper_s, e, max_norm)):
+        return total_norm, 1.0
+    numerator = _margin_numerator(max_norm, numel, u_d, eta_d)
+    if numerator <= 0.0:
+        return total_norm, 0.0
+    mantissa, exp_a = math.frexp(numerator)
+    q = mantissa / upper_s
+    shift = min(max(exp_a - e, -1100), 1023)
+    big = max(shift, -1022)
+    k = (q * 2.0 ** (shift - big)) * 2.0**big
+    return total_norm, math.nextafter(k, 0.0) if k < _SMALLEST_NORMAL_F64 else k
+
+
+def _at_most(upper_s: float, e: int, max_norm: float) -> bool:
+    """``upper_s 2^e <= max_norm``, decided exactly on binary exponents and mantissas."""
+    mantissa, exp_s = math.frexp(upper_s)
+    max_mantissa, max_exp = math.frexp(max_norm)
+    return exp_s + e < max_exp or (exp_s + e == max_exp and mantissa <= max_mantissa)
+
+
+def _mul_pow2_host(x: float, k: int) -> float:
+    """:func:`_mul_pow2` in Python floats: ``x 2^k`` in two power-of-two steps."""
+    half = k // 2
+    return (x * 2.0**half) * 2.0 ** (k - half)
+
+
+def _check_counts(numel: object, extra_roundings: object) -> None:
+    if isinstance(numel, bool) or not isinstance(numel, int) or not 0 <= numel < MAX_NUMEL:
+        raise ValueError(f"numel={numel!r}; expected an int in [0, 2**40): the total gradient element count")
+    if isinstance(extra_roundings, bool) or not isinstance(extra_roundings, int) or not 0 <= extra_roundings < 64:
+        raise ValueError(f"extra_roundings={extra_roundings!r}; expected an int in [0, 64)")
 
 
 def _divide_scaled(numerator: float, upper_s: torch.Tensor, e: torch.Tensor) -> torch.Tensor:

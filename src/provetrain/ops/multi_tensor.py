@@ -70,15 +70,17 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy
 import torch
 from torch import Tensor
 
-from provetrain.ops.clip import _mul_pow2, _pow2, clip_coefficient
+from provetrain.ops.clip import _mul_pow2, _pow2, clip_coefficient, clip_coefficient_on_host
 
 __all__ = [
     "EXTRA_ROUNDINGS",
     "adam_update_multi_tensor_",
     "clip_divisor",
+    "clip_divisor_on_host",
     "combine_scaled_sums",
     "fused_kernel_supports",
     "scaled_sum_of_squares_multi_tensor",
@@ -86,6 +88,8 @@ __all__ = [
 
 EXTRA_ROUNDINGS = 5
 """Roundings per term of the multi-tensor sum of squares beyond the reference sum's ``n - 1`` (*Step 1*)."""
+
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 NO_EXPONENT = -1073
 """The exponent of an all-zero partial sum: it never sets the common scale in :func:`combine_scaled_sums`."""
@@ -210,6 +214,43 @@ def clip_divisor(
     narrow = wide.to(torch.float32)
     narrow = torch.where(narrow.double() < wide, torch.nextafter(narrow, torch.full_like(narrow, math.inf)), narrow)
     return total_norm, torch.where(k == 1.0, sigma.to(torch.float32), narrow)
+
+
+def clip_divisor_on_host(
+    sum_sq: float,
+    exponent: int,
+    max_norm: float | None,
+    *,
+    numel: int,
+    dtypes: Sequence[torch.dtype],
+    grad_scale: float | None = None,
+) -> tuple[float, float]:
+    """:func:`clip_divisor` in Python floats, for sums on the CPU (no tensor ops; the same operations).
+
+    Returns ``(total_norm, D)`` with ``D`` a float32 value held in a Python float.
+    """
+    extra = EXTRA_ROUNDINGS
+    if grad_scale is not None:
+        mantissa, shift = math.frexp(grad_scale)
+        sum_sq, exponent, extra = sum_sq / mantissa / mantissa, exponent - shift, extra + 2
+    total_norm, k = clip_coefficient_on_host(
+        sum_sq,
+        math.inf if max_norm is None else max_norm,
+        numel=numel,
+        dtypes=set(dtypes),
+        exponent=exponent,
+        extra_roundings=extra,
+    )
+    sigma = 1.0 if grad_scale is None else grad_scale
+    if max_norm is None or k == 1.0 or math.isnan(k):
+        return total_norm, sigma if not math.isnan(k) else math.nan
+    wide = math.nextafter(sigma / k, math.inf) if k > 0 else math.inf
+    if wide > _FLOAT32_MAX:
+        return total_norm, math.inf
+    narrow = numpy.float32(wide)  # to nearest
+    if float(narrow) < wide:
+        narrow = numpy.nextafter(narrow, numpy.float32(math.inf))
+    return total_norm, float(narrow)
 
 
 def fused_kernel_supports(params: Sequence[Tensor], *others: Sequence[Tensor]) -> bool:
