@@ -821,8 +821,8 @@ def _fused_group_step_(batch: _GroupBatch, k: float) -> float:
     """Pass 2 of the fused kernel for one group, once per distinct step count; returns sum of y**2."""
     h = batch.hyperparameters()
     by_step: dict[float, list[int]] = {}
-    for i, s in enumerate(batch.steps):
-        by_step.setdefault(float(s), []).append(i)  # CPU tensors: no device synchronisation
+    for i, s in enumerate(torch.stack(batch.steps).tolist()):  # CPU tensors, one read: no synchronisation
+        by_step.setdefault(s, []).append(i)
     clipped_sum_sq = 0.0
     for step, indices in by_step.items():
         t = step + 1
