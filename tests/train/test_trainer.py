@@ -300,3 +300,89 @@ def test_state_is_snapshotted_only_when_a_policy_can_roll_back(tmp_path: Path, p
     trainer = Trainer(Poisoned(set()), blobs(), steps=8, lr_max=None, output_dir=str(tmp_path / "run"), **policies)
     trainer.fit()
     assert (trainer._snapshot is not None) is snapshot
+
+
+# --- a skipped step never kills the run (issue 10, items 1 and 2) ---------------------------------------------
+
+
+class PoisonedBatchNorm(Poisoned):
+    """Poisoned, with a BatchNorm whose running statistics the forward writes before the skip is known."""
+
+    def __init__(self, bad_calls: set[int]) -> None:
+        super().__init__(bad_calls)
+        self.norm = nn.BatchNorm1d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and self.calls in self.bad_calls:
+            x = x * math.nan  # the NaN goes through the BatchNorm, so its running statistics see it
+        return super().forward(self.norm(x))
+
+
+@pytest.mark.parametrize(
+    ("bad_step", "overrides"),
+    [
+        (4, {"checkpoint_every": 5}),  # the step right before a checkpoint
+        (11, {}),  # the last step, before the final checkpoint
+        (3, {"checkpoint_every": 1}),  # a checkpoint after every step
+        (0, {"checkpoint_every": 1}),  # the first step: the norms were never set
+    ],
+)
+def test_a_skip_before_a_checkpoint_is_counted_and_every_checkpoint_written(
+    tmp_path: Path, bad_step: int, overrides: dict[str, Any]
+) -> None:
+    from provetrain.train.checkpoint import list_checkpoints, load_checkpoint
+
+    result, _ = train(tmp_path, Poisoned({bad_step}), keep_checkpoints=100, **overrides)
+    assert (result.applied_steps, result.skipped_steps) == (11, 1)
+    every = overrides.get("checkpoint_every", 12)
+    assert list_checkpoints(tmp_path / "run" / "checkpoints") == sorted({*range(every, 13, every), 12})
+    saved = load_checkpoint(tmp_path / "run" / "checkpoints", bad_step + 1 if every == 1 else None).tensors
+    assert not any(name.endswith(("last_grad_norm", "last_clipped_grad_norm")) for name in saved)
+    assert certificate(tmp_path)["outcome"] == "kept"
+
+
+def test_resume_after_a_skip_restores_the_counters_and_fresh_diagnostics(tmp_path: Path) -> None:
+    settings = {
+        "steps": 12,
+        "batch_size": 32,
+        "lr": 1e-2,
+        "lr_max": None,
+        "checkpoint_every": 1,
+        "keep_checkpoints": 20,
+    }
+    Trainer(Poisoned({5}), blobs(), output_dir=str(tmp_path / "a"), **settings).fit()
+    resumed = Trainer(Poisoned(set()), blobs(), output_dir=str(tmp_path / "b"), **settings | {"steps": 14})
+    result = resumed.fit(resume_from=tmp_path / "a" / "checkpoints" / "step-6")
+    assert (result.applied_steps, result.skipped_steps) == (13, 1)
+    assert int(resumed.optimizer.skipped_steps) == 1
+    assert math.isfinite(float(resumed.optimizer.last_grad_norm))  # set again by the steps after the resume
+
+
+def test_a_skipped_step_leaves_batchnorm_statistics_as_they_were(tmp_path: Path) -> None:
+    class BufferRecorder(Callback):
+        def __init__(self) -> None:
+            self.buffers: dict[int, dict[str, torch.Tensor]] = {}
+
+        def on_step_end(self, trainer: Trainer, row: dict[str, Any]) -> None:
+            self.buffers[row["step"]] = {k: v.clone() for k, v in trainer.model.named_buffers()}
+
+    recorder = BufferRecorder()
+    settings = {"steps": 12, "batch_size": 32, "lr": 1e-2, "lr_max": None, "checkpoint_every": 1}
+    trainer = Trainer(
+        PoisonedBatchNorm({3}), blobs(), callbacks=[recorder], output_dir=str(tmp_path / "run"), **settings
+    )
+    result = trainer.fit()
+    assert (result.applied_steps, result.skipped_steps) == (11, 1)
+    for name, before in recorder.buffers[2].items():
+        assert torch.equal(recorder.buffers[3][name], before), name  # num_batches_tracked included
+    assert not torch.equal(recorder.buffers[4]["norm.running_mean"], recorder.buffers[3]["norm.running_mean"])
+    assert all(torch.isfinite(b).all() for b in trainer.model.buffers() if b.is_floating_point())
+    assert result.evaluation is not None and result.evaluation["accuracy"] > 0.9
+    assert len(list((tmp_path / "run" / "checkpoints").glob("step-*"))) == 2  # keep_checkpoints=2, all written
+
+
+def test_lr_max_estimate_leaves_the_buffers_as_they_were(tmp_path: Path) -> None:
+    model = PoisonedBatchNorm(set())
+    before = {k: v.clone() for k, v in model.named_buffers()}
+    Trainer(model, blobs(), steps=2, output_dir=str(tmp_path / "run")).estimate_lr_max(batches=2)
+    assert all(torch.equal(before[k], v) for k, v in model.named_buffers())

@@ -9,7 +9,8 @@ One step, in order (each phase a short helper):
 4. under ``torch.distributed``, the global batch's mean loss, the same on every rank;
 5. ``optimizer.step(loss=...)``: global-norm clip, finite guard and update, with the skip decided on the
    device (provetrain's Adam/AdamW);
-6. record the step's loss, gradient norms and skip count as device tensors.
+6. on a skipped step, module buffers the forward wrote (BatchNorm statistics) are put back, on the device;
+7. record the step's loss, gradient norms and skip count as device tensors.
 
 Recorded values are read on the host in one batch every ``read_every`` steps (every step on CPU, where a
 read is free; every ``log_every`` steps on CUDA, so there is no host-device sync per step). Reading them
@@ -114,6 +115,47 @@ class _Pending:
     skipped: Tensor
 
 
+class _BufferGuard:
+    """The module's buffers as they were before a step's forward, put back when the step is skipped.
+
+    The forward writes buffers (BatchNorm's running statistics) before the step is known to be good; a
+    skipped step must leave them as they were, like the weights. Each buffer is copied into a tensor
+    allocated once, and restored with ``torch.where`` on the optimizer's skip flag: all on the device, no
+    host read. Buffers updated in place or reassigned with the same shape are covered.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self._saved: dict[str, Tensor] = {}
+
+    @torch.no_grad()
+    def save_(self) -> None:
+        for name, buffer in self.module.named_buffers():
+            saved = self._saved.get(name)
+            if saved is None or not _same_layout(saved, buffer):
+                saved = self._saved[name] = torch.empty_like(buffer)
+            saved.copy_(buffer)
+
+    @torch.no_grad()
+    def restore_if_(self, skipped: Tensor) -> None:
+        """Put every saved buffer back where ``skipped`` (a 0-d bool device tensor) is true."""
+        for name, buffer in self.module.named_buffers():
+            saved = self._saved.get(name)
+            if saved is not None and _same_layout(saved, buffer):
+                buffer.copy_(torch.where(skipped.to(buffer.device, non_blocking=True), saved, buffer))
+
+
+def _same_layout(a: Tensor, b: Tensor) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
+
+
+# Diagnostics of the last step, not training state: NaN before the first step and after a skipped one, and
+# rewritten by the next step. A checkpoint records them as absent (the finiteness rule is for state), and a
+# resumed optimizer starts them afresh.
+_DIAGNOSTIC_COUNTERS = ("last_grad_norm", "last_clipped_grad_norm")
+_COUNTERS = "provetrain"  # where provetrain's Adam keeps its counters in its state_dict
+
+
 @dataclass
 class _Snapshot:
     model: dict[str, Tensor]
@@ -205,6 +247,7 @@ class Trainer:
         self._rows: list[dict[str, Any]] = []
         self._snapshot: _Snapshot | None = None
         self._last_trained_step = -1
+        self._buffers = _BufferGuard(self.model)
         self.outputs: RunOutputs | None = None  # rank 0's run files, from fit() on
 
     # ----------------------------------------------------------------------------------------------- setup
@@ -328,6 +371,7 @@ class Trainer:
         #    weight (1.0 for equal shares) makes that average the gradient of the global batch's mean loss
         self._train_module.train()
         self.optimizer.zero_grad(set_to_none=True)
+        self._buffers.save_()  # the forward may write buffers before the step is known to be good
         loss = self.loss_fn(self._train_module(inputs), targets)
         weight = self.world.size * len(local) / len(indices)
         (loss if weight == 1.0 else loss * weight).backward()
@@ -339,7 +383,10 @@ class Trainer:
         #    every rank holds the whole averaged gradient, so the optimizer's norm is already the global one.
         skipped_before = self.optimizer.skipped_steps.clone()
         self.optimizer.step(loss=loss)
-        # 6. keep this step's values on the device until the next read-back
+        skipped = self.optimizer.skipped_steps - skipped_before
+        # 6. a skipped step leaves the buffers as they were, like the weights (decided on the device)
+        self._buffers.restore_if_(skipped > 0)
+        # 7. keep this step's values on the device until the next read-back
         self._last_trained_step = step
         self._pending.append(
             _Pending(
@@ -348,7 +395,7 @@ class Trainer:
                 loss.detach().reshape(()).to(torch.float64),
                 self.optimizer.last_grad_norm.clone(),
                 self.optimizer.last_clipped_grad_norm.clone(),
-                self.optimizer.skipped_steps - skipped_before,
+                skipped,
             )
         )
 
@@ -535,19 +582,27 @@ class Trainer:
         """Adam's largest stable lr at the initial point (``provetrain.train.lr_max``): the preconditioner from
         the mean squared gradient of the first ``batches`` batches, the curvature on their union (up to 1024
         examples). Uses the data of the first steps and the model as it is now; changes nothing."""
-        loaded = [self._batch(i) for i in range(min(batches, self.steps_per_epoch))]
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        losses = [lambda x=x, y=y: self.loss_fn(self.model(x), y) for x, y in loaded]
-        preconditioner = preconditioner_from_batches(losses, params, eps=self.config.eps)
-        inputs, targets = (torch.cat(parts)[:1024] for parts in zip(*loaded, strict=True))
-        return estimate_lr_max(
-            lambda: self.loss_fn(self.model(inputs), targets),
-            params,
-            optimizer="adam",
-            betas=self.config.betas,
-            eps=self.config.eps,
-            preconditioner=preconditioner,
-        )
+        # Its forwards run in training mode and write buffers (BatchNorm statistics): they are put back after.
+        buffers = {name: b.clone() for name, b in self.model.named_buffers()}
+        try:
+            loaded = [self._batch(i) for i in range(min(batches, self.steps_per_epoch))]
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            losses = [lambda x=x, y=y: self.loss_fn(self.model(x), y) for x, y in loaded]
+            preconditioner = preconditioner_from_batches(losses, params, eps=self.config.eps)
+            inputs, targets = (torch.cat(parts)[:1024] for parts in zip(*loaded, strict=True))
+            return estimate_lr_max(
+                lambda: self.loss_fn(self.model(inputs), targets),
+                params,
+                optimizer="adam",
+                betas=self.config.betas,
+                eps=self.config.eps,
+                preconditioner=preconditioner,
+            )
+        finally:
+            with torch.no_grad():
+                for name, buffer in self.model.named_buffers():
+                    if name in buffers and _same_layout(buffer, buffers[name]):
+                        buffer.copy_(buffers[name])
 
     # --------------------------------------------------------------------------------------- checkpoints
     _RESUME_INVARIANT_KEYS = ("data", "data_args", "model", "model_args", "optimizer", "batch_size", "seed")
@@ -560,13 +615,13 @@ class Trainer:
 
         Under torch.distributed every rank holds the same state: rank 0 writes it, and the other ranks wait
         until it is written (or raise rank 0's error)."""
-        if self._pending:  # values not yet read back: the policies have not seen them, so nothing is saved
-            return
+        if self._pending:  # the policies see every step before its state is saved (a host read, rare)
+            self._read_back()
         self.world.run_on_main(lambda: self._write_checkpoint(next_step))
 
     def _write_checkpoint(self, next_step: int) -> None:
         model_tensors, model_structure = flatten_state(self.model.state_dict(), prefix="model")
-        optimizer_tensors, optimizer_structure = flatten_state(self.optimizer.state_dict(), prefix="optimizer")
+        optimizer_tensors, optimizer_structure = flatten_state(self._optimizer_state(), prefix="optimizer")
         state = {
             "next_step": next_step,
             "applied_steps": self.applied_steps,
@@ -590,6 +645,22 @@ class Trainer:
             overwrite=True,
         )
 
+    def _optimizer_state(self) -> dict[str, Any]:
+        """The optimizer's state without its last-step diagnostics (:data:`_DIAGNOSTIC_COUNTERS`)."""
+        state = self.optimizer.state_dict()
+        counters = state.get(_COUNTERS)
+        if isinstance(counters, dict):
+            state[_COUNTERS] = {k: v for k, v in counters.items() if k not in _DIAGNOSTIC_COUNTERS}
+        return state
+
+    def _load_optimizer_state(self, state: dict[str, Any]) -> None:
+        """Load a checkpoint's optimizer state; the diagnostics it records as absent keep their fresh values."""
+        counters = state.get(_COUNTERS)
+        if isinstance(counters, dict):
+            live = self.optimizer.state_dict().get(_COUNTERS, {})
+            state[_COUNTERS] = {k: v for k, v in live.items() if k in _DIAGNOSTIC_COUNTERS} | counters
+        self.optimizer.load_state_dict(state)
+
     def _resume(self, path: Path) -> int:
         """Restore a checkpoint saved by this Trainer; returns the step to continue from."""
         if path.name.startswith("step-"):
@@ -605,7 +676,7 @@ class Trainer:
                 f"({', '.join(f'{k}={saved.get(k)!r}' for k in changed)}); resume with the same settings"
             )
         self.model.load_state_dict(unflatten_state(checkpoint.tensors, state["model"]))
-        self.optimizer.load_state_dict(unflatten_state(checkpoint.tensors, state["optimizer"]))
+        self._load_optimizer_state(unflatten_state(checkpoint.tensors, state["optimizer"]))
         self.monitor.load_state_dict(state["monitor"])
         self.applied_steps = state["applied_steps"]
         self.skips.total = state["skipped_steps"]
