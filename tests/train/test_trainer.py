@@ -15,6 +15,7 @@ from torch.utils.data import TensorDataset
 from provetrain import ContractViolation
 from provetrain.data.sources import DataSplits
 from provetrain.errors import ConfigError
+from provetrain.train.checkpoint import ResumeError
 from provetrain.train.trainer import Callback, Trainer
 
 
@@ -229,7 +230,7 @@ def test_resume_refuses_a_different_setup(tmp_path: Path) -> None:
     settings = {"steps": 10, "lr": 1e-2, "lr_max": None, "checkpoint_every": 5}
     Trainer(dropout_mlp(), blobs(), output_dir=str(tmp_path / "a"), batch_size=32, **settings).fit()
     other = Trainer(dropout_mlp(), blobs(), output_dir=str(tmp_path / "b"), batch_size=16, **settings)
-    with pytest.raises(ValueError, match=r"used different batch_size \(batch_size=32\)"):
+    with pytest.raises(ResumeError, match=r"used different batch_size \(batch_size=32; this run has batch_size=16\)"):
         other.fit(resume_from=tmp_path / "a" / "checkpoints")
 
 

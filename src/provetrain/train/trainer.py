@@ -26,10 +26,13 @@ checkpoints (:mod:`provetrain.train.distributed` states what is guaranteed).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+import signal
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -54,8 +57,11 @@ from provetrain.train.certificate import (
     LOSS_TREND,
     ClauseLedger,
     certify_step,
+    outcome_of,
 )
 from provetrain.train.checkpoint import (
+    Checkpoint,
+    ResumeError,
     capture_rng_state,
     flatten_state,
     load_checkpoint,
@@ -67,14 +73,38 @@ from provetrain.train.config import TrainConfig, make_config
 from provetrain.train.distributed import World
 from provetrain.train.lr_max import LrMaxEstimate, estimate_lr_max, preconditioner_from_batches
 from provetrain.train.monitor import LossTrendMonitor
-from provetrain.train.outputs import RunOutputs
+from provetrain.train.outputs import RunOutputs, check_output_dir
 from provetrain.train.policies import SkipBudget, nonfinite_clause
 from provetrain.train.schedule import Schedule
 
-__all__ = ["Callback", "TrainResult", "Trainer"]
+__all__ = ["Callback", "Terminated", "TrainResult", "Trainer"]
 
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived during :meth:`Trainer.fit`: raised like Ctrl-C, so the run ends through the same path
+    (the certificate says ``failed``, the last checkpoint stays loadable)."""
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """While training, SIGTERM raises :class:`Terminated`; the previous handler is restored after.
+
+    Signal handlers can only be set from the main thread: elsewhere SIGTERM keeps its handler."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum: int, frame: Any) -> None:
+        raise Terminated("received SIGTERM")
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class Callback:
@@ -154,6 +184,9 @@ def _same_layout(a: Tensor, b: Tensor) -> bool:
 # resumed optimizer starts them afresh.
 _DIAGNOSTIC_COUNTERS = ("last_grad_norm", "last_clipped_grad_norm")
 _COUNTERS = "provetrain"  # where provetrain's Adam keeps its counters in its state_dict
+
+# The outcome of a run that has started and not ended: what a killed run's certificate keeps saying.
+_UNFINISHED = "failed: did not finish (the process was killed, or the final certificate could not be written)"
 
 
 @dataclass
@@ -288,10 +321,24 @@ class Trainer:
             )
 
     def _output_dir(self) -> Path:
+        """Where this run's outputs will go; ``FileExistsError`` if it could not be claimed."""
         if self.config.output_dir is not None:
-            return Path(self.config.output_dir)
-        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        return Path("runs") / f"{self.config.data}-{self.config.model}-{stamp}"
+            directory = Path(self.config.output_dir)
+        else:
+            stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+            directory = Path("runs") / f"{self.config.data}-{self.config.model}-{stamp}"
+        check_output_dir(directory)
+        return directory
+
+    @torch.no_grad()
+    def _preflight_eval(self) -> None:
+        """The held-out forward and loss on two examples, so that an evaluation that cannot run fails before
+        anything is written (eval mode: no buffer is written, no random number drawn)."""
+        if self.data.test is None or len(self.data.test) == 0:
+            return
+        self.model.eval()
+        inputs, targets = (t[:2].to(self.device) for t in self.data.test.tensors)
+        self.loss_fn(self.model(inputs), targets)
 
     # ------------------------------------------------------------------------------------------------ loop
     def fit(self, *, resume_from: str | Path | None = None) -> TrainResult:
@@ -306,20 +353,24 @@ class Trainer:
         self.optimizer = self._build_optimizer()
         # The module the training forward runs through: DDP around the model under torch.distributed.
         self._train_module = self.world.wrap(self.model, self.device)
+        self._resumed_from = None if resume_from is None else Path(resume_from)
         first_step = 0
-        if resume_from is not None:
-            first_step = self._resume(Path(resume_from))
+        if self._resumed_from is not None:
+            first_step = self._resume(self._resumed_from)
         else:
             self.lr_max = self._lr_max()
         self._preflight_lr()
-        self._open_outputs()
+        self._preflight_eval()
+        self.output_dir = self.world.run_on_main(self._output_dir)  # checked now, claimed once training starts
         self._take_snapshot()
-        outcome = "kept"
+        error: BaseException | None = None
         started = time.perf_counter()
         try:
-            with self._progress(first_step) as advance:
+            with _sigterm_raises(), self._progress(first_step) as advance:
                 for step in range(first_step, self.total_steps):
                     self._train_step(step)
+                    if step == first_step:  # data, model, forward and backward work: the run has started
+                        self._open_outputs()
                     if (step + 1) % self.read_every == 0 or step + 1 == self.total_steps:
                         self._read_back()
                     if self.config.eval_every and self._due(step, self.config.eval_every):
@@ -327,13 +378,15 @@ class Trainer:
                     if self.config.checkpoint_every and self._due(step, self.config.checkpoint_every):
                         self._save_checkpoint(step + 1)
                     advance()
-            self._save_checkpoint(self.total_steps)
-            evaluation = self._evaluate(self.total_steps - 1)
-        except ContractViolation as violation:
-            outcome = f"violated: {violation}"
+                self._save_checkpoint(self.total_steps)
+                evaluation = self._evaluate(self.total_steps - 1)
+                if self.outputs is not None:
+                    self.outputs.write_report(self._rows, clip_value=self.config.clip_value)
+        except BaseException as caught:  # KeyboardInterrupt and SIGTERM too: the certificate must say so
+            error = caught
             raise
         finally:
-            self._finish(outcome, time.perf_counter() - started)
+            self._finish(error, time.perf_counter() - started)
         # Every rank returns once rank 0's outputs are complete. The wait also lets gloo's worker threads
         # release the tensors of the last collectives while Python is alive: a process that exits right after
         # a collective can abort in interpreter shutdown (torch 2.13, gloo).
@@ -346,7 +399,7 @@ class Trainer:
             final_loss=next((r["loss"] for r in reversed(self._rows) if "loss" in r and not r["skipped"]), math.nan),
             evaluation=evaluation,
             output_dir=self.output_dir,
-            certificate=self._certificate(outcome),
+            certificate=self._certificate(outcome_of(None)),
             lr_max=self.lr_max,
         )
         for callback in self.callbacks:
@@ -633,6 +686,7 @@ class Trainer:
             "model": model_structure,
             "optimizer": optimizer_structure,
             "monitor": self.monitor.state_dict(),
+            "ledger": self.ledger.state_dict(),
             "rng": capture_rng_state(),
             "config": self.config.model_dump(mode="json"),
         }
@@ -662,22 +716,25 @@ class Trainer:
         self.optimizer.load_state_dict(state)
 
     def _resume(self, path: Path) -> int:
-        """Restore a checkpoint saved by this Trainer; returns the step to continue from."""
-        if path.name.startswith("step-"):
-            checkpoint = load_checkpoint(path.parent, int(path.name.removeprefix("step-")))
-        else:
-            checkpoint = load_checkpoint(path)
-        state = checkpoint.state
-        saved, current = state["config"], self.config.model_dump(mode="json")
-        changed = [k for k in self._RESUME_INVARIANT_KEYS if saved.get(k) != current.get(k)]
-        if changed:
-            raise ValueError(
-                f"cannot resume from {checkpoint.path}: its run used different {', '.join(changed)} "
-                f"({', '.join(f'{k}={saved.get(k)!r}' for k in changed)}); resume with the same settings"
-            )
-        self.model.load_state_dict(unflatten_state(checkpoint.tensors, state["model"]))
-        self._load_optimizer_state(unflatten_state(checkpoint.tensors, state["optimizer"]))
-        self.monitor.load_state_dict(state["monitor"])
+        """Restore a checkpoint saved by this Trainer; returns the step to continue from.
+
+        Raises:
+            ResumeError: the checkpoint is missing, corrupt or inconsistent, was saved with other settings
+                (naming them), or is at or past this run's last step.
+        """
+        try:
+            checkpoint = self._load_resume_checkpoint(path)
+            state = checkpoint.state
+            next_step = self._check_resume_state(checkpoint.path, checkpoint.step, state)
+            self.model.load_state_dict(unflatten_state(checkpoint.tensors, state["model"]))
+            self._load_optimizer_state(unflatten_state(checkpoint.tensors, state["optimizer"]))
+            self.monitor.load_state_dict(state["monitor"])
+            if "ledger" in state:  # checkpoints from before the ledger was saved certify from the resume on
+                self.ledger.load_state_dict(state["ledger"])
+        except ResumeError:
+            raise
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as error:
+            raise ResumeError(f"cannot resume from {path}: {error}") from error
         self.applied_steps = state["applied_steps"]
         self.skips.total = state["skipped_steps"]
         self.skips.consecutive = state["consecutive_skips"]
@@ -685,7 +742,51 @@ class Trainer:
         self.lr_scale = state["lr_scale"]
         self.lr_max = state["lr_max"]
         restore_rng_state(state["rng"])
-        return int(state["next_step"])
+        return next_step
+
+    @staticmethod
+    def _load_resume_checkpoint(path: Path) -> Checkpoint:
+        if path.name.startswith("step-"):
+            step = path.name.removeprefix("step-")
+            if not step.isdigit():
+                raise ResumeError(f"cannot resume from {path}: a checkpoint is named step-<N> with N a number")
+            return load_checkpoint(path.parent, int(step))
+        return load_checkpoint(path)
+
+    def _check_resume_state(self, where: Path, step: int, state: dict[str, Any]) -> int:
+        """The checkpoint's counters are consistent and its settings are this run's; returns its next step."""
+
+        def count(key: str) -> int:
+            value = state.get(key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ResumeError(f"cannot resume from {where}: state.json: {key} is {value!r}, not a count >= 0")
+            return value
+
+        next_step, applied, skipped = count("next_step"), count("applied_steps"), count("skipped_steps")
+        if next_step != step or applied + skipped > next_step or count("consecutive_skips") > skipped:
+            raise ResumeError(
+                f"cannot resume from {where}: state.json: next_step={next_step}, applied_steps={applied}, "
+                f"skipped_steps={skipped} do not fit a checkpoint of step {step}"
+            )
+        count("rollbacks")
+        scale = state.get("lr_scale")
+        if not isinstance(scale, float | int) or not 0 < scale <= 1:
+            raise ResumeError(f"cannot resume from {where}: state.json: lr_scale is {scale!r}, not in (0, 1]")
+        saved, current = state["config"], self.config.model_dump(mode="json")
+        changed = [k for k in self._RESUME_INVARIANT_KEYS if saved.get(k) != current.get(k)]
+        if changed:
+            raise ResumeError(
+                f"cannot resume from {where}: its run used different {', '.join(changed)} "
+                f"({', '.join(f'{k}={saved.get(k)!r}' for k in changed)}; this run has "
+                f"{', '.join(f'{k}={current.get(k)!r}' for k in changed)}); resume with the same settings"
+            )
+        if next_step >= self.total_steps:
+            raise ResumeError(
+                f"cannot resume from {where}: it is at step {next_step}, and this run ends at step "
+                f"{self.total_steps} (steps is the total, not the steps to add); give more than {next_step} "
+                "steps to continue"
+            )
+        return next_step
 
     @torch.no_grad()
     def _evaluate(self, step: int) -> dict[str, float] | None:
@@ -709,6 +810,7 @@ class Trainer:
 
     def _certificate(self, outcome: str) -> dict[str, Any]:
         run = {
+            "resumed_from": None if self._resumed_from is None else str(self._resumed_from),
             "config": self.config.model_dump(mode="json"),
             "device": str(self.device),
             "world_size": self.world.size,
@@ -722,21 +824,26 @@ class Trainer:
         }
         return self.ledger.certificate(run=run, outcome=outcome)
 
-    def _finish(self, outcome: str, seconds: float) -> None:
-        if self.outputs is None:  # not rank 0: it writes nothing
+    def _finish(self, error: BaseException | None, seconds: float) -> None:
+        """Rank 0 writes the certificate whatever ended the run (a minimal one if the disk is full)."""
+        if self.outputs is None:  # not rank 0, or the run never started: nothing was written
             return
-        self.outputs.write_certificate(self._certificate(outcome) | {"seconds": round(seconds, 3)})
-        self.outputs.write_report(self._rows, clip_value=self.config.clip_value)
-        self.outputs.close()
+        if error is not None:  # the report helps explain a failure; it must not hide it
+            with contextlib.suppress(Exception):
+                self.outputs.write_report(self._rows, clip_value=self.config.clip_value)
+        with contextlib.suppress(OSError):
+            self.outputs.close()
+        self.outputs.write_certificate(self._certificate(outcome_of(error)) | {"seconds": round(seconds, 3)})
 
     def _open_outputs(self) -> None:
-        """Rank 0 creates the run directory (new or empty); every rank learns where it is."""
+        """Rank 0 claims the run directory (new or empty) and writes a certificate saying the run has not
+        finished, replaced when it ends (what a killed run leaves behind)."""
 
-        def create() -> Path:
-            self.outputs = RunOutputs(self._output_dir())
-            return self.outputs.directory
+        def create() -> None:
+            self.outputs = RunOutputs(self.output_dir)
+            self.outputs.write_certificate(self._certificate(_UNFINISHED))
 
-        self.output_dir = self.world.run_on_main(create)
+        self.world.run_on_main(create)
 
     def _log(self, row: dict[str, Any]) -> None:
         """Keep a metrics row (every rank) and append it to metrics.jsonl (rank 0)."""
