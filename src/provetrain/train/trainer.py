@@ -250,6 +250,7 @@ class Trainer:
             data = DataSplits(data, eval_data, "classification", tuple(data.tensors[0].shape[1:]), 0)
         self.data = data
         self.world = World.current()
+        self.world.set_collective_timeout(self.config.collective_timeout_minutes)
         self.world.check_batches(len(data.train), self.config.batch_size)
         self.device = self.world.local_device(_resolve_device(self.config.device))
         self.model = model.to(self.device)
