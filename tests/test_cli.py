@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from typer.testing import CliRunner
 
@@ -141,3 +143,35 @@ def test_lr_max_of_the_default_job(tmp_path: Path) -> None:
     report = json.loads(result.stdout)
     assert report["method"] == "adam" and report["lr"] == 0.01
     assert report["lr_below_lr_max"] is True and report["lr_max"] > 0.01
+
+
+def test_every_resume_failure_exits_2_with_one_line_and_writes_nothing(tmp_path: Path) -> None:
+    first = runner.invoke(app, ["train", "--steps", "6", "--quiet", "--output-dir", str(tmp_path / "a")])
+    assert first.exit_code == 0, first.output
+    checkpoints = tmp_path / "a" / "checkpoints"
+    for resume, steps, message in (
+        (tmp_path / "missing", "8", "does not exist"),
+        (checkpoints / "step-abc", "8", "a checkpoint is named step-<N> with N a number"),
+        (checkpoints / "step-6", "5", "it is at step 6, and this run ends at step 5 (steps is the total"),
+    ):
+        out = tmp_path / "b"
+        result = runner.invoke(
+            app, ["train", "--steps", steps, "--quiet", "--output-dir", str(out), "--resume", str(resume)]
+        )
+        assert result.exit_code == 2, result.output
+        assert result.stderr.startswith("error: cannot resume from ") and message in result.stderr
+        assert "Traceback" not in result.output and not out.exists()
+
+
+def test_a_full_disk_exits_1_with_one_line_and_a_failed_certificate(tmp_path: Path, monkeypatch: Any) -> None:
+    from provetrain.train import checkpoint
+
+    def full_disk(*args: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "_write_contents", full_disk)
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["train", "--steps", "3", "--quiet", "--output-dir", str(out)])
+    assert result.exit_code == 1, result.output
+    assert result.stderr == "error: [Errno 28] No space left on device\n"
+    assert json.loads((out / "certificate.json").read_text())["outcome"].startswith("failed: OSError: [Errno 28]")

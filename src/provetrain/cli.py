@@ -169,22 +169,37 @@ def train(
 
     Under torchrun (``torchrun --nproc-per-node N -m provetrain train ...``) each process joins one
     data-parallel run; rank 0 writes the outputs and prints the summary."""
+    from torch.distributed import DistError
+
+    from provetrain.train.checkpoint import ResumeError
     from provetrain.train.config import load_config
-    from provetrain.train.distributed import torchrun_process_group
+    from provetrain.train.distributed import launched_by_torchrun, torchrun_process_group
     from provetrain.train.run import default_config_path, prepare_trainer
+    from provetrain.train.trainer import Terminated
 
     device_name = device.value if device is not None else None
     overrides = {"output_dir": output_dir, "steps": steps, "device": device_name, "seed": seed}
     try:
         settings = load_config(default_config_path() if config is None else config)
-        with torchrun_process_group(device_name or settings.device) as rank:
+        timeout = settings.collective_timeout_minutes
+        with torchrun_process_group(device_name or settings.device, timeout_minutes=timeout) as rank:
             trainer = prepare_trainer(settings, console=None if quiet else stdout, **overrides)
             result = trainer.fit(resume_from=resume)
-    except (ConfigError, ContractError, FileExistsError) as error:
+    except (ConfigError, ContractError, FileExistsError, ResumeError) as error:
         _exit_with_error(error)
     except ContractViolation as violation:
         _print_error("contract violation:", violation)
         raise typer.Exit(1) from None
+    except (OSError, DistError) as error:  # a full disk, a lost or frozen peer: the certificate says failed
+        _exit_with_error(error, code=1)
+    except RuntimeError as error:
+        if not launched_by_torchrun():
+            raise
+        # gloo reports a peer that timed out or died as a plain RuntimeError
+        _exit_with_error(RuntimeError(f"this process's run ended: {error}"), code=1)
+    except Terminated:
+        stderr.print("terminated by SIGTERM; the run's certificate says failed", highlight=False)
+        raise typer.Exit(143) from None
     if rank == 0:
         _print_run_summary(result, quiet=quiet)
 

@@ -227,6 +227,51 @@ def test_a_stale_temporary_from_a_killed_save_is_ignored_then_removed(tmp_path: 
     assert not stale.exists()
 
 
+def test_stale_trash_and_pointer_temporaries_are_removed_by_the_next_save(tmp_path: Path) -> None:
+    save_checkpoint(tmp_path, step=1, tensors={"w": torch.ones(1)}, state={})
+    stale = [tmp_path / ".trash-step-0-abc", tmp_path / ".tmp-latest-abc"]
+    stale[0].mkdir()
+    (stale[0] / "tensors.safetensors").write_bytes(b"old")
+    stale[1].write_text("step-0\n")
+    save_checkpoint(tmp_path, step=2, tensors={"w": torch.ones(1)}, state={})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-1", "step-2"]
+
+
+def _rewrite_consistently(path: Path, name: str, data: bytes) -> None:
+    """Replace one file of a checkpoint and update the manifest to match: only the content checks can tell."""
+    (path / name).write_bytes(data)
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["files"][name] = ckpt._describe(path / name)
+    (path / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _nan_weights(path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.tensor([1.0, float("nan")])}, path / "tensors.safetensors")
+    _rewrite_consistently(path, "tensors.safetensors", (path / "tensors.safetensors").read_bytes())
+
+
+def _nan_in_state(path: Path) -> None:
+    _rewrite_consistently(path, "state.json", b'{"lr_scale": NaN}')
+
+
+@pytest.mark.parametrize(
+    ("alter", "file", "problem"),
+    [
+        (_nan_weights, "tensors.safetensors", r"tensors \['w'\] hold NaN or Inf"),
+        (_nan_in_state, "state.json", r"state\['lr_scale'\] is NaN"),
+    ],
+)
+def test_non_finite_values_with_a_consistent_manifest_are_refused_on_load(
+    tmp_path: Path, alter: Any, file: str, problem: str
+) -> None:
+    path = save_checkpoint(tmp_path, step=3, tensors={"w": torch.ones(2)}, state={"lr_scale": 1.0})
+    alter(path)
+    with pytest.raises(CheckpointCorruptError, match=re.escape(str(path / file)) + ": " + problem):
+        load_checkpoint(tmp_path)
+
+
 def _truncate_tensors(path: Path) -> None:
     target = path / "tensors.safetensors"
     target.write_bytes(target.read_bytes()[:-3])
@@ -334,7 +379,7 @@ def test_integer_tensors_and_exempt_masks_are_saved(tmp_path: Path) -> None:
     save_checkpoint(
         tmp_path, step=0, tensors={"mask": mask, "count": torch.tensor(3)}, state={}, finite_exempt=["mask"]
     )
-    assert torch.equal(load_checkpoint(tmp_path).tensors["mask"], mask)
+    assert torch.equal(load_checkpoint(tmp_path).tensors["mask"], mask)  # exempt on load too
 
 
 # --- RNG ---------------------------------------------------------------------------------------------

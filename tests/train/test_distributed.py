@@ -13,6 +13,7 @@ import pickle
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Sequence
 from fractions import Fraction
 from pathlib import Path
@@ -416,3 +417,36 @@ def test_torchrun_cli_trains_on_two_processes(tmp_path: Path) -> None:
     run = json.loads((out / "certificate.json").read_text())["run"]
     assert (run["steps"], run["world_size"]) == (10, 2)
     assert done.stdout.count("outputs:") == 1  # rank 0 prints the summary
+
+
+# ------------------------------------------------------------------------ a frozen or dead rank
+class _FreezeRankOne(Callback):
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+
+    def on_step_end(self, trainer: Trainer, row: dict[str, Any]) -> None:
+        if self.rank == 1 and row["step"] == 2:
+            time.sleep(8)  # frozen, for longer than the collective timeout
+
+
+def _frozen_peer(rank: int, port: int, directory: Path) -> None:
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    settings = {"steps": 8, "lr_max": None, "batch_size": 32, "collective_timeout_minutes": 0.03}
+    try:
+        Trainer(mlp(), blobs(), callbacks=[_FreezeRankOne(rank)], output_dir=str(directory / "run"), **settings).fit()
+        outcome = "finished"
+    except RuntimeError as error:
+        outcome = f"{type(error).__name__}: {error}"
+    (directory / f"rank{rank}.txt").write_text(outcome)
+    os._exit(0)  # the peer is gone: no barrier, no teardown
+
+
+def test_a_frozen_rank_ends_the_run_on_every_survivor_and_the_certificate_says_failed(tmp_path: Path) -> None:
+    mp.spawn(_frozen_peer, args=(free_port(), tmp_path), nprocs=WORLD, join=True)
+    survivor, frozen = ((tmp_path / f"rank{rank}.txt").read_text() for rank in range(WORLD))
+    assert survivor.startswith("RuntimeError:") and "Timed out waiting 1800ms" in survivor
+    assert frozen.startswith("RuntimeError:")  # it woke up to a peer that had ended the run
+    outcome = json.loads((tmp_path / "run" / "certificate.json").read_text())["outcome"]
+    assert outcome.startswith("failed: RuntimeError:") and "Timed out" in outcome

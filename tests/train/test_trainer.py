@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +18,8 @@ from torch.utils.data import TensorDataset
 from provetrain import ContractViolation
 from provetrain.data.sources import DataSplits
 from provetrain.errors import ConfigError
-from provetrain.train.trainer import Callback, Trainer
+from provetrain.train.checkpoint import ResumeError
+from provetrain.train.trainer import Callback, Terminated, Trainer
 
 
 def blobs(n: int = 256, seed: int = 0) -> DataSplits:
@@ -229,7 +233,7 @@ def test_resume_refuses_a_different_setup(tmp_path: Path) -> None:
     settings = {"steps": 10, "lr": 1e-2, "lr_max": None, "checkpoint_every": 5}
     Trainer(dropout_mlp(), blobs(), output_dir=str(tmp_path / "a"), batch_size=32, **settings).fit()
     other = Trainer(dropout_mlp(), blobs(), output_dir=str(tmp_path / "b"), batch_size=16, **settings)
-    with pytest.raises(ValueError, match=r"used different batch_size \(batch_size=32\)"):
+    with pytest.raises(ResumeError, match=r"used different batch_size \(batch_size=32; this run has batch_size=16\)"):
         other.fit(resume_from=tmp_path / "a" / "checkpoints")
 
 
@@ -300,3 +304,246 @@ def test_state_is_snapshotted_only_when_a_policy_can_roll_back(tmp_path: Path, p
     trainer = Trainer(Poisoned(set()), blobs(), steps=8, lr_max=None, output_dir=str(tmp_path / "run"), **policies)
     trainer.fit()
     assert (trainer._snapshot is not None) is snapshot
+
+
+# --- a skipped step never kills the run (issue 10, items 1 and 2) ---------------------------------------------
+
+
+class PoisonedBatchNorm(Poisoned):
+    """Poisoned, with a BatchNorm whose running statistics the forward writes before the skip is known."""
+
+    def __init__(self, bad_calls: set[int]) -> None:
+        super().__init__(bad_calls)
+        self.norm = nn.BatchNorm1d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and self.calls in self.bad_calls:
+            x = x * math.nan  # the NaN goes through the BatchNorm, so its running statistics see it
+        return super().forward(self.norm(x))
+
+
+@pytest.mark.parametrize(
+    ("bad_step", "overrides"),
+    [
+        (4, {"checkpoint_every": 5}),  # the step right before a checkpoint
+        (11, {}),  # the last step, before the final checkpoint
+        (3, {"checkpoint_every": 1}),  # a checkpoint after every step
+        (0, {"checkpoint_every": 1}),  # the first step: the norms were never set
+    ],
+)
+def test_a_skip_before_a_checkpoint_is_counted_and_every_checkpoint_written(
+    tmp_path: Path, bad_step: int, overrides: dict[str, Any]
+) -> None:
+    from provetrain.train.checkpoint import list_checkpoints, load_checkpoint
+
+    result, _ = train(tmp_path, Poisoned({bad_step}), keep_checkpoints=100, **overrides)
+    assert (result.applied_steps, result.skipped_steps) == (11, 1)
+    every = overrides.get("checkpoint_every", 12)
+    assert list_checkpoints(tmp_path / "run" / "checkpoints") == sorted({*range(every, 13, every), 12})
+    saved = load_checkpoint(tmp_path / "run" / "checkpoints", bad_step + 1 if every == 1 else None).tensors
+    assert not any(name.endswith(("last_grad_norm", "last_clipped_grad_norm")) for name in saved)
+    assert certificate(tmp_path)["outcome"] == "kept"
+
+
+def test_resume_after_a_skip_restores_the_counters_and_fresh_diagnostics(tmp_path: Path) -> None:
+    settings = {
+        "steps": 12,
+        "batch_size": 32,
+        "lr": 1e-2,
+        "lr_max": None,
+        "checkpoint_every": 1,
+        "keep_checkpoints": 20,
+    }
+    Trainer(Poisoned({5}), blobs(), output_dir=str(tmp_path / "a"), **settings).fit()
+    resumed = Trainer(Poisoned(set()), blobs(), output_dir=str(tmp_path / "b"), **settings | {"steps": 14})
+    result = resumed.fit(resume_from=tmp_path / "a" / "checkpoints" / "step-6")
+    assert (result.applied_steps, result.skipped_steps) == (13, 1)
+    assert int(resumed.optimizer.skipped_steps) == 1
+    assert math.isfinite(float(resumed.optimizer.last_grad_norm))  # set again by the steps after the resume
+
+
+def test_a_skipped_step_leaves_batchnorm_statistics_as_they_were(tmp_path: Path) -> None:
+    class BufferRecorder(Callback):
+        def __init__(self) -> None:
+            self.buffers: dict[int, dict[str, torch.Tensor]] = {}
+
+        def on_step_end(self, trainer: Trainer, row: dict[str, Any]) -> None:
+            self.buffers[row["step"]] = {k: v.clone() for k, v in trainer.model.named_buffers()}
+
+    recorder = BufferRecorder()
+    settings = {"steps": 12, "batch_size": 32, "lr": 1e-2, "lr_max": None, "checkpoint_every": 1}
+    trainer = Trainer(
+        PoisonedBatchNorm({3}), blobs(), callbacks=[recorder], output_dir=str(tmp_path / "run"), **settings
+    )
+    result = trainer.fit()
+    assert (result.applied_steps, result.skipped_steps) == (11, 1)
+    for name, before in recorder.buffers[2].items():
+        assert torch.equal(recorder.buffers[3][name], before), name  # num_batches_tracked included
+    assert not torch.equal(recorder.buffers[4]["norm.running_mean"], recorder.buffers[3]["norm.running_mean"])
+    assert all(torch.isfinite(b).all() for b in trainer.model.buffers() if b.is_floating_point())
+    assert result.evaluation is not None and result.evaluation["accuracy"] > 0.9
+    assert len(list((tmp_path / "run" / "checkpoints").glob("step-*"))) == 2  # keep_checkpoints=2, all written
+
+
+def test_lr_max_estimate_leaves_the_buffers_as_they_were(tmp_path: Path) -> None:
+    model = PoisonedBatchNorm(set())
+    before = {k: v.clone() for k, v in model.named_buffers()}
+    Trainer(model, blobs(), steps=2, output_dir=str(tmp_path / "run")).estimate_lr_max(batches=2)
+    assert all(torch.equal(before[k], v) for k, v in model.named_buffers())
+
+
+# --- the certificate tells the truth; outputs only once training starts (issue 10, items 6 and 7) ------------
+
+
+class FailsOnCall(Poisoned):
+    """Raises ``error`` on one training forward call (or, with ``call=None``, on every evaluation forward)."""
+
+    def __init__(self, error: BaseException, call: int | None) -> None:
+        super().__init__(set())
+        self.error, self.call = error, call
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (self.training and self.calls == self.call) or (not self.training and self.call is None):
+            raise self.error
+        return super().forward(x)
+
+
+class SendsSigterm(Callback):
+    def on_step_end(self, trainer: Trainer, row: dict[str, Any]) -> None:
+        if row["step"] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+@pytest.mark.parametrize(
+    ("model", "callbacks", "error", "outcome"),
+    [
+        (FailsOnCall(ValueError("boom in the model"), 4), [], ValueError, "failed: ValueError: boom in the model"),
+        (FailsOnCall(KeyboardInterrupt(), 4), [], KeyboardInterrupt, "failed: KeyboardInterrupt"),
+        (Poisoned(set()), [SendsSigterm()], Terminated, "failed: Terminated: received SIGTERM"),
+        (Poisoned({2, 3}), [], ContractViolation, "violated: contract loss_decrease postcondition `loss.is_finite()`"),
+    ],
+)
+def test_a_run_that_does_not_finish_is_never_certified_kept(
+    tmp_path: Path, model: nn.Module, callbacks: list[Callback], error: type[BaseException], outcome: str
+) -> None:
+    handler = signal.getsignal(signal.SIGTERM)
+    trainer = Trainer(
+        model, blobs(), steps=12, lr_max=None, max_consecutive_skips=1, callbacks=callbacks, output_dir=str(tmp_path)
+    )
+    with pytest.raises(error):
+        trainer.fit()
+    assert certificate_of(tmp_path)["outcome"].startswith(outcome)
+    assert signal.getsignal(signal.SIGTERM) is handler  # restored after the run
+
+
+def certificate_of(run: Path) -> dict[str, Any]:
+    return json.loads((run / "certificate.json").read_text())
+
+
+def test_a_full_disk_fails_the_run_and_keeps_the_previous_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from provetrain.train import checkpoint
+    from provetrain.train.checkpoint import load_checkpoint
+
+    real, saves = checkpoint._write_contents, []
+
+    def write_contents(*args: Any) -> None:
+        saves.append(args[1])
+        if len(saves) > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(*args)
+
+    monkeypatch.setattr(checkpoint, "_write_contents", write_contents)
+    with pytest.raises(OSError, match="No space left on device"):
+        train(tmp_path, Poisoned(set()), checkpoint_every=4)
+    assert certificate(tmp_path)["outcome"] == "failed: OSError: [Errno 28] No space left on device"
+    assert load_checkpoint(tmp_path / "run" / "checkpoints").step == 4
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.startswith(".")] == []
+
+
+@pytest.mark.parametrize(
+    "model",
+    [FailsOnCall(ValueError("the first forward"), 0), FailsOnCall(RuntimeError("eval forward"), None)],
+    ids=["first-forward", "evaluation"],
+)
+def test_an_error_before_training_starts_writes_nothing(tmp_path: Path, model: nn.Module) -> None:
+    with pytest.raises((ValueError, RuntimeError)):
+        train(tmp_path, model)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_started_run_has_a_certificate_that_says_it_has_not_finished(tmp_path: Path) -> None:
+    class ReadsCertificate(Callback):
+        outcome = ""
+
+        def on_step_end(self, trainer: Trainer, row: dict[str, Any]) -> None:
+            self.outcome = self.outcome or certificate_of(trainer.output_dir)["outcome"]
+
+    reader = ReadsCertificate()
+    result = Trainer(Poisoned(set()), blobs(), steps=3, lr_max=None, callbacks=[reader], output_dir=str(tmp_path)).fit()
+    assert reader.outcome.startswith("failed: did not finish")  # what a run killed with -9 leaves behind
+    assert certificate_of(tmp_path)["outcome"] == result.certificate["outcome"] == "kept"
+
+
+def test_a_resumed_runs_certificate_covers_the_whole_run(tmp_path: Path) -> None:
+    settings = {"steps": 12, "batch_size": 32, "lr": 1e-2, "lr_max": None, "checkpoint_every": 6}
+    Trainer(Poisoned({2}), blobs(), output_dir=str(tmp_path / "a"), **settings).fit()
+    resumed = Trainer(Poisoned(set()), blobs(), output_dir=str(tmp_path / "b"), **settings)
+    resumed.fit(resume_from=tmp_path / "a" / "checkpoints" / "step-6")
+    whole, tail = certificate_of(tmp_path / "a"), certificate_of(tmp_path / "b")
+    assert tail["run"]["resumed_from"].endswith("step-6")
+    for clause_id in ("loss_decrease.postconditions[0]", "gradient_norm.postconditions[0]"):
+        assert clause(tail, clause_id) == clause(whole, clause_id)
+    assert (clause(tail, "loss_decrease.postconditions[0]")["checks"], tail["run"]["skipped_steps"]) == (12, 1)
+
+
+def _edit_state(step_dir: Path, **changes: Any) -> None:
+    from provetrain.train import checkpoint
+
+    state = json.loads((step_dir / "state.json").read_text()) | changes
+    (step_dir / "state.json").write_text(json.dumps(state))
+    manifest = json.loads((step_dir / "manifest.json").read_text())
+    manifest["files"]["state.json"] = checkpoint._describe(step_dir / "state.json")
+    (step_dir / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _nan_weight(step_dir: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from provetrain.train import checkpoint
+
+    tensors = load_file(step_dir / "tensors.safetensors")
+    tensors["model/net.0.weight"][0, 0] = math.nan
+    save_file(tensors, step_dir / "tensors.safetensors")
+    manifest = json.loads((step_dir / "manifest.json").read_text())
+    manifest["files"]["tensors.safetensors"] = checkpoint._describe(step_dir / "tensors.safetensors")
+    (step_dir / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize(
+    ("target", "damage", "steps", "message"),
+    [
+        ("missing", None, 12, r"checkpoint directory .*missing does not exist"),
+        ("checkpoints/step-abc", None, 12, r"step-abc: a checkpoint is named step-<N> with N a number"),
+        ("checkpoints/step-6", None, 5, r"it is at step 6, and this run ends at step 5 \(steps is the total"),
+        ("checkpoints/step-6", None, 6, r"it is at step 6, and this run ends at step 6"),
+        ("checkpoints/step-6", _nan_weight, 12, r"tensors \['model/net.0.weight'\] hold NaN or Inf"),
+        ("checkpoints/step-6", lambda d: _edit_state(d, next_step=1e30), 12, r"next_step is 1e\+30, not a count"),
+        ("checkpoints/step-6", lambda d: _edit_state(d, applied_steps=9), 12, r"do not fit a checkpoint of step 6"),
+        ("checkpoints/step-6", lambda d: _edit_state(d, lr_scale=0.0), 12, r"lr_scale is 0.0, not in \(0, 1\]"),
+        ("checkpoints", lambda d: (d / "tensors.safetensors").write_bytes(b"x"), 12, r"1 bytes, the manifest says"),
+    ],
+)
+def test_every_resume_failure_is_a_resume_error_and_writes_nothing(
+    tmp_path: Path, target: str, damage: Any, steps: int, message: str
+) -> None:
+    settings = {"batch_size": 32, "lr": 1e-2, "lr_max": None, "checkpoint_every": 6, "keep_checkpoints": 5}
+    Trainer(Poisoned(set()), blobs(), steps=12, output_dir=str(tmp_path / "a"), **settings).fit()
+    if damage is not None:
+        damage(tmp_path / "a" / "checkpoints" / "step-6")
+        (tmp_path / "a" / "checkpoints" / "latest").write_text("step-6\n")
+    resumed = Trainer(Poisoned(set()), blobs(), steps=steps, output_dir=str(tmp_path / "b"), **settings)
+    with pytest.raises(ResumeError, match=r"cannot resume from .*" + message):
+        resumed.fit(resume_from=tmp_path / "a" / target)
+    assert not (tmp_path / "b").exists()

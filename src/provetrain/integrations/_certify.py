@@ -30,9 +30,8 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from provetrain.contract.load import load_contract
 from provetrain.contract.schema import Contract
-from provetrain.errors import ContractViolation
 from provetrain.ops.adam import Adam
-from provetrain.train.certificate import GRAD, LOSS, ClauseLedger, certify_step
+from provetrain.train.certificate import GRAD, LOSS, ClauseLedger, certify_step, outcome_of
 from provetrain.train.outputs import write_json
 from provetrain.train.policies import SkipBudget, nonfinite_clause
 
@@ -313,15 +312,6 @@ class StepCertifier:
     def write_certificate(self, path: Path, *, outcome: str, run: dict[str, Any] | None = None) -> None:
         """Write :meth:`certificate` to ``path`` atomically (a crash leaves the previous file, never half)."""
         write_json(path, self.certificate(outcome=outcome, run=run))
-
-
-def outcome_of(error: BaseException | None) -> str:
-    """The certificate's ``outcome``: ``kept``, ``violated: ...`` (a contract clause) or ``failed: ...``."""
-    if error is None:
-        return "kept"
-    if isinstance(error, ContractViolation):
-        return f"violated: {error}"
-    return f"failed: {type(error).__name__}: {error}"
 
 
 def _has_values(grad: Tensor | None) -> bool:

@@ -18,7 +18,7 @@ from provetrain.contract.registry import clause_statuses
 from provetrain.contract.schema import Contract
 from provetrain.errors import ContractViolation
 
-__all__ = ["ClauseLedger", "ClauseRecord", "certify_step"]
+__all__ = ["ClauseLedger", "ClauseRecord", "certify_step", "outcome_of"]
 
 # The clauses a training step is certified against, exactly as training-loop-v1.yaml writes them.
 LOSS = "loss_decrease"
@@ -81,6 +81,36 @@ class ClauseLedger:
         if record is not None:
             record.actions[action] += count
 
+    def state_dict(self) -> list[dict[str, Any]]:
+        """The counters as plain data (a checkpoint keeps them, so a resumed run certifies the whole run)."""
+        return [
+            {
+                "owner": owner,
+                "kind": kind,
+                "text": text,
+                "checks": record.checks,
+                "violations": record.violations,
+                "first_violation_step": record.first_violation_step,
+                "actions": dict(record.actions),
+            }
+            for (owner, kind, text), record in self.records.items()
+        ]
+
+    def load_state_dict(self, state: list[dict[str, Any]]) -> None:
+        """Replace the counters with :meth:`state_dict`'s; ``ValueError`` names a clause this contract lacks."""
+        records = {}
+        for saved in state:
+            key = (saved["owner"], saved["kind"], saved["text"])
+            if key not in self.records:
+                raise ValueError(
+                    f"the saved certificate counts the {key[1]} {key[2]!r} of {key[0]}, which this run's contract "
+                    "does not have; resume under the contract the run started with"
+                )
+            records[key] = ClauseRecord(
+                saved["checks"], saved["violations"], saved["first_violation_step"], Counter(saved["actions"])
+            )
+        self.records.update(records)
+
     def certificate(self, *, run: dict[str, Any], outcome: str) -> dict[str, Any]:
         """The JSON-ready certificate: the contract, the run, and each clause with counts and evidence."""
         clauses = []
@@ -106,6 +136,18 @@ class ClauseLedger:
             "run": run,
             "clauses": clauses,
         }
+
+
+def outcome_of(error: BaseException | None) -> str:
+    """The certificate's ``outcome``: ``kept`` when the run finished (every violation met by its declared
+    policy, as counted under ``actions``), ``violated: <clause>`` when a contract clause ended it, and
+    ``failed: <exception>`` for any other end (an error, Ctrl-C, SIGTERM, a full disk, a lost peer)."""
+    if error is None:
+        return "kept"
+    if isinstance(error, ContractViolation):
+        return f"violated: {error}"
+    detail = str(error)
+    return f"failed: {type(error).__name__}" + (f": {detail}" if detail else "")
 
 
 def certify_step(

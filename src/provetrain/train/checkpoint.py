@@ -16,9 +16,11 @@ POSIX within one file system), the parent is fsynced, and only then is ``latest`
 away atomically before it is deleted.
 
 Loading reads ``latest`` (or, without it, the highest step), checks the manifest (sizes, and SHA-256 with
-``verify=True``) and parses both files. ``fallback=True`` walks back to the newest complete checkpoint
-older than a corrupt one, warns, and lists what it skipped in ``Checkpoint.skipped``. Nothing is
-unpickled: tensors come from safetensors, everything else from JSON.
+``verify=True``), parses both files and checks that every tensor (but those saved as ``finite_exempt``) and
+every float in ``state`` is free of NaN: a file altered with a consistent manifest is refused as well.
+``fallback=True`` walks back to the newest complete checkpoint older than a corrupt one, warns, and lists
+what it skipped in ``Checkpoint.skipped``. Nothing is unpickled: tensors come from safetensors, everything
+else from JSON.
 
 Non-finite values: a tensor holding NaN or Inf, or a NaN float in ``state``, is refused with
 :class:`~provetrain.errors.ContractViolation` on ``loss_decrease``'s postcondition ``loss.is_finite()``
@@ -37,9 +39,9 @@ Guarantees
 ----------
 - Atomicity: a visible ``step-<N>`` was complete and fsynced before it became visible; a save that fails
   or is killed at any point leaves every earlier checkpoint and ``latest`` untouched (at worst a stale
-  ``.tmp-*`` directory, ignored by ``load_checkpoint`` and removed by the next save). If the process dies
-  between the rename and the pointer update, the new checkpoint is complete but ``latest`` still names
-  the previous one, which is what loads.
+  ``.tmp-*`` or ``.trash-*`` directory, ignored by ``load_checkpoint`` and removed by the next save). If
+  the process dies between the rename and the pointer update, the new checkpoint is complete but
+  ``latest`` still names the previous one, which is what loads.
 - No previous checkpoint is removed before the new one and ``latest`` are in place.
 - Exactness: tensors are stored bit for bit (dtype, shape, bytes) and JSON data round-trips to equal
   values of the same types; with :func:`capture_rng_state` / :func:`restore_rng_state` a resumed run draws
@@ -76,6 +78,7 @@ from provetrain.errors import ContractViolation
 __all__ = [
     "Checkpoint",
     "CheckpointCorruptError",
+    "ResumeError",
     "TensorRef",
     "capture_rng_state",
     "flatten_state",
@@ -109,6 +112,11 @@ class CheckpointCorruptError(ValueError):
         self.path = Path(path)
         self.problem = problem
         super().__init__(f"checkpoint {self.path}: {problem}" + (f". {hint}" if hint else ""))
+
+
+class ResumeError(ValueError):
+    """A run cannot continue from this checkpoint: missing, corrupt, from other settings, or past the run's end.
+    The message names the checkpoint and what to change."""
 
 
 @dataclass(frozen=True)
@@ -189,7 +197,7 @@ def save_checkpoint(
     tmp = directory / f"{_TMP_PREFIX}{final.name}-{uuid.uuid4().hex}"
     tmp.mkdir()  # not tempfile.mkdtemp: its mode 0o700 would ignore the umask once renamed into place
     try:
-        _write_contents(tmp, step, prepared, encoded)
+        _write_contents(tmp, step, prepared, encoded, sorted(finite_exempt))
         _move_into_place(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -243,12 +251,12 @@ def _prepare_tensors(tensors: Mapping[str, Tensor], step: int, exempt: Collectio
     return prepared
 
 
-def _write_contents(tmp: Path, step: int, tensors: dict[str, Tensor], state: Any) -> None:
+def _write_contents(tmp: Path, step: int, tensors: dict[str, Tensor], state: Any, exempt: list[str]) -> None:
     save_file(tensors, tmp / TENSORS_FILE, metadata={"format": FORMAT, "step": str(step)})
     _fsync_file(tmp / TENSORS_FILE)
     _write_durably(tmp / STATE_FILE, json.dumps(state, allow_nan=False, ensure_ascii=False).encode())
     files = {name: _describe(tmp / name) for name in (TENSORS_FILE, STATE_FILE)}
-    manifest = {"format": FORMAT, "step": step, "files": files}
+    manifest = {"format": FORMAT, "step": step, "files": files, "finite_exempt": exempt}
     _write_durably(tmp / MANIFEST_FILE, json.dumps(manifest, indent=1).encode())
     _fsync_directory(tmp)
 
@@ -287,9 +295,10 @@ def _prune(directory: Path, step: int, keep_last: int) -> None:
 
 
 def _remove_stale_temporaries(directory: Path) -> None:
-    """Remove ``.tmp-*`` left by a save that was killed (one writer per directory, so none is live)."""
+    """Remove ``.tmp-*`` and ``.trash-*`` left by a save that was killed or failed (one writer per directory,
+    so none is live)."""
     for entry in directory.iterdir():
-        if entry.name.startswith(_TMP_PREFIX):
+        if entry.name.startswith((_TMP_PREFIX, _TRASH_PREFIX)):
             if entry.is_dir():
                 shutil.rmtree(entry, ignore_errors=True)
             else:
@@ -436,11 +445,40 @@ def _read(path: Path, step: int, verify: bool) -> Checkpoint:
     for name in (TENSORS_FILE, STATE_FILE):
         _check_file(path / name, manifest["files"].get(name), verify)
     state = _from_json(_read_json(path / STATE_FILE, "missing"))
+    nan = _first_nan(state, "state")
+    if nan is not None:
+        raise CheckpointCorruptError(path / STATE_FILE, f"{nan} is NaN; a saved state never holds NaN")
     try:
         tensors = load_file(path / TENSORS_FILE, device="cpu")
     except (SafetensorError, OSError) as error:
         raise CheckpointCorruptError(path / TENSORS_FILE, f"not a readable safetensors file ({error})") from error
+    exempt = manifest.get("finite_exempt") if isinstance(manifest.get("finite_exempt"), list) else []
+    bad = [
+        name
+        for name, t in tensors.items()
+        if (t.is_floating_point() or t.is_complex()) and name not in exempt and not bool(torch.isfinite(t).all())
+    ]
+    if bad:
+        raise CheckpointCorruptError(
+            path / TENSORS_FILE,
+            f"tensors {bad[:5]}{f' ({len(bad)} in all)' if len(bad) > 5 else ''} hold NaN or Inf; a saved state "
+            "never does, so the file was altered after it was written",
+            hint="Resume from an earlier checkpoint",
+        )
     return Checkpoint(step=step, tensors=tensors, state=state, path=path)
+
+
+def _first_nan(value: Any, path: str) -> str | None:
+    """The path of the first NaN float in decoded ``state`` (Python's JSON reader accepts ``NaN``)."""
+    if isinstance(value, float):
+        return path if math.isnan(value) else None
+    if isinstance(value, Mapping):
+        items: Iterable[tuple[Any, Any]] = value.items()
+    elif isinstance(value, (list, tuple)):
+        items = enumerate(value)
+    else:
+        return None
+    return next((found for k, v in items if (found := _first_nan(v, f"{path}[{k!r}]")) is not None), None)
 
 
 def _read_json(path: Path, when_missing: str) -> Any:

@@ -130,6 +130,9 @@ class TrainConfig(BaseModel):
 
     seed: Int = Field(default=0, ge=0, le=MAX_SEED)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Under torch.distributed: how long a collective may wait for a frozen or dead process before the run
+    # ends with an error on every process still alive (torch's gloo default is 30).
+    collective_timeout_minutes: float = Field(default=10.0, gt=0, allow_inf_nan=False)
     # Run outputs; None: runs/<data>-<model>-<timestamp>.
     output_dir: str | None = None
 

@@ -49,6 +49,7 @@ import pickle
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, TypeVar
 
 import torch
@@ -181,6 +182,16 @@ class World:
         if outcome[1] is not None:
             raise _rebuilt(outcome[1])
         return outcome[0]
+
+    def set_collective_timeout(self, minutes: float) -> None:
+        """Let every collective of this group wait at most ``minutes`` for a peer; past that it raises, so a
+        frozen or dead rank ends the run on every process still alive (gloo's default is 30 minutes, NCCL's
+        10). Sets the group's default timeout, a group the user started included."""
+        if self.size > 1:
+            # torch has no public setter for a started group; this one is what init_process_group's timeout sets.
+            from torch.distributed.distributed_c10d import _set_pg_timeout
+
+            _set_pg_timeout(timedelta(minutes=minutes), self.group)
 
     def barrier(self) -> None:
         """Wait until every rank is here (nothing in one process)."""
@@ -378,13 +389,14 @@ def launched_by_torchrun() -> bool:
 
 
 @contextmanager
-def torchrun_process_group(device: str) -> Iterator[int]:
+def torchrun_process_group(device: str, *, timeout_minutes: float = 10.0) -> Iterator[int]:
     """Under torchrun with more than one process, the default process group for the run; yields the rank.
 
     The backend is NCCL when the run uses CUDA (``device`` ``"cuda"``, or ``"auto"`` with CUDA present),
     with ``cuda:LOCAL_RANK`` as this process's device, and gloo otherwise. The group is destroyed on exit,
     after a barrier when the body succeeded; after an error it is destroyed only with gloo, since a NCCL
-    teardown can block while other ranks are still inside a collective. Outside torchrun, with one process,
+    teardown can block while other ranks are still inside a collective. A collective waits at most
+    ``timeout_minutes`` for a peer, then raises on every process still alive. Outside torchrun, with one process,
     or when a group is already initialised (it is then left alone), nothing is set up and the current rank
     (0 without a group) is yielded.
     """
@@ -397,7 +409,7 @@ def torchrun_process_group(device: str) -> Iterator[int]:
     cuda = device != "cpu" and torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    dist.init_process_group("nccl" if cuda else "gloo")
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=timeout_minutes))
     try:
         yield dist.get_rank()
     except BaseException:

@@ -3,6 +3,11 @@
 Every file that is rewritten (certificate, report) is written to a temporary file, flushed to disk and
 renamed over the old one, so a crash leaves the previous version, never half a file. ``metrics.jsonl`` is
 appended one complete line at a time and flushed.
+
+The run directory is claimed atomically: it must be new or empty, and the run that creates its
+``metrics.jsonl`` (``O_CREAT | O_EXCL``) owns it, so of two runs given one directory at the same moment
+exactly one proceeds. A certificate that cannot be written in full (a full disk) falls back to a minimal
+one: the outcome and the run's counts.
 """
 
 from __future__ import annotations
@@ -11,11 +16,12 @@ import json
 import math
 import os
 import tempfile
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["RunOutputs", "atomic_write", "write_json"]
+__all__ = ["RunOutputs", "atomic_write", "check_output_dir", "write_json"]
 
 
 def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
@@ -57,20 +63,36 @@ def write_json(path: Path, value: Any) -> None:
     atomic_write(path, lambda file: file.write(text.encode("utf-8")))
 
 
+def check_output_dir(directory: Path) -> None:
+    """Refuse, before any work, a directory the run could not claim: a file, or a directory holding files."""
+    if directory.exists() and not directory.is_dir():
+        raise FileExistsError(f"output directory {directory} is a file; choose another output_dir")
+    if directory.is_dir() and any(directory.iterdir()):
+        raise FileExistsError(
+            f"output directory {directory} already holds files; choose another output_dir or move them away"
+        )
+
+
 class RunOutputs:
-    """The files of one run. The directory must be new or empty: a run never overwrites another's outputs."""
+    """The files of one run. The directory must be new or empty: a run never overwrites another's outputs.
+
+    Raises:
+        FileExistsError: ``directory`` is a file, holds files, or another run claimed it first.
+    """
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
-        if directory.exists() and any(directory.iterdir()):
-            raise FileExistsError(
-                f"output directory {directory} already holds files; choose another output_dir or move them away"
-            )
+        check_output_dir(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.metrics_path = directory / "metrics.jsonl"
         self.certificate_path = directory / "certificate.json"
         self.report_path = directory / "report.png"
-        self._metrics = self.metrics_path.open("a", encoding="utf-8")
+        try:  # the claim: exactly one run creates metrics.jsonl
+            self._metrics = self.metrics_path.open("x", encoding="utf-8")
+        except FileExistsError:
+            raise FileExistsError(
+                f"output directory {directory} was claimed by another run at the same moment; choose another output_dir"
+            ) from None
 
     def log(self, row: dict[str, Any]) -> None:
         """Append one metrics row as a complete line."""
@@ -78,7 +100,31 @@ class RunOutputs:
         self._metrics.flush()
 
     def write_certificate(self, certificate: dict[str, Any]) -> None:
-        write_json(self.certificate_path, certificate)
+        """Write the certificate; when that fails (a full disk), a minimal one: outcome and counts.
+
+        The minimal one is written atomically, else over the previous certificate in place (the run's first
+        certificate, written when it started, holds the space). Warns if even that fails."""
+        try:
+            write_json(self.certificate_path, certificate)
+            return
+        except OSError as error:
+            minimal = _minimal_certificate(certificate, error)
+        try:
+            write_json(self.certificate_path, minimal)
+        except OSError:
+            try:
+                text = json.dumps(_json_safe(minimal), allow_nan=False).encode("utf-8")
+                with open(self.certificate_path, "r+b" if self.certificate_path.exists() else "wb") as file:
+                    file.write(text)
+                    file.truncate()
+                    file.flush()
+                    os.fsync(file.fileno())
+            except OSError as last:
+                warnings.warn(
+                    f"could not write {self.certificate_path} ({last}); the run's outcome was: {minimal['outcome']}",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
 
     def write_report(self, rows: Sequence[dict[str, Any]], *, clip_value: float | None) -> None:
         """``report.png``: loss (skipped steps marked), gradient norm before/after clipping against the clip
@@ -121,3 +167,14 @@ class RunOutputs:
 
     def close(self) -> None:
         self._metrics.close()
+
+
+def _minimal_certificate(certificate: dict[str, Any], error: OSError) -> dict[str, Any]:
+    run = certificate.get("run", {})
+    counts = ("steps", "applied_steps", "skipped_steps", "rollbacks")
+    return {
+        "contract": certificate.get("contract"),
+        "outcome": certificate.get("outcome"),
+        "run": {k: run[k] for k in counts if k in run},
+        "minimal": f"the full certificate could not be written: {error}",
+    }

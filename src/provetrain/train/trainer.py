@@ -9,7 +9,8 @@ One step, in order (each phase a short helper):
 4. under ``torch.distributed``, the global batch's mean loss, the same on every rank;
 5. ``optimizer.step(loss=...)``: global-norm clip, finite guard and update, with the skip decided on the
    device (provetrain's Adam/AdamW);
-6. record the step's loss, gradient norms and skip count as device tensors.
+6. on a skipped step, module buffers the forward wrote (BatchNorm statistics) are put back, on the device;
+7. record the step's loss, gradient norms and skip count as device tensors.
 
 Recorded values are read on the host in one batch every ``read_every`` steps (every step on CPU, where a
 read is free; every ``log_every`` steps on CUDA, so there is no host-device sync per step). Reading them
@@ -25,10 +26,13 @@ checkpoints (:mod:`provetrain.train.distributed` states what is guaranteed).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+import signal
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -53,8 +57,11 @@ from provetrain.train.certificate import (
     LOSS_TREND,
     ClauseLedger,
     certify_step,
+    outcome_of,
 )
 from provetrain.train.checkpoint import (
+    Checkpoint,
+    ResumeError,
     capture_rng_state,
     flatten_state,
     load_checkpoint,
@@ -66,14 +73,38 @@ from provetrain.train.config import TrainConfig, make_config
 from provetrain.train.distributed import World
 from provetrain.train.lr_max import LrMaxEstimate, estimate_lr_max, preconditioner_from_batches
 from provetrain.train.monitor import LossTrendMonitor
-from provetrain.train.outputs import RunOutputs
+from provetrain.train.outputs import RunOutputs, check_output_dir
 from provetrain.train.policies import SkipBudget, nonfinite_clause
 from provetrain.train.schedule import Schedule
 
-__all__ = ["Callback", "TrainResult", "Trainer"]
+__all__ = ["Callback", "Terminated", "TrainResult", "Trainer"]
 
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived during :meth:`Trainer.fit`: raised like Ctrl-C, so the run ends through the same path
+    (the certificate says ``failed``, the last checkpoint stays loadable)."""
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """While training, SIGTERM raises :class:`Terminated`; the previous handler is restored after.
+
+    Signal handlers can only be set from the main thread: elsewhere SIGTERM keeps its handler."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum: int, frame: Any) -> None:
+        raise Terminated("received SIGTERM")
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class Callback:
@@ -112,6 +143,50 @@ class _Pending:
     grad_norm: Tensor
     clipped_norm: Tensor
     skipped: Tensor
+
+
+class _BufferGuard:
+    """The module's buffers as they were before a step's forward, put back when the step is skipped.
+
+    The forward writes buffers (BatchNorm's running statistics) before the step is known to be good; a
+    skipped step must leave them as they were, like the weights. Each buffer is copied into a tensor
+    allocated once, and restored with ``torch.where`` on the optimizer's skip flag: all on the device, no
+    host read. Buffers updated in place or reassigned with the same shape are covered.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self._saved: dict[str, Tensor] = {}
+
+    @torch.no_grad()
+    def save_(self) -> None:
+        for name, buffer in self.module.named_buffers():
+            saved = self._saved.get(name)
+            if saved is None or not _same_layout(saved, buffer):
+                saved = self._saved[name] = torch.empty_like(buffer)
+            saved.copy_(buffer)
+
+    @torch.no_grad()
+    def restore_if_(self, skipped: Tensor) -> None:
+        """Put every saved buffer back where ``skipped`` (a 0-d bool device tensor) is true."""
+        for name, buffer in self.module.named_buffers():
+            saved = self._saved.get(name)
+            if saved is not None and _same_layout(saved, buffer):
+                buffer.copy_(torch.where(skipped.to(buffer.device, non_blocking=True), saved, buffer))
+
+
+def _same_layout(a: Tensor, b: Tensor) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
+
+
+# Diagnostics of the last step, not training state: NaN before the first step and after a skipped one, and
+# rewritten by the next step. A checkpoint records them as absent (the finiteness rule is for state), and a
+# resumed optimizer starts them afresh.
+_DIAGNOSTIC_COUNTERS = ("last_grad_norm", "last_clipped_grad_norm")
+_COUNTERS = "provetrain"  # where provetrain's Adam keeps its counters in its state_dict
+
+# The outcome of a run that has started and not ended: what a killed run's certificate keeps saying.
+_UNFINISHED = "failed: did not finish (the process was killed, or the final certificate could not be written)"
 
 
 @dataclass
@@ -175,6 +250,7 @@ class Trainer:
             data = DataSplits(data, eval_data, "classification", tuple(data.tensors[0].shape[1:]), 0)
         self.data = data
         self.world = World.current()
+        self.world.set_collective_timeout(self.config.collective_timeout_minutes)
         self.world.check_batches(len(data.train), self.config.batch_size)
         self.device = self.world.local_device(_resolve_device(self.config.device))
         self.model = model.to(self.device)
@@ -205,6 +281,7 @@ class Trainer:
         self._rows: list[dict[str, Any]] = []
         self._snapshot: _Snapshot | None = None
         self._last_trained_step = -1
+        self._buffers = _BufferGuard(self.model)
         self.outputs: RunOutputs | None = None  # rank 0's run files, from fit() on
 
     # ----------------------------------------------------------------------------------------------- setup
@@ -245,10 +322,24 @@ class Trainer:
             )
 
     def _output_dir(self) -> Path:
+        """Where this run's outputs will go; ``FileExistsError`` if it could not be claimed."""
         if self.config.output_dir is not None:
-            return Path(self.config.output_dir)
-        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        return Path("runs") / f"{self.config.data}-{self.config.model}-{stamp}"
+            directory = Path(self.config.output_dir)
+        else:
+            stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+            directory = Path("runs") / f"{self.config.data}-{self.config.model}-{stamp}"
+        check_output_dir(directory)
+        return directory
+
+    @torch.no_grad()
+    def _preflight_eval(self) -> None:
+        """The held-out forward and loss on two examples, so that an evaluation that cannot run fails before
+        anything is written (eval mode: no buffer is written, no random number drawn)."""
+        if self.data.test is None or len(self.data.test) == 0:
+            return
+        self.model.eval()
+        inputs, targets = (t[:2].to(self.device) for t in self.data.test.tensors)
+        self.loss_fn(self.model(inputs), targets)
 
     # ------------------------------------------------------------------------------------------------ loop
     def fit(self, *, resume_from: str | Path | None = None) -> TrainResult:
@@ -263,20 +354,24 @@ class Trainer:
         self.optimizer = self._build_optimizer()
         # The module the training forward runs through: DDP around the model under torch.distributed.
         self._train_module = self.world.wrap(self.model, self.device)
+        self._resumed_from = None if resume_from is None else Path(resume_from)
         first_step = 0
-        if resume_from is not None:
-            first_step = self._resume(Path(resume_from))
+        if self._resumed_from is not None:
+            first_step = self._resume(self._resumed_from)
         else:
             self.lr_max = self._lr_max()
         self._preflight_lr()
-        self._open_outputs()
+        self._preflight_eval()
+        self.output_dir = self.world.run_on_main(self._output_dir)  # checked now, claimed once training starts
         self._take_snapshot()
-        outcome = "kept"
+        error: BaseException | None = None
         started = time.perf_counter()
         try:
-            with self._progress(first_step) as advance:
+            with _sigterm_raises(), self._progress(first_step) as advance:
                 for step in range(first_step, self.total_steps):
                     self._train_step(step)
+                    if step == first_step:  # data, model, forward and backward work: the run has started
+                        self._open_outputs()
                     if (step + 1) % self.read_every == 0 or step + 1 == self.total_steps:
                         self._read_back()
                     if self.config.eval_every and self._due(step, self.config.eval_every):
@@ -284,13 +379,15 @@ class Trainer:
                     if self.config.checkpoint_every and self._due(step, self.config.checkpoint_every):
                         self._save_checkpoint(step + 1)
                     advance()
-            self._save_checkpoint(self.total_steps)
-            evaluation = self._evaluate(self.total_steps - 1)
-        except ContractViolation as violation:
-            outcome = f"violated: {violation}"
+                self._save_checkpoint(self.total_steps)
+                evaluation = self._evaluate(self.total_steps - 1)
+                if self.outputs is not None:
+                    self.outputs.write_report(self._rows, clip_value=self.config.clip_value)
+        except BaseException as caught:  # KeyboardInterrupt and SIGTERM too: the certificate must say so
+            error = caught
             raise
         finally:
-            self._finish(outcome, time.perf_counter() - started)
+            self._finish(error, time.perf_counter() - started)
         # Every rank returns once rank 0's outputs are complete. The wait also lets gloo's worker threads
         # release the tensors of the last collectives while Python is alive: a process that exits right after
         # a collective can abort in interpreter shutdown (torch 2.13, gloo).
@@ -303,7 +400,7 @@ class Trainer:
             final_loss=next((r["loss"] for r in reversed(self._rows) if "loss" in r and not r["skipped"]), math.nan),
             evaluation=evaluation,
             output_dir=self.output_dir,
-            certificate=self._certificate(outcome),
+            certificate=self._certificate(outcome_of(None)),
             lr_max=self.lr_max,
         )
         for callback in self.callbacks:
@@ -328,6 +425,7 @@ class Trainer:
         #    weight (1.0 for equal shares) makes that average the gradient of the global batch's mean loss
         self._train_module.train()
         self.optimizer.zero_grad(set_to_none=True)
+        self._buffers.save_()  # the forward may write buffers before the step is known to be good
         loss = self.loss_fn(self._train_module(inputs), targets)
         weight = self.world.size * len(local) / len(indices)
         (loss if weight == 1.0 else loss * weight).backward()
@@ -339,7 +437,10 @@ class Trainer:
         #    every rank holds the whole averaged gradient, so the optimizer's norm is already the global one.
         skipped_before = self.optimizer.skipped_steps.clone()
         self.optimizer.step(loss=loss)
-        # 6. keep this step's values on the device until the next read-back
+        skipped = self.optimizer.skipped_steps - skipped_before
+        # 6. a skipped step leaves the buffers as they were, like the weights (decided on the device)
+        self._buffers.restore_if_(skipped > 0)
+        # 7. keep this step's values on the device until the next read-back
         self._last_trained_step = step
         self._pending.append(
             _Pending(
@@ -348,7 +449,7 @@ class Trainer:
                 loss.detach().reshape(()).to(torch.float64),
                 self.optimizer.last_grad_norm.clone(),
                 self.optimizer.last_clipped_grad_norm.clone(),
-                self.optimizer.skipped_steps - skipped_before,
+                skipped,
             )
         )
 
@@ -535,19 +636,27 @@ class Trainer:
         """Adam's largest stable lr at the initial point (``provetrain.train.lr_max``): the preconditioner from
         the mean squared gradient of the first ``batches`` batches, the curvature on their union (up to 1024
         examples). Uses the data of the first steps and the model as it is now; changes nothing."""
-        loaded = [self._batch(i) for i in range(min(batches, self.steps_per_epoch))]
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        losses = [lambda x=x, y=y: self.loss_fn(self.model(x), y) for x, y in loaded]
-        preconditioner = preconditioner_from_batches(losses, params, eps=self.config.eps)
-        inputs, targets = (torch.cat(parts)[:1024] for parts in zip(*loaded, strict=True))
-        return estimate_lr_max(
-            lambda: self.loss_fn(self.model(inputs), targets),
-            params,
-            optimizer="adam",
-            betas=self.config.betas,
-            eps=self.config.eps,
-            preconditioner=preconditioner,
-        )
+        # Its forwards run in training mode and write buffers (BatchNorm statistics): they are put back after.
+        buffers = {name: b.clone() for name, b in self.model.named_buffers()}
+        try:
+            loaded = [self._batch(i) for i in range(min(batches, self.steps_per_epoch))]
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            losses = [lambda x=x, y=y: self.loss_fn(self.model(x), y) for x, y in loaded]
+            preconditioner = preconditioner_from_batches(losses, params, eps=self.config.eps)
+            inputs, targets = (torch.cat(parts)[:1024] for parts in zip(*loaded, strict=True))
+            return estimate_lr_max(
+                lambda: self.loss_fn(self.model(inputs), targets),
+                params,
+                optimizer="adam",
+                betas=self.config.betas,
+                eps=self.config.eps,
+                preconditioner=preconditioner,
+            )
+        finally:
+            with torch.no_grad():
+                for name, buffer in self.model.named_buffers():
+                    if name in buffers and _same_layout(buffer, buffers[name]):
+                        buffer.copy_(buffers[name])
 
     # --------------------------------------------------------------------------------------- checkpoints
     _RESUME_INVARIANT_KEYS = ("data", "data_args", "model", "model_args", "optimizer", "batch_size", "seed")
@@ -560,13 +669,13 @@ class Trainer:
 
         Under torch.distributed every rank holds the same state: rank 0 writes it, and the other ranks wait
         until it is written (or raise rank 0's error)."""
-        if self._pending:  # values not yet read back: the policies have not seen them, so nothing is saved
-            return
+        if self._pending:  # the policies see every step before its state is saved (a host read, rare)
+            self._read_back()
         self.world.run_on_main(lambda: self._write_checkpoint(next_step))
 
     def _write_checkpoint(self, next_step: int) -> None:
         model_tensors, model_structure = flatten_state(self.model.state_dict(), prefix="model")
-        optimizer_tensors, optimizer_structure = flatten_state(self.optimizer.state_dict(), prefix="optimizer")
+        optimizer_tensors, optimizer_structure = flatten_state(self._optimizer_state(), prefix="optimizer")
         state = {
             "next_step": next_step,
             "applied_steps": self.applied_steps,
@@ -578,6 +687,7 @@ class Trainer:
             "model": model_structure,
             "optimizer": optimizer_structure,
             "monitor": self.monitor.state_dict(),
+            "ledger": self.ledger.state_dict(),
             "rng": capture_rng_state(),
             "config": self.config.model_dump(mode="json"),
         }
@@ -590,23 +700,42 @@ class Trainer:
             overwrite=True,
         )
 
+    def _optimizer_state(self) -> dict[str, Any]:
+        """The optimizer's state without its last-step diagnostics (:data:`_DIAGNOSTIC_COUNTERS`)."""
+        state = self.optimizer.state_dict()
+        counters = state.get(_COUNTERS)
+        if isinstance(counters, dict):
+            state[_COUNTERS] = {k: v for k, v in counters.items() if k not in _DIAGNOSTIC_COUNTERS}
+        return state
+
+    def _load_optimizer_state(self, state: dict[str, Any]) -> None:
+        """Load a checkpoint's optimizer state; the diagnostics it records as absent keep their fresh values."""
+        counters = state.get(_COUNTERS)
+        if isinstance(counters, dict):
+            live = self.optimizer.state_dict().get(_COUNTERS, {})
+            state[_COUNTERS] = {k: v for k, v in live.items() if k in _DIAGNOSTIC_COUNTERS} | counters
+        self.optimizer.load_state_dict(state)
+
     def _resume(self, path: Path) -> int:
-        """Restore a checkpoint saved by this Trainer; returns the step to continue from."""
-        if path.name.startswith("step-"):
-            checkpoint = load_checkpoint(path.parent, int(path.name.removeprefix("step-")))
-        else:
-            checkpoint = load_checkpoint(path)
-        state = checkpoint.state
-        saved, current = state["config"], self.config.model_dump(mode="json")
-        changed = [k for k in self._RESUME_INVARIANT_KEYS if saved.get(k) != current.get(k)]
-        if changed:
-            raise ValueError(
-                f"cannot resume from {checkpoint.path}: its run used different {', '.join(changed)} "
-                f"({', '.join(f'{k}={saved.get(k)!r}' for k in changed)}); resume with the same settings"
-            )
-        self.model.load_state_dict(unflatten_state(checkpoint.tensors, state["model"]))
-        self.optimizer.load_state_dict(unflatten_state(checkpoint.tensors, state["optimizer"]))
-        self.monitor.load_state_dict(state["monitor"])
+        """Restore a checkpoint saved by this Trainer; returns the step to continue from.
+
+        Raises:
+            ResumeError: the checkpoint is missing, corrupt or inconsistent, was saved with other settings
+                (naming them), or is at or past this run's last step.
+        """
+        try:
+            checkpoint = self._load_resume_checkpoint(path)
+            state = checkpoint.state
+            next_step = self._check_resume_state(checkpoint.path, checkpoint.step, state)
+            self.model.load_state_dict(unflatten_state(checkpoint.tensors, state["model"]))
+            self._load_optimizer_state(unflatten_state(checkpoint.tensors, state["optimizer"]))
+            self.monitor.load_state_dict(state["monitor"])
+            if "ledger" in state:  # checkpoints from before the ledger was saved certify from the resume on
+                self.ledger.load_state_dict(state["ledger"])
+        except ResumeError:
+            raise
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as error:
+            raise ResumeError(f"cannot resume from {path}: {error}") from error
         self.applied_steps = state["applied_steps"]
         self.skips.total = state["skipped_steps"]
         self.skips.consecutive = state["consecutive_skips"]
@@ -614,7 +743,51 @@ class Trainer:
         self.lr_scale = state["lr_scale"]
         self.lr_max = state["lr_max"]
         restore_rng_state(state["rng"])
-        return int(state["next_step"])
+        return next_step
+
+    @staticmethod
+    def _load_resume_checkpoint(path: Path) -> Checkpoint:
+        if path.name.startswith("step-"):
+            step = path.name.removeprefix("step-")
+            if not step.isdigit():
+                raise ResumeError(f"cannot resume from {path}: a checkpoint is named step-<N> with N a number")
+            return load_checkpoint(path.parent, int(step))
+        return load_checkpoint(path)
+
+    def _check_resume_state(self, where: Path, step: int, state: dict[str, Any]) -> int:
+        """The checkpoint's counters are consistent and its settings are this run's; returns its next step."""
+
+        def count(key: str) -> int:
+            value = state.get(key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ResumeError(f"cannot resume from {where}: state.json: {key} is {value!r}, not a count >= 0")
+            return value
+
+        next_step, applied, skipped = count("next_step"), count("applied_steps"), count("skipped_steps")
+        if next_step != step or applied + skipped > next_step or count("consecutive_skips") > skipped:
+            raise ResumeError(
+                f"cannot resume from {where}: state.json: next_step={next_step}, applied_steps={applied}, "
+                f"skipped_steps={skipped} do not fit a checkpoint of step {step}"
+            )
+        count("rollbacks")
+        scale = state.get("lr_scale")
+        if not isinstance(scale, float | int) or not 0 < scale <= 1:
+            raise ResumeError(f"cannot resume from {where}: state.json: lr_scale is {scale!r}, not in (0, 1]")
+        saved, current = state["config"], self.config.model_dump(mode="json")
+        changed = [k for k in self._RESUME_INVARIANT_KEYS if saved.get(k) != current.get(k)]
+        if changed:
+            raise ResumeError(
+                f"cannot resume from {where}: its run used different {', '.join(changed)} "
+                f"({', '.join(f'{k}={saved.get(k)!r}' for k in changed)}; this run has "
+                f"{', '.join(f'{k}={current.get(k)!r}' for k in changed)}); resume with the same settings"
+            )
+        if next_step >= self.total_steps:
+            raise ResumeError(
+                f"cannot resume from {where}: it is at step {next_step}, and this run ends at step "
+                f"{self.total_steps} (steps is the total, not the steps to add); give more than {next_step} "
+                "steps to continue"
+            )
+        return next_step
 
     @torch.no_grad()
     def _evaluate(self, step: int) -> dict[str, float] | None:
@@ -638,6 +811,7 @@ class Trainer:
 
     def _certificate(self, outcome: str) -> dict[str, Any]:
         run = {
+            "resumed_from": None if self._resumed_from is None else str(self._resumed_from),
             "config": self.config.model_dump(mode="json"),
             "device": str(self.device),
             "world_size": self.world.size,
@@ -651,21 +825,26 @@ class Trainer:
         }
         return self.ledger.certificate(run=run, outcome=outcome)
 
-    def _finish(self, outcome: str, seconds: float) -> None:
-        if self.outputs is None:  # not rank 0: it writes nothing
+    def _finish(self, error: BaseException | None, seconds: float) -> None:
+        """Rank 0 writes the certificate whatever ended the run (a minimal one if the disk is full)."""
+        if self.outputs is None:  # not rank 0, or the run never started: nothing was written
             return
-        self.outputs.write_certificate(self._certificate(outcome) | {"seconds": round(seconds, 3)})
-        self.outputs.write_report(self._rows, clip_value=self.config.clip_value)
-        self.outputs.close()
+        if error is not None:  # the report helps explain a failure; it must not hide it
+            with contextlib.suppress(Exception):
+                self.outputs.write_report(self._rows, clip_value=self.config.clip_value)
+        with contextlib.suppress(OSError):
+            self.outputs.close()
+        self.outputs.write_certificate(self._certificate(outcome_of(error)) | {"seconds": round(seconds, 3)})
 
     def _open_outputs(self) -> None:
-        """Rank 0 creates the run directory (new or empty); every rank learns where it is."""
+        """Rank 0 claims the run directory (new or empty) and writes a certificate saying the run has not
+        finished, replaced when it ends (what a killed run leaves behind)."""
 
-        def create() -> Path:
-            self.outputs = RunOutputs(self._output_dir())
-            return self.outputs.directory
+        def create() -> None:
+            self.outputs = RunOutputs(self.output_dir)
+            self.outputs.write_certificate(self._certificate(_UNFINISHED))
 
-        self.output_dir = self.world.run_on_main(create)
+        self.world.run_on_main(create)
 
     def _log(self, row: dict[str, Any]) -> None:
         """Keep a metrics row (every rank) and append it to metrics.jsonl (rank 0)."""
