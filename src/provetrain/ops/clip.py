@@ -386,6 +386,8 @@ def clip_coefficient(
     u_d, eta_d = _rounding_constants(dtypes)
     device = sum_sq.device
     sum_sq = sum_sq.to(torch.float64)
+    if isinstance(exponent, int) and exponent == 0:
+        return _clip_coefficient_unscaled(sum_sq, max_norm, numel, u_d, eta_d, extra_roundings)
     if isinstance(exponent, torch.Tensor):
         e = exponent.to(device, torch.int64).clamp(-1073, 1024)
     else:  # a fill, not a host-to-device copy
@@ -475,6 +477,30 @@ def _check_counts(numel: object, extra_roundings: object) -> None:
         raise ValueError(f"numel={numel!r}; expected an int in [0, 2**40): the total gradient element count")
     if isinstance(extra_roundings, bool) or not isinstance(extra_roundings, int) or not 0 <= extra_roundings < 64:
         raise ValueError(f"extra_roundings={extra_roundings!r}; expected an int in [0, 64)")
+
+
+def _clip_coefficient_unscaled(
+    sum_sq: torch.Tensor, max_norm: float, numel: int, u_d: Fraction, eta_d: Fraction, extra_roundings: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`clip_coefficient` for a host-known ``e = 0`` (no float64 gradient): the same values in fewer ops.
+
+    With ``e = 0`` there is nothing to scale: ``N_up = upper_s`` is a float64 number (finite for every
+    finite input, as ``S < 2^297``), compared with ``max_norm`` directly (exact), and ``k = fl(A_lo /
+    N_up)`` is one division (the scaled form's ``q 2^(e_a)`` is that quotient too, with one rounding when
+    normal). NaN propagates through every operation, so no extra select is needed.
+    """
+    norm_s = torch.sqrt(sum_sq)
+    upper_s = norm_s * (1.0 + ((numel + 5 + extra_roundings) // 2) * 2.0**-52)  # C >= 1 + (n + 4 + x) u, exact
+    if max_norm == math.inf:
+        return norm_s, torch.where(torch.isnan(upper_s), upper_s, 1.0)
+    numerator = _margin_numerator(max_norm, numel, u_d, eta_d)
+    if numerator <= 0.0:
+        k_clip = torch.where(torch.isnan(upper_s), upper_s, 0.0)
+    else:
+        k_clip = torch.div(torch.full_like(upper_s, numerator), upper_s)
+        # Below 2^-1022 the rounding is absolute, up to half a subnormal step: step once toward 0 to stay <=.
+        k_clip = torch.where(k_clip < _SMALLEST_NORMAL_F64, torch.nextafter(k_clip, k_clip * 0.0), k_clip)
+    return norm_s, torch.where(upper_s <= max_norm, 1.0, k_clip)
 
 
 def _divide_scaled(numerator: float, upper_s: torch.Tensor, e: torch.Tensor) -> torch.Tensor:

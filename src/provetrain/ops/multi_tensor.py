@@ -119,14 +119,16 @@ def combine_scaled_sums(sums: Sequence[Tensor], exponents: Sequence[Tensor]) -> 
     return total, torch.where(total == 0, 0, top)
 
 
-def scaled_sum_of_squares_multi_tensor(grads: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+def scaled_sum_of_squares_multi_tensor(grads: Sequence[Tensor]) -> tuple[Tensor, Tensor | int]:
     r"""``(s, e)`` with :math:`s\,4^e = \sum_i g_i^2`, with O(1) kernel launches per (device, dtype) group.
 
     Args:
         grads: dense float16 / bfloat16 / float32 / float64 tensors, possibly on several devices.
 
     Returns:
-        0-d float64 ``s`` and int64 ``e`` on ``grads[0].device``; no host-device synchronisation.
+        0-d float64 ``s`` on ``grads[0].device``, and ``e``: the int 0 when no gradient is float64 (nothing
+        was scaled; :func:`~provetrain.ops.clip.clip_coefficient` then needs no scaling ops), else a 0-d
+        int64 tensor. No host-device synchronisation.
 
     Guarantees:
         A term of ``s`` passes through at most ``n - 1 + EXTRA_ROUNDINGS`` float64 roundings (module
@@ -136,16 +138,27 @@ def scaled_sum_of_squares_multi_tensor(grads: Sequence[Tensor]) -> tuple[Tensor,
     groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
     for g in grads:
         groups.setdefault((g.device, g.dtype), []).append(g)
+    device = grads[0].device
+    if all(dtype != torch.float64 for _, dtype in groups):
+        # Sums of exact squares (< 2^297 each): add them up, no scaling anywhere.
+        sums = [_exact_squares_sum(group) for group in groups.values()]
+        total = sums[0] if len(sums) == 1 else torch.stack([x.to(device, non_blocking=True) for x in sums]).sum()
+        return total, 0
     sums, exponents = [], []
-    for (device, dtype), group in groups.items():
+    for (group_device, dtype), group in groups.items():
         if dtype == torch.float64:
             s, e = _float64_group_sum(group)
         else:
-            norms = torch.stack(torch._foreach_norm(group, 2, dtype=torch.float64))
-            s, e = torch.dot(norms, norms), torch.zeros((), dtype=torch.int64, device=device)
+            s, e = _exact_squares_sum(group), torch.zeros((), dtype=torch.int64, device=group_device)
         sums.append(s)
         exponents.append(e)
     return combine_scaled_sums(sums, exponents)
+
+
+def _exact_squares_sum(group: list[Tensor]) -> Tensor:
+    """float64 sum of the exact squares of float16 / bfloat16 / float32 values: one norm per tensor, dotted."""
+    norms = torch.stack(torch._foreach_norm(group, 2, dtype=torch.float64))
+    return torch.dot(norms, norms)
 
 
 def _float64_group_sum(group: list[Tensor]) -> tuple[Tensor, Tensor]:
@@ -163,7 +176,7 @@ def _float64_group_sum(group: list[Tensor]) -> tuple[Tensor, Tensor]:
 
 def clip_divisor(
     sum_sq: Tensor,
-    exponent: Tensor,
+    exponent: Tensor | int,
     max_norm: float | None,
     *,
     numel: int,
@@ -205,15 +218,16 @@ def clip_divisor(
         exponent=exponent,
         extra_roundings=extra,
     )
-    sigma = torch.ones((), dtype=torch.float64, device=device) if grad_scale is None else grad_scale.double()
     if max_norm is None:
-        return total_norm, sigma.to(torch.float32)
+        unit = torch.ones((), dtype=torch.float32, device=device)
+        return total_norm, unit if grad_scale is None else grad_scale.to(device, torch.float32)
     # sigma / k rounds to nearest once; one step up makes it >= the exact quotient (inf when k = 0).
-    quotient = sigma / k
+    quotient = torch.reciprocal(k) if grad_scale is None else grad_scale.to(device, torch.float64) / k
     wide = torch.nextafter(quotient, torch.full_like(quotient, math.inf))
     narrow = wide.to(torch.float32)
-    narrow = torch.where(narrow.double() < wide, torch.nextafter(narrow, torch.full_like(narrow, math.inf)), narrow)
-    return total_norm, torch.where(k == 1.0, sigma.to(torch.float32), narrow)
+    narrow = torch.where(narrow < wide, torch.nextafter(narrow, torch.full_like(narrow, math.inf)), narrow)
+    sigma = 1.0 if grad_scale is None else grad_scale.to(device, torch.float32)
+    return total_norm, torch.where(k == 1.0, sigma, narrow)
 
 
 def clip_divisor_on_host(
