@@ -160,3 +160,29 @@ def test_refuses_configurations_that_would_make_the_certificate_false(
     with pytest.raises(error, match=re.escape(message)):
         fit(tmp_path, module, [ProvetrainCallback()], **trainer_kwargs)
     assert not (tmp_path / "certificate.json").exists()
+
+
+def test_16_mixed_grad_scaler_skips_through_the_optimizer_and_holds_the_schedule(tmp_path: Path) -> None:
+    # Lightning's GradScaler hands its scale and inf flag to provetrain's optimizer: the NaN step is the
+    # contract's skip (counted once, schedule held), every other step is applied with the unscaled, clipped
+    # gradient.
+    # On CPU Lightning turns precision="16-mixed" into bf16; build its fp16 plugin with a CPU GradScaler.
+    from lightning.pytorch.plugins import MixedPrecision
+
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**4))
+    recorder = Recorder()
+    trainer = fit(tmp_path, Regression({2}), [ProvetrainCallback(), recorder], plugins=[plugin])
+    assert trainer.precision_plugin.scaler is not None
+    w, s = recorder.weights, recorder.schedule_steps
+    assert torch.equal(w[2], w[3]), "the NaN step changed the weights"
+    assert all(not torch.equal(w[i], w[i + 1]) for i in (0, 1, 3, 4))
+    assert s == [0, 1, 2, 2, 3, 4]
+    cert = json.loads((tmp_path / "certificate.json").read_text())
+    assert cert["outcome"] == "kept"
+    assert cert["run"]["skipped_steps"] == 1
+    bound = clause(cert, "grad_norm <= clip_value", "postcondition")
+    assert (bound["checks"], bound["violations"]) == (STEPS - 1, 0)
+    assert trainer.precision_plugin.scaler.get_scale() == 2.0**3  # backed off once: the same step as the skip
+    opt = trainer.optimizers[0]
+    assert opt.skipped_steps.item() == 1
+    assert opt.last_clipped_grad_norm.item() <= 1.0

@@ -65,8 +65,11 @@ class ProvetrainTrainerCallback(TrainerCallback):
 
     Raises (at train begin):
         ValueError: ``max_grad_norm > 0`` (the Trainer would clip first: the certified bound would be about
-            an already-clipped gradient, and the work doubled), or ``fp16=True`` (its ``GradScaler`` skips
-            steps behind the optimizer's back).
+            an already-clipped gradient, and the work doubled).
+
+    With ``fp16=True`` accelerate's ``GradScaler`` hands provetrain's optimizer its scale and inf flag (the
+    optimizer supports torch's ``_step_supports_amp_scaling``): the clip applies to the unscaled gradient and
+    an overflow is the contract's skip, counted once.
         TypeError: the optimizer is not provetrain's Adam/AdamW, or the scheduler is not skip-aware (the
             Trainer steps it after skipped steps too).
 
@@ -192,9 +195,4 @@ def _refuse_foreign_clipping(args: TrainingArguments) -> None:
             f"TrainingArguments(max_grad_norm={args.max_grad_norm!r}) makes the Trainer clip the gradients before "
             "provetrain's optimizer does: the certified bound would be about an already-clipped gradient, and the "
             f"work doubled. Pass max_grad_norm=0 and clip_value={args.max_grad_norm!r} to provetrain.ops.adam.AdamW."
-        )
-    if args.fp16:
-        raise ValueError(
-            "TrainingArguments(fp16=True) uses a GradScaler, which skips steps without provetrain's optimizer "
-            "seeing them; its finite guard does that job. Use bf16=True or full precision."
         )

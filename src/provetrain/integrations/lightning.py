@@ -62,8 +62,11 @@ class ProvetrainCallback(pl.Callback):
 
     Raises (at fit start):
         ValueError: ``Trainer(gradient_clip_val=...)`` is set (double clipping: the certified bound would be
-            about an already-clipped gradient), or 16-bit mixed precision's ``GradScaler`` would skip steps
-            behind the optimizer's back.
+            about an already-clipped gradient).
+
+    Under ``precision="16-mixed"`` Lightning's ``GradScaler`` hands provetrain's optimizer its scale and inf
+    flag (the optimizer supports torch's ``_step_supports_amp_scaling``): the clip applies to the unscaled
+    gradient and an overflow is the contract's skip, counted once, holding the schedule like any skip.
         TypeError: the optimizer is not provetrain's Adam/AdamW, or optimization is manual.
 
     Guarantees:
@@ -190,9 +193,4 @@ def _refuse_foreign_clipping(trainer: pl.Trainer) -> None:
             "certified bound would be about an already-clipped gradient, and the work doubled. Remove "
             f"gradient_clip_val and pass clip_value={clip!r} to provetrain.ops.adam.AdamW/Adam in "
             "configure_optimizers."
-        )
-    if getattr(trainer.precision_plugin, "scaler", None) is not None:
-        raise ValueError(
-            f"Trainer(precision={trainer.precision!r}) uses a GradScaler, which skips steps without provetrain's "
-            "optimizer seeing them; its finite guard does that job. Use precision='bf16-mixed' or '32-true'."
         )

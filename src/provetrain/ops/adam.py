@@ -630,6 +630,11 @@ class Adam(Optimizer):
 
     def _record(self, skip: Tensor, total_norm: Tensor, clipped_norm: Tensor) -> None:
         counters = self._counters
+        if counters["skipped_steps"].device != total_norm.device:
+            # The model moved after the optimizer was built (as Hugging Face's Trainer does): the counters
+            # follow it once, so later steps make no device-to-host copy.
+            for counter in counters.values():
+                counter.data = counter.data.to(total_norm.device)
         counters["skipped_steps"].add_(skip.to(counters["skipped_steps"].device, non_blocking=True))
         counters["last_grad_norm"].copy_(total_norm, non_blocking=True)
         unused = torch.where(skip, torch.full_like(clipped_norm, math.nan), clipped_norm)
