@@ -547,3 +547,41 @@ def test_every_resume_failure_is_a_resume_error_and_writes_nothing(
     with pytest.raises(ResumeError, match=r"cannot resume from .*" + message):
         resumed.fit(resume_from=tmp_path / "a" / target)
     assert not (tmp_path / "b").exists()
+
+
+# -- precision ------------------------------------------------------------------------------------
+
+
+def test_bf16_autocast_trains_and_keeps_the_contract(tmp_path: Path) -> None:
+    result, recorder = train(tmp_path, Poisoned(set()), precision="bf16-autocast")
+    assert (result.applied_steps, result.skipped_steps) == (12, 0)
+    assert result.final_loss < recorder.rows[0]["loss"]
+    assert certificate(tmp_path)["outcome"] == "kept"
+
+
+def test_fp16_amp_overflow_is_one_skip_and_the_scale_backs_off(tmp_path: Path) -> None:
+    model = Poisoned({4}, value=math.inf)  # an inf forward at step 4: GradScaler's overflow and the guard's skip
+    settings = {"steps": 12, "batch_size": 32, "lr": 1e-2, "lr_max": None, "output_dir": str(tmp_path / "run")}
+    trainer = Trainer(model, blobs(), precision="fp16-amp", **settings)
+    result = trainer.fit()
+    assert (result.applied_steps, result.skipped_steps) == (11, 1)
+    assert trainer.optimizer.skipped_steps.item() == 1
+    assert trainer._scaler.get_scale() == 2.0**15  # backed off once, from GradScaler's 2^16
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    assert [r["skipped"] for r in steps].count(True) == 1 and steps[4]["skipped"]
+    assert all(r["grad_norm_clipped"] <= 1.0 for r in steps if not r["skipped"])
+    assert certificate(tmp_path)["outcome"] == "kept"
+
+
+def test_fp16_amp_resume_restores_the_grad_scaler_exactly(tmp_path: Path) -> None:
+    settings = {"steps": 20, "batch_size": 32, "lr": 1e-2, "lr_max": None, "checkpoint_every": 10}
+    Trainer(
+        Poisoned({3}, value=math.inf), blobs(), precision="fp16-amp", output_dir=str(tmp_path / "full"), **settings
+    ).fit()
+    resumed = Trainer(Poisoned(set()), blobs(), precision="fp16-amp", output_dir=str(tmp_path / "resumed"), **settings)
+    resumed.fit(resume_from=tmp_path / "full" / "checkpoints" / "step-10")
+    assert resumed._scaler.get_scale() == 2.0**15  # the backed-off scale came back with the checkpoint
+    full, tail = losses_of(tmp_path / "full"), losses_of(tmp_path / "resumed")
+    assert sorted(tail) == list(range(10, 20))
+    assert all(tail[s] == full[s] for s in tail)

@@ -92,10 +92,13 @@ class TrainConfig(BaseModel):
     # known: the `lr < lr_max` clause is then reported as unchecked in the certificate).
     lr_max: Annotated[float | Literal["auto"] | None, BeforeValidator(_no_bool)] = "auto"
     betas: tuple[Float, Float] = (0.9, 0.999)
-    eps: Float = Field(default=1e-8, ge=0, allow_inf_nan=False)
+    eps: Float = Field(default=1e-8, gt=0, allow_inf_nan=False)
     weight_decay: Float = Field(default=1e-2, ge=0, allow_inf_nan=False)
     # Global gradient-norm bound (the contract's clip_value); None turns clipping off.
     clip_value: Float | None = Field(default=1.0, gt=0, allow_inf_nan=False)
+    # Arithmetic of the forward and backward: full float32, bfloat16 autocast, or float16 autocast with a
+    # GradScaler (an overflow is the contract's skip, counted against the skip budget like any other).
+    precision: Literal["fp32", "bf16-autocast", "fp16-amp"] = "fp32"
 
     # Schedule over applied steps (skipped steps do not advance it).
     schedule: ScheduleName = "cosine"

@@ -175,6 +175,13 @@ class _BufferGuard:
                 buffer.copy_(torch.where(skipped.to(buffer.device, non_blocking=True), saved, buffer))
 
 
+_AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {
+    "fp32": None,
+    "bf16-autocast": torch.bfloat16,
+    "fp16-amp": torch.float16,
+}
+
+
 def _same_layout(a: Tensor, b: Tensor) -> bool:
     return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
 
@@ -282,6 +289,10 @@ class Trainer:
         self._snapshot: _Snapshot | None = None
         self._last_trained_step = -1
         self._buffers = _BufferGuard(self.model)
+        self._autocast_dtype = _AUTOCAST_DTYPES[self.config.precision]
+        # fp16 autocast scales the loss; the scaler hands provetrain's optimizer its scale and inf flag, so
+        # an overflow is the optimizer's skip (one decision, counted once, no host read).
+        self._scaler = torch.amp.GradScaler(self.device.type) if self.config.precision == "fp16-amp" else None
         self.outputs: RunOutputs | None = None  # rank 0's run files, from fit() on
 
     # ----------------------------------------------------------------------------------------------- setup
@@ -426,9 +437,11 @@ class Trainer:
         self._train_module.train()
         self.optimizer.zero_grad(set_to_none=True)
         self._buffers.save_()  # the forward may write buffers before the step is known to be good
-        loss = self.loss_fn(self._train_module(inputs), targets)
+        with self._autocast():
+            loss = self.loss_fn(self._train_module(inputs), targets)
         weight = self.world.size * len(local) / len(indices)
-        (loss if weight == 1.0 else loss * weight).backward()
+        scaled = loss if weight == 1.0 else loss * weight
+        (scaled if self._scaler is None else self._scaler.scale(scaled)).backward()
         self._check_gradients_present(step)
         # 4. the global batch's mean loss: the same on every rank, and non-finite on all when it is on one,
         #    so that every rank skips the same steps (in one process, the loss itself)
@@ -436,7 +449,11 @@ class Trainer:
         # 5. clip + finite guard + update; a non-finite loss or gradient skips it on the device. Under DDP
         #    every rank holds the whole averaged gradient, so the optimizer's norm is already the global one.
         skipped_before = self.optimizer.skipped_steps.clone()
-        self.optimizer.step(loss=loss)
+        if self._scaler is None:
+            self.optimizer.step(loss=loss)
+        else:  # the optimizer unscales, clips and skips; update() backs the scale off after an overflow
+            self._scaler.step(self.optimizer, loss=loss)
+            self._scaler.update()
         skipped = self.optimizer.skipped_steps - skipped_before
         # 6. a skipped step leaves the buffers as they were, like the weights (decided on the device)
         self._buffers.restore_if_(skipped > 0)
@@ -452,6 +469,11 @@ class Trainer:
                 skipped,
             )
         )
+
+    def _autocast(self) -> Any:
+        """The training forward's autocast context (``precision``); a no-op for fp32."""
+        dtype = self._autocast_dtype
+        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
 
     def _check_lr(self, lr: float, step: int) -> None:
         self.ledger.check(LOSS, "precondition", "lr > 0.0", passed=int(lr > 0.0), failed=int(not lr > 0.0))
@@ -690,6 +712,7 @@ class Trainer:
             "ledger": self.ledger.state_dict(),
             "rng": capture_rng_state(),
             "config": self.config.model_dump(mode="json"),
+            "grad_scaler": None if self._scaler is None else self._scaler.state_dict(),
         }
         save_checkpoint(
             self._checkpoint_dir(),
@@ -732,6 +755,8 @@ class Trainer:
             self.monitor.load_state_dict(state["monitor"])
             if "ledger" in state:  # checkpoints from before the ledger was saved certify from the resume on
                 self.ledger.load_state_dict(state["ledger"])
+            if self._scaler is not None and state.get("grad_scaler"):
+                self._scaler.load_state_dict(state["grad_scaler"])
         except ResumeError:
             raise
         except (OSError, ValueError, KeyError, TypeError, RuntimeError) as error:
