@@ -626,3 +626,20 @@ def test_skip_mode_step_never_synchronises_on_cuda(ours: type[Adam], clip_value:
             torch.cuda.set_sync_debug_mode(previous)
     assert opt.skipped_steps.item() == 1
     assert all(s["step"].item() == 5 for s in opt.state.values())
+
+
+def test_moments_strided_unlike_their_parameter_never_reach_a_kernel() -> None:
+    # A channels_last model's state loaded into a contiguous copy: the moments keep channels_last strides.
+    conv = torch.nn.Conv2d(3, 4, 3).to(memory_format=torch.channels_last)
+    opt = Adam(conv.parameters(), lr=1e-2)
+    conv(torch.randn(2, 3, 8, 8).to(memory_format=torch.channels_last)).sum().backward()
+    opt.step()
+    plain = torch.nn.Conv2d(3, 4, 3)
+    plain.load_state_dict(conv.state_dict())
+    reloaded = Adam(plain.parameters(), lr=1e-2)
+    reloaded.load_state_dict(opt.state_dict())
+    assert not reloaded.state[plain.weight]["exp_avg"].is_contiguous()
+    plain(torch.randn(2, 3, 8, 8)).sum().backward()
+    reloaded.step()  # neither the C kernel nor torch's fused kernel may walk these moments linearly
+    assert reloaded.state[plain.weight]["step"].item() == 2
+    assert torch.isfinite(plain.weight).all()

@@ -48,6 +48,7 @@ References:
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
@@ -371,6 +372,8 @@ class Adam(Optimizer):
         if first is None:
             _raise_no_params()
         self._counters = _fresh_counters(first.device)
+        # exp_avg tensors checked for the C kernel, by id with a weak reference (ids are reused after a free)
+        self._kernel_ready_moments: dict[int, weakref.ref[Tensor]] = {}
 
     # -- counters ---------------------------------------------------------------------------------
 
@@ -415,18 +418,28 @@ class Adam(Optimizer):
         found_inf: Tensor | None = getattr(self, "found_inf", None)
         with torch.no_grad():
             batches = self._gather()
-            if self._use_multi_tensor(batches):
+            path = self._choose_path(batches)
+            if path == "multi_tensor":
                 self._step_multi_tensor(batches, loss, grad_scale, found_inf)
                 return loss
             if grad_scale is not None:
                 # The other paths clip what is stored: unscale first, as GradScaler.unscale_ would.
                 torch._foreach_div_([g for b in batches for g in b.grads], grad_scale)
             skip_scaled = None if found_inf is None else found_inf > 0
-            if self._use_fused(batches):
+            if path == "fused":
                 self._step_fused(batches, loss, skip_scaled)
             else:
                 self._step_reference(batches, loss, skip_scaled)
         return loss
+
+    def _choose_path(self, batches: list[_GroupBatch]) -> Literal["fused", "multi_tensor", "reference"]:
+        """The C kernel where it takes every tensor (unless foreach=True), else torch's multi-tensor kernels
+        (by default, or with foreach=True), else the reference path; fused=False and foreach=False exclude."""
+        if self.foreach is not True and self._use_fused(batches):
+            return "fused"
+        if (self.foreach is True or (self.foreach is None and self.fused is None)) and self._multi_tensor_fits(batches):
+            return "multi_tensor"
+        return "reference"
 
     def _gather(self) -> list[_GroupBatch]:
         batches = []
@@ -467,12 +480,8 @@ class Adam(Optimizer):
                 b.exp_avg_sqs.append(state["exp_avg_sq"])
                 b.steps.append(state["step"])
 
-    def _use_multi_tensor(self, batches: list[_GroupBatch]) -> bool:
-        """The multi-tensor path: chosen with foreach=True, else the default where the C kernel is not used."""
-        if self.foreach is False or self.fused is True:
-            return False
-        if self.foreach is None and (self.fused is False or self._use_fused(batches)):
-            return False
+    def _multi_tensor_fits(self, batches: list[_GroupBatch]) -> bool:
+        """Whether torch's fused kernel takes every parameter, gradient and moment of the step."""
         for b in batches:
             # A parameter without state yet gets zeros_like(p) (same strides): p stands in for its moments.
             states = [self.state.get(p) or {"exp_avg": p, "exp_avg_sq": p} for p in b.params]
@@ -482,20 +491,31 @@ class Adam(Optimizer):
         return True
 
     def _use_fused(self, batches: list[_GroupBatch]) -> bool:
-        if self.fused is False:
+        """Whether the C kernel takes this step; checked once here, so the kernel calls skip their checks."""
+        if self.fused is False or (self.fused is None and not fused.fused_available()):
             return False
-        # The state takes its parameter's device, dtype and layout (zeros_like, or cast on load).
         tensors = [t for b in batches for t in chain(b.params, b.grads)]
+        # Moments are checked once each (a loaded state may be strided differently from its parameter);
+        # load_state_dict forgets which were.
+        checked = self._kernel_ready_moments
+        for p in (p for b in batches for p in b.params):
+            state = self.state.get(p)
+            if state and not _remembered(checked, state["exp_avg"]):
+                tensors += [state["exp_avg"], state["exp_avg_sq"]]
         if self.fused is None:
-            return fused.fused_available() and fused.supports(tensors)
-        unsupported = next((t for t in tensors if not fused.supports([t])), None)
-        if unsupported is not None:
-            raise ValueError(
-                f"fused=True, but a {unsupported.dtype} tensor on {unsupported.device} (contiguous="
-                f"{unsupported.is_contiguous()}) takes part in this step and the fused kernel takes "
-                "contiguous float32 CPU tensors only; construct with fused=None to fall back to the "
-                "reference path."
-            )
+            if not fused.supports(tensors):
+                return False
+        else:
+            unsupported = next((t for t in tensors if not fused.supports([t])), None)
+            if unsupported is not None:
+                raise ValueError(
+                    f"fused=True, but a {unsupported.dtype} tensor on {unsupported.device} (contiguous="
+                    f"{unsupported.is_contiguous()}) takes part in this step and the fused kernel takes "
+                    "contiguous float32 CPU tensors only; construct with fused=None to fall back to the "
+                    "reference path."
+                )
+        for p in (p for b in batches for p in b.params if self.state.get(p)):
+            checked[id(self.state[p]["exp_avg"])] = weakref.ref(self.state[p]["exp_avg"])
         return True
 
     def _step_multi_tensor(
@@ -606,7 +626,7 @@ class Adam(Optimizer):
     ) -> None:
         # Everything here is on the CPU: reading a flag or a count costs no device synchronisation.
         grads = [g for b in batches for g in b.grads]
-        sum_sq, grads_finite = fused.sum_sq_and_finite(grads)
+        sum_sq, grads_finite = fused.sum_sq_and_finite(grads, check=False)  # _use_fused checked them
         skip = not (grads_finite and _loss_is_finite(loss)) or (skip_scaled is not None and bool(skip_scaled))
         if skip and self.on_nonfinite == "raise":
             self._raise_nonfinite(batches, loss)
@@ -715,6 +735,7 @@ class Adam(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self._kernel_ready_moments = {}  # loaded moments are checked afresh
         for group in self.param_groups:
             for key in _TORCH_ONLY_GROUP_KEYS:
                 group.pop(key, None)
@@ -846,9 +867,15 @@ def _fused_group_step_(batch: _GroupBatch, k: float) -> float:
             maximize=h["maximize"],
             bias_correction1=1 - h["beta1"] ** t,
             bias_correction2_sqrt=(1 - h["beta2"] ** t) ** 0.5,
+            check=False,  # Adam._use_fused checked every tensor of the step
         )
     torch._foreach_add_(batch.steps, 1.0)
     return clipped_sum_sq
+
+
+def _remembered(checked: dict[int, weakref.ref[Tensor]], t: Tensor) -> bool:
+    ref = checked.get(id(t))
+    return ref is not None and ref() is t
 
 
 def _fresh_state(p: Tensor) -> dict[str, Tensor]:

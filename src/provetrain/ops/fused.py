@@ -167,11 +167,13 @@ def supports(tensors: Sequence[torch.Tensor]) -> bool:
     return all(_is_supported(t) for t in tensors)
 
 
-def sum_sq_and_finite(grads: Sequence[torch.Tensor]) -> tuple[float, bool]:
+def sum_sq_and_finite(grads: Sequence[torch.Tensor], *, check: bool = True) -> tuple[float, bool]:
     """Pass 1: the float64 sum of squares of every element of ``grads``, and whether all are finite.
 
     Args:
         grads: float32 CPU contiguous tensors (see :func:`supports`).
+        check: ``False`` skips the per-tensor check, for a caller that has checked with :func:`supports`
+            this step (the kernel reads raw memory: an unsupported tensor would be read wrongly).
 
     Returns:
         ``(S, finite)``: ``S`` is the float64 sum over all elements of ``float64(g)**2``, with relative error
@@ -179,7 +181,7 @@ def sum_sq_and_finite(grads: Sequence[torch.Tensor]) -> tuple[float, bool]:
         inf).
     """
     kernel = _require_kernel()
-    addrs, numels = _describe("grads", grads)
+    addrs, numels = _describe("grads", grads, check=check)
     total = sum(numels)
     if total == 0:
         return 0.0, True
@@ -203,6 +205,7 @@ def adam_update_(
     maximize: bool,
     bias_correction1: float,
     bias_correction2_sqrt: float,
+    check: bool = True,
 ) -> float:
     r"""Pass 2: clip by ``k`` and take one Adam (or AdamW) step, in place on params and moments.
 
@@ -216,7 +219,8 @@ def adam_update_(
 
     The caller has already advanced the step count into ``bias_correction1`` (:math:`b_1 = 1-\beta_1^t`)
     and ``bias_correction2_sqrt`` (:math:`\sqrt{b_2}`, :math:`b_2 = 1-\beta_2^t`). Never call this on a
-    step that the finite guard skips: it advances ``m`` and ``v``.
+    step that the finite guard skips: it advances ``m`` and ``v``. ``check=False`` skips the per-tensor
+    checks (not the shape and aliasing checks), for a caller that has checked with :func:`supports`.
 
     Returns:
         The float64 sum of :math:`y^2` over all elements, taken before ``maximize`` and weight decay: the
@@ -224,7 +228,7 @@ def adam_update_(
         postcondition checks.
     """
     kernel = _require_kernel()
-    addrs, numels = _describe_update(params, grads, exp_avgs, exp_avg_sqs)
+    addrs, numels = _describe_update(params, grads, exp_avgs, exp_avg_sqs, check=check)
     _check_scalars(k, bias_correction1, bias_correction2_sqrt)
     total = sum(numels)
     if total == 0:
@@ -306,8 +310,10 @@ def _is_supported(t: torch.Tensor) -> bool:
     )
 
 
-def _describe(name: str, tensors: Sequence[torch.Tensor]) -> tuple[list[int], list[int]]:
+def _describe(name: str, tensors: Sequence[torch.Tensor], *, check: bool = True) -> tuple[list[int], list[int]]:
     """Addresses and element counts of ``tensors``, after checking that the kernel supports each one."""
+    if not check:
+        return [t.data_ptr() for t in tensors], [t.numel() for t in tensors]
     addrs, numels = [], []
     for i, t in enumerate(tensors):
         if not _is_supported(t):
@@ -327,14 +333,16 @@ def _describe_update(
     grads: Sequence[torch.Tensor],
     exp_avgs: Sequence[torch.Tensor],
     exp_avg_sqs: Sequence[torch.Tensor],
+    *,
+    check: bool = True,
 ) -> tuple[list[int], list[int]]:
     """Addresses (params, grads, exp_avgs, exp_avg_sqs in turn) and the per-parameter element counts."""
     groups = {"params": params, "grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs}
-    addrs, numels = _describe("params", params)
+    addrs, numels = _describe("params", params, check=check)
     for name, group in list(groups.items())[1:]:
         if len(group) != len(params):
             raise ValueError(f"{name} has {len(group)} tensors but params has {len(params)}; pass one per parameter.")
-        group_addrs, group_numels = _describe(name, group)
+        group_addrs, group_numels = _describe(name, group, check=check)
         if group_numels != numels:
             i = next(i for i, (a, b) in enumerate(zip(group_numels, numels, strict=True)) if a != b)
             raise ValueError(
