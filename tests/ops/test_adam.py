@@ -643,3 +643,17 @@ def test_moments_strided_unlike_their_parameter_never_reach_a_kernel() -> None:
     reloaded.step()  # neither the C kernel nor torch's fused kernel may walk these moments linearly
     assert reloaded.state[plain.weight]["step"].item() == 2
     assert torch.isfinite(plain.weight).all()
+
+
+@pytest.mark.parametrize("path", [p for p in PATHS if not p.values[0].get("fused")])  # float64: no C kernel
+@pytest.mark.parametrize("value", [1e200, 1e-200, 1e300])
+def test_recorded_clipped_norm_of_extreme_float64_gradients_is_neither_inf_nor_zero(
+    path: dict[str, bool], value: float
+) -> None:
+    p = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    p.grad = torch.tensor([value, -value, value / 2], dtype=torch.float64)
+    opt = Adam([p], lr=1e-3, clip_value=value / 10, **path)
+    opt.step()
+    clipped = opt.last_clipped_grad_norm.item()
+    assert value / 10 * (1 - 2**-20) <= clipped <= value / 10
+    assert opt.last_grad_norm.item() == pytest.approx(value * 1.5, rel=1e-12)

@@ -481,3 +481,13 @@ def test_tensor_subclasses_are_not_supported() -> None:
     plain = torch.zeros(4)
     assert fused.supports([plain, torch.nn.Parameter(torch.zeros(4))])
     assert not fused.supports([plain.as_subclass(Wrapped)])
+
+
+def test_advance_step_counts_adds_one_in_place_and_tells_autograd() -> None:
+    counts = [torch.tensor(float(i)) for i in (0, 7, 2**24 - 2)]
+    versions = [c._version for c in counts]
+    fused.advance_step_counts_(counts)
+    assert [c.item() for c in counts] == [1.0, 8.0, 2.0**24 - 1]
+    assert all(c._version > v for c, v in zip(counts, versions, strict=True))
+    with pytest.raises(ValueError, match=r"counts\[0\] is a torch\.float64 tensor"):
+        fused.advance_step_counts_([torch.tensor(1.0, dtype=torch.float64)])

@@ -61,10 +61,10 @@ from torch.optim.optimizer import Optimizer
 from provetrain.errors import ContractViolation
 from provetrain.ops import fused, multi_tensor
 from provetrain.ops.clip import (
+    _mul_pow2,
     clip_coefficient,
     clip_coefficient_on_host,
     first_nonfinite_gradient,
-    global_sum_of_squares,
     scale_gradient,
     scaled_sum_of_squares,
 )
@@ -131,9 +131,10 @@ def adam_step_(
         maximize: ascend instead of descend.
 
     Returns:
-        With ``k``: the 0-d float64 sum of squares of the clipped gradients :math:`y` (before maximize
-        and weight decay), on the device of :func:`~provetrain.ops.clip.global_sum_of_squares`. Without:
-        ``None``, since :math:`y = g` and the caller has their sum already.
+        With ``k``: ``(s, e)``, the sum of squares of the clipped gradients :math:`y` (before maximize and
+        weight decay) in the scaled form of :func:`~provetrain.ops.clip.scaled_sum_of_squares`,
+        :math:`s\,4^e`: it neither overflows nor underflows for float64 gradients. Without: ``None``, since
+        :math:`y = g` and the caller has their sum already.
 
     Guarantees:
         No host-device synchronisation: ``skip``, ``k`` and the step counts are read only by device
@@ -144,7 +145,7 @@ def adam_step_(
     if not params:
         return None
     ys = list(grads) if k is None else [scale_gradient(g, k.to(g.device, non_blocking=True)) for g in grads]
-    clipped_sum_sq = None if k is None else global_sum_of_squares(ys)
+    clipped_sum_sq = None if k is None else scaled_sum_of_squares(ys)
     for indices in _group_by_device_and_dtype(params).values():
         device = params[indices[0]].device
         _adam_group_(
@@ -611,14 +612,19 @@ class Adam(Optimizer):
         max_norm = math.inf if self.clip_value is None else self.clip_value  # inf: measure, never clip
         total_norm, k_clip = clip_coefficient(sum_sq, max_norm, exponent=exponent, **_clip_metadata(grads))
         k = None if self.clip_value is None else k_clip
-        clipped_sum_sqs = []
+        clipped_sums, clipped_exponents = [], []
         for b in batches:
             clipped = adam_step_(
                 b.params, b.grads, b.exp_avgs, b.exp_avg_sqs, b.steps, skip=skip, k=k, **b.hyperparameters()
             )
             if clipped is not None:
-                clipped_sum_sqs.append(clipped.to(sum_sq.device, non_blocking=True))
-        clipped_norm = total_norm if k is None else torch.stack(clipped_sum_sqs).sum().sqrt()
+                clipped_sums.append(clipped[0].to(sum_sq.device, non_blocking=True))
+                clipped_exponents.append(clipped[1].to(sum_sq.device, non_blocking=True))
+        clipped_norm = total_norm
+        if k is not None:
+            # In scaled form: a float64 clipped norm near 1e200 or 1e-200 is recorded, not inf or 0.
+            s, e = multi_tensor.combine_scaled_sums(clipped_sums, clipped_exponents)
+            clipped_norm = _mul_pow2(torch.sqrt(s), e)
         self._record(skip, total_norm, clipped_norm)
 
     def _step_fused(
@@ -869,7 +875,7 @@ def _fused_group_step_(batch: _GroupBatch, k: float) -> float:
             bias_correction2_sqrt=(1 - h["beta2"] ** t) ** 0.5,
             check=False,  # Adam._use_fused checked every tensor of the step
         )
-    torch._foreach_add_(batch.steps, 1.0)
+    fused.advance_step_counts_(batch.steps)
     return clipped_sum_sq
 
 
