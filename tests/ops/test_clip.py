@@ -598,3 +598,14 @@ def test_clip_coefficient_quotient_is_rounded_once() -> None:
         numerator, upper = rng.uniform(0.5, 1.0), rng.uniform(0.5, 1.0)
         k = float(_divide_scaled(numerator, torch.tensor(upper, dtype=torch.float64), torch.tensor(0)))
         assert k == float(Fraction(numerator) / Fraction(upper)), (numerator, upper)
+
+
+def test_an_unwritable_gradient_is_refused_before_any_gradient_changes() -> None:
+    first = torch.nn.Parameter(torch.zeros(4))
+    second = torch.nn.Parameter(torch.zeros(2, 3))
+    first.grad = torch.full((4,), 3.0)
+    second.grad = torch.tensor([1.0, 2.0, 3.0]).expand(2, 3)  # six elements over three memory locations
+    before = first.grad.clone()
+    with pytest.raises(ValueError, match=r"the gradient of 'second' has elements that share memory"):
+        clip_grad_norm_([("first", first), ("second", second)], 1.0)
+    assert torch.equal(first.grad, before)  # no partial clip

@@ -135,6 +135,7 @@ __all__ = [
     "clip_coefficient",
     "clip_coefficient_on_host",
     "clip_grad_norm_",
+    "check_writable",
     "clip_grads_",
     "first_nonfinite_gradient",
     "global_sum_of_squares",
@@ -543,12 +544,15 @@ def scale_gradient(grad: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return (grad.to(torch.float64) * k.to(grad.device)).to(grad.dtype)
 
 
-def clip_grads_(grads: Iterable[torch.Tensor], k: torch.Tensor) -> None:
+def clip_grads_(grads: Iterable[torch.Tensor], k: torch.Tensor, *, names: Sequence[str] | None = None) -> None:
     """Write :func:`scale_gradient` ``(g, k)`` into each ``g`` in place. No host-device synchronisation.
 
-    Contiguous gradients are processed ``CHUNK`` elements at a time (the values are the same: the map is
-    elementwise).
+    Every gradient is checked writable first (:func:`check_writable`), so an error leaves all of them as they
+    were, never some clipped and some not. Contiguous gradients are processed ``CHUNK`` elements at a time
+    (the values are the same: the map is elementwise).
     """
+    grads = list(grads)
+    check_writable(zip(names or [f"grads[{i}]" for i in range(len(grads))], grads, strict=True))
     for grad in grads:
         pieces = grad.view(-1).split(CHUNK) if grad.is_contiguous() else [grad]
         for piece in pieces:
@@ -581,6 +585,27 @@ def _named_gradients(
     for name, grad in named:
         _check_gradient(grad, f"the gradient of {name!r}")
     return len(items), named
+
+
+def check_writable(named: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Raise ``ValueError`` naming the first gradient that cannot be written in place.
+
+    An expanded gradient (several elements sharing one memory location, e.g. from ``expand``) or an
+    inference-mode tensor outside inference mode would make an in-place clip fail half-way.
+    """
+    inference_mode = torch.is_inference_mode_enabled()
+    for name, grad in named:
+        if torch._debug_has_internal_overlap(grad) == 1:  # 1: overlapping; 0 or 2 (cannot tell): copy_ accepts
+            raise ValueError(
+                f"the gradient of {name!r} has elements that share memory (an expanded tensor, strides "
+                f"{tuple(grad.stride())}), so it cannot be clipped in place; no gradient was changed. Make it "
+                "a real tensor first, e.g. p.grad = p.grad.clone()"
+            )
+        if grad.is_inference() and not inference_mode:
+            raise ValueError(
+                f"the gradient of {name!r} is an inference tensor, which cannot be changed outside "
+                "torch.inference_mode(); no gradient was changed. Compute gradients outside inference mode"
+            )
 
 
 def first_nonfinite_gradient(
@@ -676,5 +701,5 @@ def clip_grad_norm_(
     if not finite:
         _raise_first_nonfinite(named)
     if clip:
-        clip_grads_(grads, k)
+        clip_grads_(grads, k, names=[name for name, _ in named])
     return total_norm
