@@ -23,7 +23,6 @@ Bandwidth probes give the floor: 32 bytes per parameter over the best bandwidth 
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import time
 from collections.abc import Callable
@@ -127,23 +126,13 @@ def torch_cases(params: list[torch.Tensor], grads: list[torch.Tensor]) -> list[C
 
 
 def clip_coefficient_fn() -> tuple[Callable[[float, int], float], str]:
-    """``k`` from pass 1's sum: provetrain's bounded coefficient if it exists, else a placeholder."""
-    try:
-        from provetrain.ops.clip import clip_coefficient
+    """``k`` from pass 1's sum, in Python floats, as provetrain.Adam's C kernel path computes it."""
+    from provetrain.ops.clip import clip_coefficient_on_host
 
-        def k_of(sum_sq: float, numel: int) -> float:
-            s = torch.tensor(sum_sq, dtype=torch.float64)
-            return float(clip_coefficient(s, CLIP, numel=numel, dtypes=(torch.float32,))[1])
+    def k_of(sum_sq: float, numel: int) -> float:
+        return clip_coefficient_on_host(sum_sq, CLIP, numel=numel, dtypes=(torch.float32,))[1]
 
-        k_of(4.0, 4)
-        return k_of, "provetrain.ops.clip.clip_coefficient"
-    except (ImportError, TypeError):
-
-        def k_of(sum_sq: float, numel: int) -> float:
-            upper = math.sqrt(sum_sq) * (1 + (numel + 4) * 2.0**-53)
-            return min(1.0, CLIP / upper * (1 - 4 * 2.0**-24))
-
-        return k_of, "placeholder formula (provetrain.ops.clip.clip_coefficient not importable)"
+    return k_of, "provetrain.ops.clip.clip_coefficient_on_host"
 
 
 def kernel_cases(params: list[torch.Tensor], grads: list[torch.Tensor]) -> tuple[list[Case], str]:
@@ -189,10 +178,9 @@ PROVETRAIN_PATHS = {
 
 
 def default_path(opt: Adam) -> str:
-    batches = opt._gather()
-    if opt._use_multi_tensor(batches):
-        return "multi-tensor"
-    return "C kernel" if opt._use_fused(batches) else "reference"
+    return {"fused": "C kernel", "multi_tensor": "multi-tensor", "reference": "reference"}[
+        opt._choose_path(opt._gather())
+    ]
 
 
 def provetrain_adam_cases(params: list[torch.Tensor], grads: list[torch.Tensor]) -> tuple[list[Case], str]:

@@ -132,10 +132,10 @@ import torch
 from provetrain.errors import ContractViolation
 
 __all__ = [
+    "check_writable",
     "clip_coefficient",
     "clip_coefficient_on_host",
     "clip_grad_norm_",
-    "check_writable",
     "clip_grads_",
     "first_nonfinite_gradient",
     "global_sum_of_squares",
