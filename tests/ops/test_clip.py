@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from provetrain.errors import ContractViolation
+from provetrain.ops.adam import Adam
 from provetrain.ops.clip import (
     SMALLEST_SUBNORMAL,
     UNIT_ROUNDOFF,
@@ -609,3 +610,24 @@ def test_an_unwritable_gradient_is_refused_before_any_gradient_changes() -> None
     with pytest.raises(ValueError, match=r"the gradient of 'second' has elements that share memory"):
         clip_grad_norm_([("first", first), ("second", second)], 1.0)
     assert torch.equal(first.grad, before)  # no partial clip
+
+
+@pytest.mark.parametrize(("values", "max_norm"), [([1e-39, 1e-39], 1e-40), ([2.0**-149], 1e-46)])
+def test_flush_to_zero_is_refused_and_gradual_underflow_keeps_the_bound(values: list[float], max_norm: float) -> None:
+    # The two counterexamples of issue 11: under flush-to-zero the sum is 0 and the gradients escape the clip.
+    param = torch.nn.Parameter(torch.zeros(len(values)))
+    param.grad = torch.tensor(values)
+    before = param.grad.clone()
+    torch.set_flush_denormal(True)
+    try:
+        with pytest.raises(ContractViolation, match=r"torch\.set_flush_denormal\(False\)"):
+            clip_grad_norm_([param], max_norm)
+        opt = Adam([param], lr=1e-3, clip_value=max_norm)
+        with pytest.raises(ContractViolation, match="flushed to zero"):
+            opt.step()
+    finally:
+        torch.set_flush_denormal(False)
+    assert torch.equal(param.grad, before) and not param.detach().any()
+    clip_grad_norm_([param], max_norm)
+    exact = sum(Fraction(x) ** 2 for x in param.grad.double().tolist())
+    assert exact <= Fraction(max_norm) ** 2

@@ -62,6 +62,7 @@ from provetrain.errors import ContractViolation
 from provetrain.ops import fused, multi_tensor
 from provetrain.ops.clip import (
     _mul_pow2,
+    check_gradual_underflow,
     clip_coefficient,
     clip_coefficient_on_host,
     first_nonfinite_gradient,
@@ -419,6 +420,8 @@ class Adam(Optimizer):
         found_inf: Tensor | None = getattr(self, "found_inf", None)
         with torch.no_grad():
             batches = self._gather()
+            if self.clip_value is not None:
+                check_gradual_underflow({b.params[0].device for b in batches})
             path = self._choose_path(batches)
             if path == "multi_tensor":
                 self._step_multi_tensor(batches, loss, grad_scale, found_inf)

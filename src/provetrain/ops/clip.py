@@ -132,12 +132,14 @@ import torch
 from provetrain.errors import ContractViolation
 
 __all__ = [
+    "check_gradual_underflow",
     "check_writable",
     "clip_coefficient",
     "clip_coefficient_on_host",
     "clip_grad_norm_",
     "clip_grads_",
     "first_nonfinite_gradient",
+    "flush_to_zero_enabled",
     "global_sum_of_squares",
     "scale_gradient",
     "scaled_sum_of_squares",
@@ -608,6 +610,42 @@ def check_writable(named: Iterable[tuple[str, torch.Tensor]]) -> None:
             )
 
 
+_SUBNORMAL_PROBE = 2.0**-1073  # a module variable: the product below runs at call time, under the current mode
+
+
+def flush_to_zero_enabled() -> bool:
+    """Whether this thread's CPU arithmetic flushes subnormals to zero (``torch.set_flush_denormal(True)``).
+
+    The flag is per-thread CPU state (x86 MXCSR FTZ/DAZ, which torch also sets on its worker threads) and
+    also governs Python's float arithmetic, so one subnormal product tells (about 50 ns).
+    """
+    return _SUBNORMAL_PROBE * 1.5 == 0.0
+
+
+def check_gradual_underflow(devices: Iterable[torch.device]) -> None:
+    """Refuse to clip on CPU while subnormals are flushed to zero: the *Proof* assumes gradual underflow.
+
+    Under flush-to-zero, float32 gradients ``[1e-39, 1e-39]`` sum to 0 and escape a clip value of
+    ``1e-40`` (their stored norm is 14x it). CUDA kernels do not flush (torch builds them without
+    fast-math), so only CPU gradients are refused.
+
+    Raises:
+        ContractViolation: ``grad_norm <= clip_value``, naming the setting and the fix.
+    """
+    if any(device.type == "cpu" for device in devices) and flush_to_zero_enabled():
+        raise ContractViolation(
+            EQUATION,
+            "grad_norm <= clip_value",
+            kind="postcondition",
+            observed={"flush_denormal": True},
+            hint=(
+                "subnormal numbers are flushed to zero on this thread (torch.set_flush_denormal(True)), and the "
+                "clip's bound is proven for IEEE gradual underflow: tiny gradients would escape the clip. Call "
+                "torch.set_flush_denormal(False) before training; nothing was changed"
+            ),
+        )
+
+
 def first_nonfinite_gradient(
     named: Iterable[tuple[str, torch.Tensor]],
 ) -> tuple[str, torch.Tensor, int, int] | None:
@@ -679,6 +717,7 @@ def clip_grad_norm_(
     if norm_type != 2:
         raise ValueError(f"norm_type={norm_type!r}; provetrain bounds the Euclidean norm only: pass 2.0")
     count, named = _named_gradients(parameters, names)
+    check_gradual_underflow({grad.device for _, grad in named})
     if not named:
         raise ContractViolation(
             EQUATION,
