@@ -631,3 +631,18 @@ def test_flush_to_zero_is_refused_and_gradual_underflow_keeps_the_bound(values: 
     clip_grad_norm_([param], max_norm)
     exact = sum(Fraction(x) ** 2 for x in param.grad.double().tolist())
     assert exact <= Fraction(max_norm) ** 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_float64_sum_is_the_same_bits_for_every_thread_count(dtype: torch.dtype) -> None:
+    grads = [torch.randn(700_001, generator=torch.Generator().manual_seed(0)).to(dtype), torch.randn(33).to(dtype)]
+    before = torch.get_num_threads()
+    sums = []
+    try:
+        for threads in (1, 2, 7):
+            torch.set_num_threads(threads)
+            s, e = scaled_sum_of_squares(grads)
+            sums.append((s.item().hex(), int(e)))
+    finally:
+        torch.set_num_threads(before)
+    assert sums[0] == sums[1] == sums[2]

@@ -289,9 +289,9 @@ def python_threads_kernel(tmp_path_factory):
 def test_update_is_independent_of_the_thread_count(runtime, python_threads_kernel, monkeypatch):
     if runtime == "python-threads":
         monkeypatch.setattr(fused, "_kernel", python_threads_kernel)
-    sizes = (150_001, 90_007, 33, 64)
+    sizes = (450_001, 90_007, 33, 64)  # 9 blocks of 65,536: up to 8 threads take part
     results = []
-    for threads in (1, 2, 3, 4):
+    for threads in (1, 2, 3, 4, 7):
         state = make_state(sizes, seed=3)
         with num_threads(threads):
             returned = fused.adam_update_(*state, **hyper(k=0.3, weight_decay=0.01, decoupled=True))
@@ -304,6 +304,7 @@ def test_update_is_independent_of_the_thread_count(runtime, python_threads_kerne
     for returned, total, state in results:
         assert abs(returned - exact_clipped) <= bound * exact_clipped
         assert abs(total - exact) <= bound * exact
+        assert (returned.hex(), total.hex()) == (results[0][0].hex(), results[0][1].hex())  # fixed blocking
         for group, first in zip(state, results[0][2], strict=True):
             for a, b in zip(group, first, strict=True):
                 assert torch.equal(a.view(torch.int32), b.view(torch.int32))

@@ -356,3 +356,16 @@ def test_host_math_equals_device_math_where_sqrt_rounds_alike(
             assert divisor_device.item() == divisor_host
     else:  # torch's float64 sqrt is faithful, math.sqrt correctly rounded: one ulp apart at most
         assert on_device[1].item() == pytest.approx(on_host[1], rel=2**-50)
+
+
+def test_the_multi_tensor_sum_is_the_same_bits_for_every_thread_count() -> None:
+    grads = [torch.randn(700_001, generator=torch.Generator().manual_seed(0)), torch.randn(33).bfloat16()]
+    before = torch.get_num_threads()
+    sums = []
+    try:
+        for threads in (1, 2, 7):
+            torch.set_num_threads(threads)
+            sums.append(scaled_sum_of_squares_multi_tensor(grads)[0].item().hex())
+    finally:
+        torch.set_num_threads(before)
+    assert sums[0] == sums[1] == sums[2]

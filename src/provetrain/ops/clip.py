@@ -247,18 +247,23 @@ def scaled_sum_of_squares(grads: Sequence[torch.Tensor]) -> tuple[torch.Tensor, 
     return torch.stack([p.to(device) for p in partials]).sum(), exponent
 
 
-def _chunked_sum_of_squares(x: torch.Tensor, exponent: torch.Tensor | None) -> torch.Tensor:
-    """``sum (x_i 2^-e)^2`` in float64 (``e = 0`` for None), converting ``CHUNK`` elements at a time.
+SUM_CHUNK = 2**15
+"""Elements per partial sum: torch's ``GRAIN_SIZE``, below which a CPU reduction runs on one thread, so the
+float64 sum is the same bits for every thread count (``torch.dot`` is not: BLAS splits it by thread)."""
 
-    Chunks keep the float64 copy in cache (about 4x faster than one full copy on CPU); per-chunk dots summed
-    afterwards are still a summation tree (module *Proof*, step 1).
+
+def _chunked_sum_of_squares(x: torch.Tensor, exponent: torch.Tensor | None) -> torch.Tensor:
+    """``sum (x_i 2^-e)^2`` in float64 (``e = 0`` for None), converting ``SUM_CHUNK`` elements at a time.
+
+    Chunks keep the float64 copy in cache (about 4x faster than one full copy on CPU) and each is reduced
+    on one thread; per-chunk sums added afterwards are still a summation tree (module *Proof*, step 1).
     """
     partials = [torch.zeros((), dtype=torch.float64, device=x.device)]
-    for chunk in x.split(CHUNK):
+    for chunk in x.split(SUM_CHUNK):
         wide = chunk.to(torch.float64)
         if exponent is not None:
             wide = _mul_pow2(wide, -exponent)
-        partials.append(torch.dot(wide, wide))
+        partials.append(wide.square().sum())
     return torch.stack(partials).sum()
 
 

@@ -38,8 +38,10 @@ Guarantees:
       float32 rounding of each scalar and the fused multiply-adds of torch's vectorised CPU kernels. The
       one known difference is ``sqrt``: torch's MKL build rounds ``exp_avg_sq.sqrt()`` one ulp low in about
       0.7% of elements, ours is correctly rounded.
-    * ``params``, ``exp_avgs`` and ``exp_avg_sqs`` hold the same values whatever the thread count; only the
-      rounding of the returned float64 sums depends on it.
+    * Everything is the same bits whatever the thread count: ``params``, ``exp_avgs`` and
+      ``exp_avg_sqs`` are elementwise, and the float64 sums are formed per fixed block of 65,536 elements
+      of the concatenation (``PT_BLOCK`` in the C source), added in block order. So ``k``, and with it the
+      whole step, agrees across processes that run different thread counts.
 """
 
 from __future__ import annotations
@@ -73,7 +75,7 @@ __all__ = [
     "supports",
 ]
 
-_ABI_VERSION = 2
+_ABI_VERSION = 3
 _SCALAR_COUNT = 9
 _MAXIMIZE, _L2, _DECOUPLED, _LERP_LARGE = 1, 2, 4, 8
 # Tried in order. -ffp-contract=off keeps the clipped value bit-identical to the torch reference path (the
@@ -107,8 +109,12 @@ class _Kernel:
             "pt_sum_sq": ((i64, vp, vp, i64, i64), f64),
             "pt_adam": ((i64, vp, vp, i64, i64, f64, vp, c_int), f64),
             "pt_stream": ((i64, vp, vp, i64, i64), None),
-            "pt_sum_sq_mt": ((i64, vp, vp, i64, c_int), f64),
-            "pt_adam_mt": ((i64, vp, vp, i64, f64, vp, c_int, c_int), f64),
+            "pt_block_count": ((i64,), i64),
+            "pt_sum_sq_blocks": ((i64, vp, vp, i64, i64, i64, vp), None),
+            "pt_adam_blocks": ((i64, vp, vp, i64, i64, i64, f64, vp, c_int, vp), None),
+            "pt_add_in_order": ((vp, i64), f64),
+            "pt_sum_sq_mt": ((i64, vp, vp, i64, c_int, vp), f64),
+            "pt_adam_mt": ((i64, vp, vp, i64, f64, vp, c_int, c_int, vp), f64),
             "pt_stream_mt": ((i64, vp, vp, i64, c_int), None),
             "pt_scale": ((vp, vp, i64, f64), None),
         }
@@ -123,17 +129,39 @@ class _Kernel:
 
     def run(self, entry: str, total: int, addrs: array.array, numels: array.array, *extra) -> float:
         """Run ``entry`` (``pt_sum_sq``, ``pt_adam``, ``pt_stream``) over ``[0, total)`` on torch's thread
-        count, as one range per thread; return the sum of what the ranges return."""
+        count and return its float64 sum (0.0 for ``pt_stream``).
+
+        The sums are formed per fixed block of the concatenation and added in block order, so they are the
+        same bits for every thread count; threads take contiguous runs of blocks.
+        """
         head = (len(numels), addrs.buffer_info()[0], numels.buffer_info()[0])
         threads = max(1, min(torch.get_num_threads(), total // _MIN_ELEMENTS_PER_THREAD))
+        if entry == "pt_stream":
+            return self._stream(head, total, threads)
+        blocks = self.lib.pt_block_count(total)
+        partial = (ctypes.c_double * max(blocks, 1))()
         if self.openmp or threads == 1:
-            return getattr(self.lib, entry + "_mt")(*head, total, *extra, threads) or 0.0
-        fn = getattr(self.lib, entry)
+            return getattr(self.lib, entry + "_mt")(*head, total, *extra, threads, partial)
+        fn = getattr(self.lib, entry + "_blocks")
+        edges = [blocks * t // threads for t in range(threads + 1)]
+        pool = self._thread_pool(threads - 1)
+        futures = [pool.submit(fn, *head, total, edges[t], edges[t + 1], *extra, partial) for t in range(1, threads)]
+        fn(*head, total, edges[0], edges[1], *extra, partial)
+        for future in futures:
+            future.result()
+        return self.lib.pt_add_in_order(partial, blocks)
+
+    def _stream(self, head: tuple[int, int, int], total: int, threads: int) -> float:
+        if self.openmp or threads == 1:
+            self.lib.pt_stream_mt(*head, total, threads)
+            return 0.0
         bounds = [total * t // threads // 64 * 64 for t in range(threads)] + [total]
         pool = self._thread_pool(threads - 1)
-        futures = [pool.submit(fn, *head, bounds[t], bounds[t + 1], *extra) for t in range(1, threads)]
-        result = fn(*head, bounds[0], bounds[1], *extra) or 0.0
-        return result + sum(f.result() or 0.0 for f in futures)
+        futures = [pool.submit(self.lib.pt_stream, *head, bounds[t], bounds[t + 1]) for t in range(1, threads)]
+        self.lib.pt_stream(*head, bounds[0], bounds[1])
+        for future in futures:
+            future.result()
+        return 0.0
 
     def _thread_pool(self, workers: int) -> ThreadPoolExecutor:
         # A pool inherited through fork() has no threads behind it: make a fresh one in the child.

@@ -27,7 +27,10 @@
 #include <omp.h>
 #endif
 
-#define PT_ABI_VERSION 2
+#define PT_ABI_VERSION 3
+/* The float64 sums are formed per block of PT_BLOCK elements of the concatenation, whatever thread runs it,
+ * and the block sums are added in block order: the result does not depend on the thread count. */
+#define PT_BLOCK 65536
 #define LANES 16
 #define PT_MAX_THREADS 1024
 
@@ -256,8 +259,9 @@ void pt_stream(int64_t n_tensors, const int64_t *addrs, const int64_t *numels, i
 }
 
 /*
- * [0, total) in `threads` ranges on multiples of 64 elements, one per OpenMP thread (serially without
- * OpenMP). Partial sums are added in thread order, so a result depends on the thread count only.
+ * pt_stream_mt: [0, total) in `threads` ranges on multiples of 64 elements, one per OpenMP thread (serially
+ * without OpenMP). The sums (pt_sum_sq_mt, pt_adam_mt) go by blocks of PT_BLOCK elements instead, so their
+ * rounding is the same for every thread count.
  */
 static int clamp_threads(int threads) {
     return threads < 1 ? 1 : threads > PT_MAX_THREADS ? PT_MAX_THREADS : threads;
@@ -268,35 +272,54 @@ static int64_t bound(int64_t total, int t, int threads) {
     return t == threads ? total : (total / threads * t + total % threads * t / threads) / 64 * 64;
 }
 
-static double add_in_order(const double *partial, int threads) {
+int64_t pt_block_count(int64_t total) { return (total + PT_BLOCK - 1) / PT_BLOCK; }
+
+static int64_t block_end(int64_t b, int64_t total) {
+    return (b + 1) * PT_BLOCK < total ? (b + 1) * PT_BLOCK : total;
+}
+
+/* partial[b] for the blocks b in [b_lo, b_hi): the sums of squares of those blocks of the concatenation. */
+void pt_sum_sq_blocks(int64_t n_tensors, const int64_t *g_addrs, const int64_t *numels, int64_t total,
+                      int64_t b_lo, int64_t b_hi, double *partial) {
+    for (int64_t b = b_lo; b < b_hi; ++b)
+        partial[b] = pt_sum_sq(n_tensors, g_addrs, numels, b * PT_BLOCK, block_end(b, total));
+}
+
+/* pt_adam on the blocks b in [b_lo, b_hi); partial[b] is each block's clipped sum of squares. */
+void pt_adam_blocks(int64_t n_tensors, const int64_t *addrs, const int64_t *numels, int64_t total, int64_t b_lo,
+                    int64_t b_hi, double k, const float *scalars, int flags, double *partial) {
+    for (int64_t b = b_lo; b < b_hi; ++b)
+        partial[b] = pt_adam(n_tensors, addrs, numels, b * PT_BLOCK, block_end(b, total), k, scalars, flags);
+}
+
+double pt_add_in_order(const double *partial, int64_t n) {
     double total = 0.0;
-    for (int t = 0; t < threads; ++t) total += partial[t];
+    for (int64_t b = 0; b < n; ++b) total += partial[b];
     return total;
 }
 
+/* The _mt entries take `partial`, room for pt_block_count(total) doubles, from the caller. */
 double pt_sum_sq_mt(int64_t n_tensors, const int64_t *g_addrs, const int64_t *numels, int64_t total,
-                    int threads) {
-    double partial[PT_MAX_THREADS];
+                    int threads, double *partial) {
+    const int64_t blocks = pt_block_count(total);
     threads = clamp_threads(threads);
 #ifdef _OPENMP
-#pragma omp parallel for num_threads(threads) schedule(static, 1)
+#pragma omp parallel for num_threads(threads) schedule(static)
 #endif
-    for (int t = 0; t < threads; ++t)
-        partial[t] = pt_sum_sq(n_tensors, g_addrs, numels, bound(total, t, threads), bound(total, t + 1, threads));
-    return add_in_order(partial, threads);
+    for (int64_t b = 0; b < blocks; ++b) pt_sum_sq_blocks(n_tensors, g_addrs, numels, total, b, b + 1, partial);
+    return pt_add_in_order(partial, blocks);
 }
 
 double pt_adam_mt(int64_t n_tensors, const int64_t *addrs, const int64_t *numels, int64_t total, double k,
-                  const float *scalars, int flags, int threads) {
-    double partial[PT_MAX_THREADS];
+                  const float *scalars, int flags, int threads, double *partial) {
+    const int64_t blocks = pt_block_count(total);
     threads = clamp_threads(threads);
 #ifdef _OPENMP
-#pragma omp parallel for num_threads(threads) schedule(static, 1)
+#pragma omp parallel for num_threads(threads) schedule(static)
 #endif
-    for (int t = 0; t < threads; ++t)
-        partial[t] = pt_adam(n_tensors, addrs, numels, bound(total, t, threads), bound(total, t + 1, threads), k,
-                             scalars, flags);
-    return add_in_order(partial, threads);
+    for (int64_t b = 0; b < blocks; ++b)
+        pt_adam_blocks(n_tensors, addrs, numels, total, b, b + 1, k, scalars, flags, partial);
+    return pt_add_in_order(partial, blocks);
 }
 
 void pt_stream_mt(int64_t n_tensors, const int64_t *addrs, const int64_t *numels, int64_t total, int threads) {
