@@ -657,3 +657,25 @@ def test_recorded_clipped_norm_of_extreme_float64_gradients_is_neither_inf_nor_z
     clipped = opt.last_clipped_grad_norm.item()
     assert value / 10 * (1 - 2**-20) <= clipped <= value / 10
     assert opt.last_grad_norm.item() == pytest.approx(value * 1.5, rel=1e-12)
+
+
+def test_adamw_decay_that_would_grow_the_weights_is_refused() -> None:
+    p = torch.nn.Parameter(torch.ones(3))
+    p.grad = torch.ones(3)
+    opt = AdamW([p], lr=1e-3, weight_decay=1e30)
+    with pytest.raises(ValueError, match=r"lr \* weight_decay = 1e\+27 > 1"):
+        opt.step()
+    assert torch.equal(p, torch.ones(3)) and not opt.state[p]
+
+
+@pytest.mark.parametrize("path", [p for p in PATHS if not p.values[0].get("fused")])  # float16: no C kernel
+def test_float16_moments_stay_finite_under_the_largest_allowed_clip(path: dict[str, bool]) -> None:
+    p = torch.nn.Parameter(torch.ones(4, dtype=torch.float16))
+    opt = Adam([p], lr=1e-3, eps=1e-3, clip_value=180.0, **path)
+    for _ in range(200):  # huge finite gradients, clipped to 180: exp_avg_sq settles near 180**2 / 4
+        p.grad = torch.full((4,), 6e4, dtype=torch.float16)
+        opt.step()
+    state = opt.state[p]
+    assert all(torch.isfinite(t).all() for t in (p, state["exp_avg"], state["exp_avg_sq"]))
+    with pytest.raises(ValueError, match=r"clip_value=256\.0 is too large for torch\.float16"):
+        Adam([p], lr=1e-3, clip_value=256.0, **path).step()

@@ -420,6 +420,7 @@ class Adam(Optimizer):
         found_inf: Tensor | None = getattr(self, "found_inf", None)
         with torch.no_grad():
             batches = self._gather()
+            _check_update_stays_finite(batches, self.clip_value)
             if self.clip_value is not None:
                 check_gradual_underflow({b.params[0].device for b in batches})
             path = self._choose_path(batches)
@@ -956,6 +957,44 @@ def _raise_no_params() -> NoReturn:
 
 def _is_real(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_update_stays_finite(batches: list[_GroupBatch], clip_value: float | None) -> None:
+    r"""Refuse settings under which the update itself could overflow from finite inputs (host values only).
+
+    * AdamW's decay multiplies the parameters by :math:`1 - \eta\lambda`; with :math:`\eta\lambda > 1` it
+      flips their sign and grows them (``weight_decay=1e30`` overflows at once). Required: ``lr *
+      weight_decay <= 1``.
+    * With a clip value :math:`c` each clipped gradient element has :math:`|y| \le c (1 + 2^{-22})`, and
+      :math:`v' = \beta_2 v + (1 - \beta_2) y^2` is a convex combination: by induction, with rounding to
+      nearest being monotone, every stored :math:`v` stays at most :math:`\max(v_0, B)`, :math:`B` the
+      value of dtype :math:`d` next above :math:`c^2 (1 + 2^{-20})` (a :math:`v` above :math:`c^2` only
+      decays, and rounds to at most itself). Required, with a factor 2 to spare: :math:`2 c^2 <` the
+      largest finite value of :math:`d` (float16: :math:`c \le 180`).
+
+    Outside these (L2 decay, which adds :math:`\lambda	heta` to the gradient, or no clip value) the update is
+    not bounded by the hyper-parameters alone; a non-finite moment is then caught by the checkpoint's
+    finiteness rule.
+    """
+    for b in batches:
+        g = b.group
+        label = f"param_groups[{b.group_index}]"
+        if g["decoupled_weight_decay"] and g["lr"] * g["weight_decay"] > 1:
+            raise ValueError(
+                f"{label}: lr * weight_decay = {g['lr'] * g['weight_decay']:.3g} > 1: AdamW's decay "
+                f"theta * (1 - lr * weight_decay) would flip and grow the parameters until they overflow; use "
+                "weight_decay <= 1 / lr (typically 0.01 to 0.1)"
+            )
+        if clip_value is None:
+            continue
+        for dtype in {p.dtype for p in b.params}:
+            largest = math.sqrt(torch.finfo(dtype).max / 2) if dtype.is_floating_point else math.inf
+            if clip_value >= largest:  # 2 c^2 >= max, without squaring c (it may overflow a Python float)
+                raise ValueError(
+                    f"{label}: clip_value={clip_value!r} is too large for {dtype} parameters: exp_avg_sq, which "
+                    f"grows to about clip_value**2, could overflow {dtype}; use clip_value <= {largest:.4g} or "
+                    "wider parameters"
+                )
 
 
 def _check_hyperparameters(values: dict[str, Any], *, where: str) -> dict[str, Any]:
