@@ -646,17 +646,19 @@ def test_moments_strided_unlike_their_parameter_never_reach_a_kernel() -> None:
 
 
 @pytest.mark.parametrize("path", [p for p in PATHS if not p.values[0].get("fused")])  # float64: no C kernel
-@pytest.mark.parametrize("value", [1e200, 1e-200, 1e300])
+@pytest.mark.parametrize(("value", "clip_value"), [(1e160, 1e153), (1e-200, 1e-201), (1e-300, 1e-301)])
 def test_recorded_clipped_norm_of_extreme_float64_gradients_is_neither_inf_nor_zero(
-    path: dict[str, bool], value: float
+    path: dict[str, bool], value: float, clip_value: float
 ) -> None:
+    # Squares of these overflow (1e160) or underflow (1e-200) float64: the records are formed in scaled form.
     p = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
     p.grad = torch.tensor([value, -value, value / 2], dtype=torch.float64)
-    opt = Adam([p], lr=1e-3, clip_value=value / 10, **path)
+    opt = Adam([p], lr=1e-3, clip_value=clip_value, **path)
     opt.step()
     clipped = opt.last_clipped_grad_norm.item()
-    assert value / 10 * (1 - 2**-20) <= clipped <= value / 10
+    assert clip_value * (1 - 2**-20) <= clipped <= clip_value
     assert opt.last_grad_norm.item() == pytest.approx(value * 1.5, rel=1e-12)
+    assert torch.isfinite(opt.state[p]["exp_avg_sq"]).all()
 
 
 def test_adamw_decay_that_would_grow_the_weights_is_refused() -> None:
