@@ -681,3 +681,34 @@ def test_float16_moments_stay_finite_under_the_largest_allowed_clip(path: dict[s
     assert all(torch.isfinite(t).all() for t in (p, state["exp_avg"], state["exp_avg_sq"]))
     with pytest.raises(ValueError, match=r"clip_value=256\.0 is too large for torch\.float16"):
         Adam([p], lr=1e-3, clip_value=256.0, **path).step()
+
+
+NO_C_KERNEL_PATHS = [p for p in PATHS if not p.values[0].get("fused")]
+
+
+@pytest.mark.parametrize("path", NO_C_KERNEL_PATHS)
+@pytest.mark.parametrize(
+    ("dtype", "kwargs", "grad"),
+    [
+        pytest.param(torch.float16, {}, 6e4, id="float16-unclipped"),  # 6e4 squared overflows float16
+        pytest.param(torch.float32, {"weight_decay": 1e30, "clip_value": 1.0}, 1.0, id="float32-l2-decay"),
+    ],
+)
+def test_an_update_that_would_overflow_is_skipped_and_raised_by_name(path, dtype, kwargs, grad) -> None:
+    p = torch.nn.Parameter(torch.ones(4, dtype=dtype))
+    opt = Adam([p], lr=1e-3, eps=1e-3, **kwargs, **path)
+    p.grad = torch.full((4,), grad, dtype=dtype)
+    opt.step()
+    assert opt.skipped_steps.item() == 1
+    assert torch.equal(p, torch.ones(4, dtype=dtype)) and not opt.state[p]["exp_avg_sq"].any()
+    strict = Adam([p], lr=1e-3, eps=1e-3, on_nonfinite="raise", **kwargs, **path)
+    with pytest.raises(ContractViolation, match="second moment \\(its square\\) would overflow"):
+        strict.step()
+
+
+def test_the_default_float32_cpu_path_skips_an_l2_update_that_would_overflow() -> None:
+    p = torch.nn.Parameter(torch.ones(4))
+    p.grad = torch.ones(4)
+    opt = Adam([p], lr=1e-3, weight_decay=1e30, fused=None)
+    opt.step()
+    assert opt.skipped_steps.item() == 1 and torch.equal(p, torch.ones(4))

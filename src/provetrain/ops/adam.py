@@ -536,14 +536,17 @@ class Adam(Optimizer):
         if sum_sq.is_cpu and _FREE_CPU_READS:
             self._step_multi_tensor_on_host(batches, grads, sum_sq, exponent, loss, grad_scale, found_inf)
             return
-        skip = _skip_flag(sum_sq, loss, found_inf)
-        # Host read of the device flag: the one synchronisation of raise mode; skip mode never reads it.
-        if self.on_nonfinite == "raise" and bool(skip):
-            self._raise_nonfinite(batches, loss)
-        self._attach_state(batches)
         total_norm, divisor = multi_tensor.clip_divisor(
             sum_sq, exponent, self.clip_value, grad_scale=grad_scale, **_clip_metadata(grads)
         )
+        skip = _skip_flag(sum_sq, loss, found_inf)
+        overflow = _update_overflow_flag(batches, total_norm, self.clip_value)
+        if overflow is not None:
+            skip = skip | overflow
+        # Host read of the device flag: the one synchronisation of raise mode; skip mode never reads it.
+        if self.on_nonfinite == "raise" and bool(skip):
+            self._raise_nonfinite(batches, loss, total_norm)
+        self._attach_state(batches)
         # Pass 2: torch's fused kernel divides each gradient by the divisor, or does nothing when skipping.
         self._update_multi_tensor(batches, divisor, skip.to(torch.float32))
         # The clipped norm is N_hat sigma / D: no second pass over the gradients (ops.multi_tensor docstring).
@@ -562,14 +565,15 @@ class Adam(Optimizer):
     ) -> None:
         """The multi-tensor step with the sum on the CPU: its scalar math in Python floats (free reads)."""
         s, e = float(sum_sq), int(exponent)
-        skip = not (math.isfinite(s) and _loss_is_finite(loss)) or (found_inf is not None and bool(found_inf > 0))
-        if skip and self.on_nonfinite == "raise":
-            self._raise_nonfinite(batches, loss)
-        self._attach_state(batches)
         sigma = None if grad_scale is None else float(grad_scale)
         total_norm, divisor = multi_tensor.clip_divisor_on_host(
             s, e, self.clip_value, grad_scale=sigma, **_clip_metadata(grads)
         )
+        skip = not (math.isfinite(s) and _loss_is_finite(loss)) or (found_inf is not None and bool(found_inf > 0))
+        skip = skip or bool(_update_overflow_flag(batches, total_norm, self.clip_value))
+        if skip and self.on_nonfinite == "raise":
+            self._raise_nonfinite(batches, loss, total_norm)
+        self._attach_state(batches)
         if skip:
             self._record_on_host(True, total_norm, math.nan)
             return
@@ -606,15 +610,17 @@ class Adam(Optimizer):
         grads = [g for b in batches for g in b.grads]
         # Finite guard: S = s 4^e, and s is finite iff every gradient element is (any dtype).
         sum_sq, exponent = scaled_sum_of_squares(grads)
-        skip = _skip_flag(sum_sq, loss, skip_scaled)
-        # Host read of the device flag: the one synchronisation of raise mode; skip mode never reads it.
-        if self.on_nonfinite == "raise" and bool(skip):
-            self._raise_nonfinite(batches, loss)
-
-        self._attach_state(batches)
         # The exponent goes in as a device tensor: a Python int would be copied to the device, a sync.
         max_norm = math.inf if self.clip_value is None else self.clip_value  # inf: measure, never clip
         total_norm, k_clip = clip_coefficient(sum_sq, max_norm, exponent=exponent, **_clip_metadata(grads))
+        skip = _skip_flag(sum_sq, loss, skip_scaled)
+        overflow = _update_overflow_flag(batches, total_norm, self.clip_value)
+        if overflow is not None:
+            skip = skip | overflow
+        # Host read of the device flag: the one synchronisation of raise mode; skip mode never reads it.
+        if self.on_nonfinite == "raise" and bool(skip):
+            self._raise_nonfinite(batches, loss, total_norm)
+        self._attach_state(batches)
         k = None if self.clip_value is None else k_clip
         clipped_sums, clipped_exponents = [], []
         for b in batches:
@@ -638,11 +644,12 @@ class Adam(Optimizer):
         grads = [g for b in batches for g in b.grads]
         sum_sq, grads_finite = fused.sum_sq_and_finite(grads, check=False)  # _use_fused checked them
         skip = not (grads_finite and _loss_is_finite(loss)) or (skip_scaled is not None and bool(skip_scaled))
-        if skip and self.on_nonfinite == "raise":
-            self._raise_nonfinite(batches, loss)
-        self._attach_state(batches)
         max_norm = math.inf if skip or self.clip_value is None else self.clip_value
         total_norm, k = clip_coefficient_on_host(sum_sq, max_norm, **_clip_metadata(grads))
+        skip = skip or bool(_update_overflow_flag(batches, total_norm, self.clip_value))
+        if skip and self.on_nonfinite == "raise":
+            self._raise_nonfinite(batches, loss, total_norm)
+        self._attach_state(batches)
         if skip:
             self._record_on_host(True, total_norm, math.nan)
             return  # pass 2 advances the moments: it must not run on a skipped step
@@ -670,8 +677,11 @@ class Adam(Optimizer):
         unused = torch.where(skip, torch.full_like(clipped_norm, math.nan), clipped_norm)
         counters["last_clipped_grad_norm"].copy_(unused, non_blocking=True)
 
-    def _raise_nonfinite(self, batches: list[_GroupBatch], loss: Tensor | float | None) -> NoReturn:
-        """Name the non-finite loss or the first non-finite gradient; the state is still untouched."""
+    def _raise_nonfinite(
+        self, batches: list[_GroupBatch], loss: Tensor | float | None, total_norm: Tensor | float | None = None
+    ) -> NoReturn:
+        """Name the non-finite loss, the first non-finite gradient, or the update that would overflow; the
+        state is still untouched."""
         step = self._current_step()
         untouched = "Nothing was updated: parameters, moments and step counts are as before this step."
         remedy = "Check the batch and lower the learning rate, or construct with on_nonfinite='skip'."
@@ -684,13 +694,22 @@ class Adam(Optimizer):
                 observed={"loss": loss},
                 hint=f"{untouched} {remedy}",
             )
-        # The loss was finite, so some gradient is not (the guard's sum is finite iff all gradients are).
-        named = (
+        found = first_nonfinite_gradient(
             (_param_label(b.group, b.group_index, position), g)
             for b in batches
             for position, g in zip(b.positions, b.grads, strict=True)
         )
-        label, grad, nans, infs = first_nonfinite_gradient(named)  # type: ignore[misc]  # never None: see above
+        if found is None:  # every gradient is finite: the skip came from the overflow bound
+            raise ContractViolation(
+                "gradient_norm",
+                _GRADIENTS_FINITE,
+                step=step,
+                observed={"grad_norm": float(total_norm) if total_norm is not None else None},
+                hint="The gradient is finite but so large that Adam's second moment (its square) would overflow "
+                f"the parameters' dtype. {untouched} Set a clip_value, lower the learning rate, or use wider "
+                "parameters (float32 or bfloat16).",
+            )
+        label, grad, nans, infs = found
         raise ContractViolation(
             "gradient_norm",
             _GRADIENTS_FINITE,
@@ -957,6 +976,44 @@ def _raise_no_params() -> NoReturn:
 
 def _is_real(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _update_overflow_flag(
+    batches: list[_GroupBatch], total_norm: Tensor | float, clip_value: float | None
+) -> Tensor | bool | None:
+    r"""True when the update could overflow the second moment although every input is finite.
+
+    Each clipped gradient element has :math:`|y_i| \le Y = \min(N, c)` (the global norm bounds every
+    element), and L2 weight decay adds :math:`\lambda\theta_i`, so the gradient Adam uses is bounded by
+    :math:`Y + \lambda \max|\theta|`. Below :math:`\sqrt{\max_d / 2}` the second moment stays finite (see
+    :func:`_check_update_stays_finite`); at or above it the step is skipped like a non-finite one (or raises).
+    With a clip value and no L2 decay the precondition already keeps :math:`c` below that: ``None``, no work.
+    L2 decay reads :math:`\max|\theta|` (one ``_foreach_norm(inf)`` over that group's parameters). A tensor
+    ``total_norm`` gives a device flag (no host read); a float gives a bool.
+    """
+    on_device = isinstance(total_norm, Tensor)
+    flags = []
+    for b in batches:
+        g = b.group
+        l2 = 0.0 if g["decoupled_weight_decay"] else g["weight_decay"]
+        if clip_value is not None and l2 == 0:
+            continue
+        limit = min(math.sqrt(torch.finfo(p.dtype).max / 2) for p in b.params)
+        bound = (
+            total_norm
+            if clip_value is None
+            else (torch.clamp(total_norm, max=clip_value) if on_device else min(total_norm, clip_value))
+        )
+        bound = bound * (1 + 2**-20)
+        if l2:
+            theta = torch.stack(torch._foreach_norm(b.params, math.inf)).amax().double()
+            bound = bound + l2 * (theta.to(total_norm.device, non_blocking=True) if on_device else float(theta))
+        flags.append(bound >= limit)
+    if not flags:
+        return None
+    if not on_device:
+        return any(flags)
+    return torch.stack(flags).any() if len(flags) > 1 else flags[0]
 
 
 def _check_update_stays_finite(batches: list[_GroupBatch], clip_value: float | None) -> None:
