@@ -539,6 +539,23 @@ class Adam(Optimizer):
         total_norm, divisor = multi_tensor.clip_divisor(
             sum_sq, exponent, self.clip_value, grad_scale=grad_scale, **_clip_metadata(grads)
         )
+        skip = self._guard(batches, sum_sq, total_norm, loss, found_inf)
+        # Pass 2: torch's fused kernel divides each gradient by the divisor, or does nothing when skipping.
+        self._update_multi_tensor(batches, divisor, skip.to(torch.float32))
+        # The clipped norm is N_hat sigma / D: no second pass over the gradients (ops.multi_tensor docstring).
+        scale = divisor.double() if grad_scale is None else divisor.double() / grad_scale.to(divisor.device).double()
+        self._record(skip, total_norm, total_norm / scale)
+
+    def _guard(
+        self,
+        batches: list[_GroupBatch],
+        sum_sq: Tensor,
+        total_norm: Tensor,
+        loss: Tensor | float | None,
+        found_inf: Tensor | None,
+    ) -> Tensor:
+        """The device-side skip flag (non-finite loss or gradient, GradScaler's overflow, or an update that
+        would overflow); raise mode reads it, then every parameter gets its state."""
         skip = _skip_flag(sum_sq, loss, found_inf)
         overflow = _update_overflow_flag(batches, total_norm, self.clip_value)
         if overflow is not None:
@@ -547,11 +564,7 @@ class Adam(Optimizer):
         if self.on_nonfinite == "raise" and bool(skip):
             self._raise_nonfinite(batches, loss, total_norm)
         self._attach_state(batches)
-        # Pass 2: torch's fused kernel divides each gradient by the divisor, or does nothing when skipping.
-        self._update_multi_tensor(batches, divisor, skip.to(torch.float32))
-        # The clipped norm is N_hat sigma / D: no second pass over the gradients (ops.multi_tensor docstring).
-        scale = divisor.double() if grad_scale is None else divisor.double() / grad_scale.to(divisor.device).double()
-        self._record(skip, total_norm, total_norm / scale)
+        return skip
 
     def _step_multi_tensor_on_host(
         self,
@@ -613,14 +626,7 @@ class Adam(Optimizer):
         # The exponent goes in as a device tensor: a Python int would be copied to the device, a sync.
         max_norm = math.inf if self.clip_value is None else self.clip_value  # inf: measure, never clip
         total_norm, k_clip = clip_coefficient(sum_sq, max_norm, exponent=exponent, **_clip_metadata(grads))
-        skip = _skip_flag(sum_sq, loss, skip_scaled)
-        overflow = _update_overflow_flag(batches, total_norm, self.clip_value)
-        if overflow is not None:
-            skip = skip | overflow
-        # Host read of the device flag: the one synchronisation of raise mode; skip mode never reads it.
-        if self.on_nonfinite == "raise" and bool(skip):
-            self._raise_nonfinite(batches, loss, total_norm)
-        self._attach_state(batches)
+        skip = self._guard(batches, sum_sq, total_norm, loss, skip_scaled)
         k = None if self.clip_value is None else k_clip
         clipped_sums, clipped_exponents = [], []
         for b in batches:
