@@ -369,3 +369,47 @@ def test_the_multi_tensor_sum_is_the_same_bits_for_every_thread_count() -> None:
     finally:
         torch.set_num_threads(before)
     assert sums[0] == sums[1] == sums[2]
+
+
+# -- CUDA (skipped with a reason where no CUDA device exists) ---------------------------------------
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: the multi-tensor path on CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_matches_torch_fused_given_the_same_divisor(dtype: torch.dtype) -> None:
+    a, b = make_model(dtype).cuda(), make_model(dtype).cuda()
+    opt_a = AdamW(a.parameters(), lr=1e-2, clip_value=0.3)  # the default path on CUDA: multi-tensor
+    opt_b = torch.optim.AdamW(b.parameters(), lr=1e-2, fused=True)
+    for x, y in batches(50, dtype):
+        for model, opt in ((a, opt_a), (b, opt_b)):
+            opt.zero_grad()
+            F.mse_loss(model(x.cuda()).float(), y.cuda().float()).backward()
+        divisor = divisor_of([p.grad for p in b.parameters()], 0.3, on_host=False)
+        opt_b.grad_scale, opt_b.found_inf = divisor, torch.zeros((), device="cuda")
+        opt_a.step()
+        opt_b.step()
+    assert_same_bits([t.cpu() for t in state_bits(a, opt_a)], [t.cpu() for t in state_bits(b, opt_b)])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: GradScaler without host syncs")
+def test_cuda_grad_scaler_step_makes_no_host_sync() -> None:
+    model = make_model().cuda()
+    opt = Adam(model.parameters(), lr=1e-2, clip_value=1.0)
+    scaler = torch.amp.GradScaler("cuda")
+    previous = torch.cuda.get_sync_debug_mode()
+    for i, (x, y) in enumerate(batches(6)):
+        opt.zero_grad()
+        with torch.autocast("cuda", dtype=torch.float16):
+            loss = F.mse_loss(model(x.cuda()), y.cuda()) * (math.inf if i == 3 else 1.0)
+        scaler.scale(loss).backward()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            scaler.step(opt, loss=loss.detach())
+            scaler.update()
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+    assert opt.skipped_steps.item() >= 1  # the inf step, plus any while the scale calibrates
+    assert all(torch.isfinite(p).all() for p in model.parameters())
