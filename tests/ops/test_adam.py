@@ -15,6 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from provetrain.errors import ContractViolation
 from provetrain.ops import adam as adam_module
 from provetrain.ops import fused
+from provetrain.ops import multi_tensor as multi_tensor_module
 from provetrain.ops.adam import Adam, AdamW, adam_step_
 from provetrain.ops.clip import clip_coefficient, global_sum_of_squares, scale_gradient
 
@@ -576,8 +577,10 @@ class RecordHostReads(TorchDispatchMode):
 def test_skip_mode_step_reads_nothing_back_from_tensors(
     ours: type[Adam], clip_value: float | None, path: dict[str, bool], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # On CPU the step scalars come from a free read of the CPU count; run the device branch CUDA takes.
+    # On CPU the step scalars come from a free read of the CPU count and pass 1 from the C kernel; run the
+    # device branch CUDA takes.
     monkeypatch.setattr(adam_module, "_FREE_CPU_READS", False)
+    monkeypatch.setattr(multi_tensor_module, "_C_PASS1_ON_CPU", False)
     model = make_model()
     opt = ours(model.named_parameters(), lr=1e-2, clip_value=clip_value, **path)
     for poison in ("none", "nan_grad", "nan_batch", "none"):

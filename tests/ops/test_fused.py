@@ -492,3 +492,22 @@ def test_advance_step_counts_adds_one_in_place_and_tells_autograd() -> None:
     assert all(c._version > v for c, v in zip(counts, versions, strict=True))
     with pytest.raises(ValueError, match=r"counts\[0\] is a torch\.float64 tensor"):
         fused.advance_step_counts_([torch.tensor(1.0, dtype=torch.float64)])
+
+
+def test_pass_one_takes_bfloat16_exactly_and_thread_independently() -> None:
+    sizes = (300_001, 4097, 1)
+    grads = [torch.randn(n, generator=torch.Generator().manual_seed(n)).bfloat16() for n in sizes]
+    grads[0][7] = 3e38  # squares far beyond float32: float64 holds them
+    sums = []
+    for threads in (1, 2, 7):
+        with num_threads(threads):
+            total, finite = fused.sum_sq_and_finite(grads)
+        assert finite
+        sums.append(total.hex())
+    assert sums[0] == sums[1] == sums[2]
+    exact = exact_sum_sq([g.float() for g in grads])
+    assert abs(float.fromhex(sums[0]) - exact) <= gamma(sum(sizes) - 1) * exact
+    grads[1][3] = math.nan
+    assert not fused.sum_sq_and_finite(grads)[1]
+    with pytest.raises(ValueError, match="mixes float32 and bfloat16"):
+        fused.sum_sq_and_finite([grads[0], grads[1].float()])

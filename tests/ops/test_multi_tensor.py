@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from provetrain.ops import adam as adam_module
+from provetrain.ops import multi_tensor as multi_tensor_module
 from provetrain.ops.adam import Adam, AdamW
 from provetrain.ops.clip import clip_coefficient, clip_coefficient_on_host, scaled_sum_of_squares
 from provetrain.ops.multi_tensor import (
@@ -86,13 +87,17 @@ def gradient_lists(draw: st.DrawFn) -> list[torch.Tensor]:
 
 
 @settings(max_examples=300, deadline=None)
-@given(grads=gradient_lists(), ratio=st.floats(1e-6, 4.0), on_host=st.booleans())
+@given(grads=gradient_lists(), ratio=st.floats(1e-6, 4.0), on_host=st.booleans(), c_pass1=st.booleans())
 def test_kernel_clipped_gradient_obeys_the_bound_in_exact_arithmetic(
-    grads: list[torch.Tensor], ratio: float, on_host: bool
+    grads: list[torch.Tensor], ratio: float, on_host: bool, c_pass1: bool
 ) -> None:
     norm = math.sqrt(float(exact_sum_of_squares(grads)))
     max_norm = max(ratio * norm, 1e-300) if norm > 0 else 1.0
-    clipped, _ = clip_through_kernel(grads, max_norm, on_host=on_host)
+    previous, multi_tensor_module._C_PASS1_ON_CPU = multi_tensor_module._C_PASS1_ON_CPU, c_pass1
+    try:  # pass 1 by the C kernel (CPU float32/bfloat16) or by torch's norms (what CUDA runs)
+        clipped, _ = clip_through_kernel(grads, max_norm, on_host=on_host)
+    finally:
+        multi_tensor_module._C_PASS1_ON_CPU = previous
     assert all(torch.isfinite(g).all() for g in clipped)
     assert exact_sum_of_squares(clipped) <= Fraction(max_norm) ** 2
 
@@ -182,8 +187,10 @@ def assert_same_bits(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
 def test_matches_torch_fused_given_the_same_clipped_gradient(
     ours: type[Adam], theirs: type, dtype: torch.dtype, free_cpu_reads: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # device_math runs, on CPU, the tensor code CUDA runs; host_math the Python-float code CPU steps use.
+    # device_math runs, on CPU, the tensor code CUDA runs (torch's norms included); host_math the code CPU
+    # steps use (Python-float scalars, the C kernel's pass 1).
     monkeypatch.setattr(adam_module, "_FREE_CPU_READS", free_cpu_reads)
+    monkeypatch.setattr(multi_tensor_module, "_C_PASS1_ON_CPU", free_cpu_reads)
     clip_value, eps = 0.3, (1e-3 if dtype == torch.float16 else 1e-8)
     a, b = make_model(dtype), make_model(dtype)
     opt_a = ours(a.parameters(), lr=1e-2, weight_decay=0.01, eps=eps, clip_value=clip_value, foreach=True)
@@ -358,7 +365,11 @@ def test_host_math_equals_device_math_where_sqrt_rounds_alike(
         assert on_device[1].item() == pytest.approx(on_host[1], rel=2**-50)
 
 
-def test_the_multi_tensor_sum_is_the_same_bits_for_every_thread_count() -> None:
+@pytest.mark.parametrize("c_pass1", [True, False], ids=["c_kernel_pass1", "torch_norms"])
+def test_the_multi_tensor_sum_is_the_same_bits_for_every_thread_count(
+    c_pass1: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(multi_tensor_module, "_C_PASS1_ON_CPU", c_pass1)
     grads = [torch.randn(700_001, generator=torch.Generator().manual_seed(0)), torch.randn(33).bfloat16()]
     before = torch.get_num_threads()
     sums = []

@@ -73,10 +73,12 @@ __all__ = [
     "fused_unavailable_reason",
     "sum_sq_and_finite",
     "supports",
+    "supports_sum",
 ]
 
-_ABI_VERSION = 3
+_ABI_VERSION = 4
 _SCALAR_COUNT = 9
+_FLOAT32, _BFLOAT16 = 0, 1  # element types of pass 1 (PT_FLOAT32, PT_BFLOAT16 in the C source)
 _MAXIMIZE, _L2, _DECOUPLED, _LERP_LARGE = 1, 2, 4, 8
 # Tried in order. -ffp-contract=off keeps the clipped value bit-identical to the torch reference path (the
 # explicit fmaf calls in the source are the only fused operations). -fopenmp shares torch's OpenMP threads
@@ -106,14 +108,14 @@ class _Kernel:
         i64, f64, vp, c_int = ctypes.c_int64, ctypes.c_double, ctypes.c_void_p, ctypes.c_int
         signatures = {
             "pt_openmp": ((), c_int),
-            "pt_sum_sq": ((i64, vp, vp, i64, i64), f64),
+            "pt_sum_sq": ((i64, vp, vp, i64, i64, c_int), f64),
             "pt_adam": ((i64, vp, vp, i64, i64, f64, vp, c_int), f64),
             "pt_stream": ((i64, vp, vp, i64, i64), None),
             "pt_block_count": ((i64,), i64),
-            "pt_sum_sq_blocks": ((i64, vp, vp, i64, i64, i64, vp), None),
+            "pt_sum_sq_blocks": ((i64, vp, vp, i64, i64, i64, c_int, vp), None),
             "pt_adam_blocks": ((i64, vp, vp, i64, i64, i64, f64, vp, c_int, vp), None),
             "pt_add_in_order": ((vp, i64), f64),
-            "pt_sum_sq_mt": ((i64, vp, vp, i64, c_int, vp), f64),
+            "pt_sum_sq_mt": ((i64, vp, vp, i64, c_int, c_int, vp), f64),
             "pt_adam_mt": ((i64, vp, vp, i64, f64, vp, c_int, c_int, vp), f64),
             "pt_stream_mt": ((i64, vp, vp, i64, c_int), None),
             "pt_scale": ((vp, vp, i64, f64), None),
@@ -196,11 +198,20 @@ def supports(tensors: Sequence[torch.Tensor]) -> bool:
     return all(_is_supported(t) for t in tensors)
 
 
+def supports_sum(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether pass 1 can take these tensors: plain, CPU, dense, contiguous, all float32 or all bfloat16."""
+    if not tensors:
+        return True
+    dtype = tensors[0].dtype
+    return dtype in (torch.float32, torch.bfloat16) and all(_is_plain_cpu_contiguous(t, dtype) for t in tensors)
+
+
 def sum_sq_and_finite(grads: Sequence[torch.Tensor], *, check: bool = True) -> tuple[float, bool]:
     """Pass 1: the float64 sum of squares of every element of ``grads``, and whether all are finite.
 
     Args:
-        grads: float32 CPU contiguous tensors (see :func:`supports`).
+        grads: CPU contiguous tensors, all float32 or all bfloat16 (see :func:`supports_sum`); each square
+            is exact in float64 either way.
         check: ``False`` skips the per-tensor check, for a caller that has checked with :func:`supports`
             this step (the kernel reads raw memory: an unsupported tensor would be read wrongly).
 
@@ -210,11 +221,22 @@ def sum_sq_and_finite(grads: Sequence[torch.Tensor], *, check: bool = True) -> t
         inf).
     """
     kernel = _require_kernel()
-    addrs, numels = _describe("grads", grads, check=check)
+    dtype = grads[0].dtype if grads else torch.float32
+    if check and not supports_sum(grads):
+        for i, t in enumerate(grads):
+            if not any(_is_plain_cpu_contiguous(t, d) for d in (torch.float32, torch.bfloat16)):
+                raise ValueError(
+                    f"grads[{i}] is a {t.dtype} {t.layout} tensor on {t.device}"
+                    f"{'' if t.layout is not torch.strided or t.is_contiguous() else ' (not contiguous)'}; pass 1 "
+                    "takes contiguous float32 or bfloat16 CPU tensors only: check `supports_sum(...)` first"
+                )
+        raise ValueError("grads mixes float32 and bfloat16 tensors; pass 1 takes one dtype per call")
+    addrs, numels = [t.data_ptr() for t in grads], [t.numel() for t in grads]
     total = sum(numels)
     if total == 0:
         return 0.0, True
-    result = kernel.run("pt_sum_sq", total, _table(addrs), _table(numels))
+    code = _BFLOAT16 if dtype is torch.bfloat16 else _FLOAT32
+    result = kernel.run("pt_sum_sq", total, _table(addrs), _table(numels), code)
     return result, math.isfinite(result)
 
 
@@ -336,6 +358,16 @@ def _table(values: list[int]) -> array.array:
 
 
 _PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def _is_plain_cpu_contiguous(t: torch.Tensor, dtype: torch.dtype) -> bool:
+    return (
+        type(t) in _PLAIN_TENSOR_TYPES
+        and t.is_cpu
+        and t.dtype is dtype
+        and t.layout is torch.strided
+        and t.is_contiguous()
+    )
 
 
 def _is_supported(t: torch.Tensor) -> bool:

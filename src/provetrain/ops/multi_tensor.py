@@ -74,6 +74,7 @@ import numpy
 import torch
 from torch import Tensor
 
+from provetrain.ops import fused
 from provetrain.ops.clip import _mul_pow2, _pow2, clip_coefficient, clip_coefficient_on_host
 
 __all__ = [
@@ -90,6 +91,9 @@ EXTRA_ROUNDINGS = 5
 """Roundings per term of the multi-tensor sum of squares beyond the reference sum's ``n - 1`` (*Step 1*)."""
 
 _FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+# CPU groups use the C kernel's pass 1 when it takes them; tests turn this off to run torch's norm on CPU.
+_C_PASS1_ON_CPU = True
 
 NO_EXPONENT = -1073
 """The exponent of an all-zero partial sum: it never sets the common scale in :func:`combine_scaled_sums`."""
@@ -156,7 +160,16 @@ def scaled_sum_of_squares_multi_tensor(grads: Sequence[Tensor]) -> tuple[Tensor,
 
 
 def _exact_squares_sum(group: list[Tensor]) -> Tensor:
-    """float64 sum of the exact squares of float16 / bfloat16 / float32 values: one norm per tensor, dotted."""
+    """float64 sum of the exact squares of float16 / bfloat16 / float32 values: one norm per tensor, dotted.
+
+    On CPU, contiguous float32 and bfloat16 groups go through the C kernel's pass 1 when it is available: it
+    reads each element once and widens it in registers, where torch's CPU norm first copies each tensor to
+    float64 (2x to 4x its bytes; the multi-tensor path's CPU bottleneck). Its sum has at most ``n - 1``
+    roundings per term, inside the ``n - 1 + EXTRA_ROUNDINGS`` budget, and does not depend on the thread
+    count.
+    """
+    if group[0].is_cpu and _C_PASS1_ON_CPU and fused.fused_available() and fused.supports_sum(group):
+        return torch.tensor(fused.sum_sq_and_finite(group, check=False)[0], dtype=torch.float64)
     norms = torch.stack(torch._foreach_norm(group, 2, dtype=torch.float64))
     return torch.dot(norms, norms)
 

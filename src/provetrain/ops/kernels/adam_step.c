@@ -23,14 +23,18 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
 
-#define PT_ABI_VERSION 3
+#define PT_ABI_VERSION 4
 /* The float64 sums are formed per block of PT_BLOCK elements of the concatenation, whatever thread runs it,
  * and the block sums are added in block order: the result does not depend on the thread count. */
 #define PT_BLOCK 65536
+/* Element types pass 1 reads (pass 2 takes float32 only). */
+#define PT_FLOAT32 0
+#define PT_BFLOAT16 1
 #define LANES 16
 #define PT_MAX_THREADS 1024
 
@@ -180,18 +184,36 @@ static span_fn select_span(int flags) {
     }
 }
 
+/* bfloat16 is the upper half of a float32: widen a cache-sized piece by a shift (exact) into a buffer,
+ * then sum it as float32 (sum_sq_span), so both loops vectorise. */
+#define BF16_PIECE 2048
+static double sum_sq_span_bf16(const uint16_t *restrict g, int64_t n) {
+    uint32_t bits[BF16_PIECE] __attribute__((aligned(64)));
+    float wide[BF16_PIECE] __attribute__((aligned(64)));
+    double total = 0.0;
+    for (int64_t start = 0; start < n; start += BF16_PIECE) {
+        const int64_t len = n - start < BF16_PIECE ? n - start : BF16_PIECE;
+        for (int64_t i = 0; i < len; ++i) bits[i] = (uint32_t)g[start + i] << 16;
+        memcpy(wide, bits, (size_t)len * sizeof(float));
+        total += sum_sq_span(wide, len);
+    }
+    return total;
+}
+
 /*
- * g_addrs[t], numels[t] for t < n_tensors. Returns the sum of squares over elements [begin, end) of the
- * concatenation.
+ * g_addrs[t], numels[t] for t < n_tensors, elements of `dtype` (PT_FLOAT32 or PT_BFLOAT16). Returns the sum
+ * of squares over elements [begin, end) of the concatenation.
  */
-double pt_sum_sq(int64_t n_tensors, const int64_t *g_addrs, const int64_t *numels, int64_t begin,
-                 int64_t end) {
+double pt_sum_sq(int64_t n_tensors, const int64_t *g_addrs, const int64_t *numels, int64_t begin, int64_t end,
+                 int dtype) {
     double total = 0.0;
     int64_t offset = 0;
     for (int64_t t = 0; t < n_tensors && offset < end; offset += numels[t], ++t) {
         const int64_t lo = begin > offset ? begin - offset : 0;
         const int64_t hi = end - offset < numels[t] ? end - offset : numels[t];
-        if (lo < hi) total += sum_sq_span((const float *)(intptr_t)g_addrs[t] + lo, hi - lo);
+        if (lo >= hi) continue;
+        total += dtype == PT_BFLOAT16 ? sum_sq_span_bf16((const uint16_t *)(intptr_t)g_addrs[t] + lo, hi - lo)
+                                      : sum_sq_span((const float *)(intptr_t)g_addrs[t] + lo, hi - lo);
     }
     return total;
 }
@@ -279,10 +301,10 @@ static int64_t block_end(int64_t b, int64_t total) {
 }
 
 /* partial[b] for the blocks b in [b_lo, b_hi): the sums of squares of those blocks of the concatenation. */
-void pt_sum_sq_blocks(int64_t n_tensors, const int64_t *g_addrs, const int64_t *numels, int64_t total,
-                      int64_t b_lo, int64_t b_hi, double *partial) {
+void pt_sum_sq_blocks(int64_t n_tensors, const int64_t *g_addrs, const int64_t *numels, int64_t total, int64_t b_lo,
+                      int64_t b_hi, int dtype, double *partial) {
     for (int64_t b = b_lo; b < b_hi; ++b)
-        partial[b] = pt_sum_sq(n_tensors, g_addrs, numels, b * PT_BLOCK, block_end(b, total));
+        partial[b] = pt_sum_sq(n_tensors, g_addrs, numels, b * PT_BLOCK, block_end(b, total), dtype);
 }
 
 /* pt_adam on the blocks b in [b_lo, b_hi); partial[b] is each block's clipped sum of squares. */
@@ -299,14 +321,15 @@ double pt_add_in_order(const double *partial, int64_t n) {
 }
 
 /* The _mt entries take `partial`, room for pt_block_count(total) doubles, from the caller. */
-double pt_sum_sq_mt(int64_t n_tensors, const int64_t *g_addrs, const int64_t *numels, int64_t total,
+double pt_sum_sq_mt(int64_t n_tensors, const int64_t *g_addrs, const int64_t *numels, int64_t total, int dtype,
                     int threads, double *partial) {
     const int64_t blocks = pt_block_count(total);
     threads = clamp_threads(threads);
 #ifdef _OPENMP
 #pragma omp parallel for num_threads(threads) schedule(static)
 #endif
-    for (int64_t b = 0; b < blocks; ++b) pt_sum_sq_blocks(n_tensors, g_addrs, numels, total, b, b + 1, partial);
+    for (int64_t b = 0; b < blocks; ++b)
+        pt_sum_sq_blocks(n_tensors, g_addrs, numels, total, b, b + 1, dtype, partial);
     return pt_add_in_order(partial, blocks);
 }
 
