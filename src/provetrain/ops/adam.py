@@ -984,6 +984,13 @@ def _is_real(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def moment_limit(dtype: torch.dtype) -> float:
+    r"""The largest gradient bound :math:`Y` whose square, with rounding, stays finite in ``dtype``:
+    :math:`\sqrt{\max_d}\,(1 - 2^{-19})`. Adam's second moment stays finite while every gradient element
+    it sees is at most this (see :func:`_check_update_stays_finite`)."""
+    return math.sqrt(torch.finfo(dtype).max) * (1 - 2**-19)
+
+
 def _update_overflow_flag(
     batches: list[_GroupBatch], total_norm: Tensor | float, clip_value: float | None
 ) -> Tensor | bool | None:
@@ -991,7 +998,7 @@ def _update_overflow_flag(
 
     Each clipped gradient element has :math:`|y_i| \le Y = \min(N, c)` (the global norm bounds every
     element), and L2 weight decay adds :math:`\lambda\theta_i`, so the gradient Adam uses is bounded by
-    :math:`Y + \lambda \max|\theta|`. Below :math:`\sqrt{\max_d / 2}` the second moment stays finite (see
+    :math:`Y + \lambda \max|\theta|`. Up to :func:`moment_limit` the second moment stays finite (see
     :func:`_check_update_stays_finite`); at or above it the step is skipped like a non-finite one (or raises).
     With a clip value and no L2 decay the precondition already keeps :math:`c` below that: ``None``, no work.
     L2 decay reads :math:`\max|\theta|` (one ``_foreach_norm(inf)`` over that group's parameters). A tensor
@@ -1004,7 +1011,7 @@ def _update_overflow_flag(
         l2 = 0.0 if g["decoupled_weight_decay"] else g["weight_decay"]
         if clip_value is not None and l2 == 0:
             continue
-        limit = min(math.sqrt(torch.finfo(p.dtype).max / 2) for p in b.params)
+        limit = min(moment_limit(p.dtype) for p in b.params)
         bound = (
             total_norm
             if clip_value is None
@@ -1014,7 +1021,7 @@ def _update_overflow_flag(
         if l2:
             theta = torch.stack(torch._foreach_norm(b.params, math.inf)).amax().double()
             bound = bound + l2 * (theta.to(total_norm.device, non_blocking=True) if on_device else float(theta))
-        flags.append(bound >= limit)
+        flags.append(bound > limit)
     if not flags:
         return None
     if not on_device:
@@ -1032,8 +1039,8 @@ def _check_update_stays_finite(batches: list[_GroupBatch], clip_value: float | N
       :math:`v' = \beta_2 v + (1 - \beta_2) y^2` is a convex combination: by induction, with rounding to
       nearest being monotone, every stored :math:`v` stays at most :math:`\max(v_0, B)`, :math:`B` the
       value of dtype :math:`d` next above :math:`c^2 (1 + 2^{-20})` (a :math:`v` above :math:`c^2` only
-      decays, and rounds to at most itself). Required, with a factor 2 to spare: :math:`2 c^2 <` the
-      largest finite value of :math:`d` (float16: :math:`c \le 180`).
+      decays, and rounds to at most itself). Required: :math:`c \le` :func:`moment_limit` of :math:`d`,
+      :math:`\sqrt{\max_d}\,(1 - 2^{-19})` (float16: 255.9; float32 and bfloat16: 1.8e19).
 
     Outside these (L2 decay, which adds :math:`\lambda	heta` to the gradient, or no clip value) the update is
     not bounded by the hyper-parameters alone; a non-finite moment is then caught by the checkpoint's
@@ -1051,8 +1058,8 @@ def _check_update_stays_finite(batches: list[_GroupBatch], clip_value: float | N
         if clip_value is None:
             continue
         for dtype in {p.dtype for p in b.params}:
-            largest = math.sqrt(torch.finfo(dtype).max / 2) if dtype.is_floating_point else math.inf
-            if clip_value >= largest:  # 2 c^2 >= max, without squaring c (it may overflow a Python float)
+            largest = moment_limit(dtype) if dtype.is_floating_point else math.inf
+            if clip_value > largest:  # c^2 past the dtype's range, without squaring c (it may overflow a float)
                 raise ValueError(
                     f"{label}: clip_value={clip_value!r} is too large for {dtype} parameters: exp_avg_sq, which "
                     f"grows to about clip_value**2, could overflow {dtype}; use clip_value <= {largest:.4g} or "
