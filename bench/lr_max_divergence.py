@@ -16,8 +16,9 @@ whether power iteration converged, the rate with the lowest final loss, the larg
 before the first that diverged, that first diverging rate, and their ratios to the estimate. A ratio above
 1 is a rate that the old default (``lr_max: auto`` enforced) refused.
 
-CPU-cheap: about half a minute for mlp, a minute and a half for cnn; the two language models cost about
-two minutes each for their estimates (double backward through attention) plus about ten seconds a run.
+Cost, measured on a shared 2-core CPU: mlp under a minute; all four cases 28 minutes at a load of 3 to 5,
+most of it the two language models' estimates (double backward through attention: 2 minutes for the tiny
+LM on an idle machine, 10 under that load). ``--cases mlp,cnn`` keeps it to a few minutes.
 """
 
 from __future__ import annotations
