@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -143,6 +144,38 @@ def test_lr_max_of_the_default_job(tmp_path: Path) -> None:
     report = json.loads(result.stdout)
     assert report["method"] == "adam" and report["lr"] == 0.01
     assert report["lr_below_lr_max"] is True and report["lr_max"] > 0.01
+    assert isinstance(report["converged"], bool) and 1 <= report["iterations"] <= 100  # two power iterations at most
+    assert report["declared_lr_max"] is None and report["refused"] is False
+
+
+def test_lr_max_above_the_estimate_is_advice_and_a_declared_bound_is_not(tmp_path: Path) -> None:
+    """An lr above the estimate exits 0 (the estimate is not enforced); one at or above a declared lr_max
+    exits 1, as training would refuse it."""
+    config = tmp_path / "hot.yaml"
+    config.write_text("lr: 5.0\n")
+    result = runner.invoke(app, ["lr-max", str(config), "--batches", "2", "--iterations", "3"])
+    assert result.exit_code == 0, result.output
+    assert "peak lr = 5 is at or above the estimate; the estimate is not enforced" in result.stdout
+    assert re.search(r"\b[36] Hessian-vector products, NOT converged", result.stdout), result.stdout
+    assert "no lr_max declared: training reports `lr < lr_max` as unchecked" in result.stdout
+    config.write_text("lr: 5.0\nlr_max: 1.0\n")
+    result = runner.invoke(app, ["lr-max", str(config), "--batches", "2", "--iterations", "3", "--json"])
+    assert result.exit_code == 1
+    assert json.loads(result.stdout)["refused"] is True
+
+
+def test_train_summary_reports_the_estimate_and_the_unchecked_clause(tmp_path: Path) -> None:
+    config = tmp_path / "auto.yaml"
+    config.write_text(f"lr_max: auto\nsteps: 3\noutput_dir: {tmp_path / 'run'}\n")
+    result = runner.invoke(app, ["train", str(config), "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert re.search(
+        r"lr < lr_max: unchecked \(no lr_max declared\); estimated edge of stability [0-9.e+-]+ \(\d+ Hessian-vector "
+        r"products, (converged|NOT converged: optimistic)\), reported, not enforced",
+        result.stdout,
+    ), result.stdout
+    run = json.loads((tmp_path / "run" / "certificate.json").read_text())["run"]
+    assert run["lr_max"] is None and set(run["lr_max_estimate"]) >= {"lr_max", "converged", "iterations", "residual"}
 
 
 def test_every_resume_failure_exits_2_with_one_line_and_writes_nothing(tmp_path: Path) -> None:

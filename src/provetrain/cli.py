@@ -208,30 +208,44 @@ def train(
 def lr_max(
     config: Annotated[Path | None, typer.Argument(help="Training config YAML (default: the embedded job).")] = None,
     batches: Annotated[int, typer.Option(min=1, help="Batches averaged for Adam's preconditioner.")] = 16,
+    iterations: Annotated[int, typer.Option(min=1, help="Most Hessian-vector products per power iteration.")] = 50,
     as_json: JsonFlag = False,
 ) -> None:
-    """Estimate the largest stable learning rate for a config's model and data, and check its lr against it."""
+    """Estimate the largest stable learning rate (Adam's edge of stability at the initial point) for a config's
+    model and data, and compare the config's peak lr with it. The estimate is advice: exit 1 only when the
+    peak lr breaks the config's declared numeric lr_max, which training enforces."""
     from provetrain.train.config import load_config
     from provetrain.train.run import default_config_path, prepare_trainer
 
     try:
         trainer = prepare_trainer(load_config(default_config_path() if config is None else config))
-        estimate = trainer.estimate_lr_max(batches=batches)
+        estimate = trainer.estimate_lr_max(batches=batches, iterations=iterations)
     except (ConfigError, ValueError, TypeError) as error:
         _exit_with_error(error)
-    lr = trainer.config.lr
+    peak, declared = trainer.schedule.extremes()[1], trainer.lr_max
+    refused = declared is not None and not peak < declared
     if as_json:
-        print(json.dumps({"lr": lr, "lr_below_lr_max": lr < estimate.lr_max} | estimate.__dict__, indent=2))
+        report = {"lr": peak, "lr_below_lr_max": peak < estimate.lr_max, "declared_lr_max": declared}
+        print(json.dumps(report | {"refused": refused} | estimate.to_dict(), indent=2))
     else:
         stdout.print(
-            f"lr_max = {estimate.lr_max:.6g} ({estimate.method}, eigenvalue {estimate.eigenvalue:.6g}, "
-            f"{'converged' if estimate.converged else 'NOT converged'})",
+            f"lr_max estimate = {estimate.lr_max:.6g} ({estimate.method}, eigenvalue {estimate.eigenvalue:.6g}, "
+            f"{estimate.iterations} Hessian-vector products, "
+            f"{'converged' if estimate.converged else 'NOT converged: optimistic'})",
             highlight=False,
         )
         stdout.print(estimate.explanation, highlight=False, markup=False)
-        verdict = "below" if lr < estimate.lr_max else "NOT below"
-        stdout.print(f"configured lr = {lr:g} is {verdict} lr_max", highlight=False)
-    if not lr < estimate.lr_max:
+        where = "below" if peak < estimate.lr_max else "at or above"
+        stdout.print(
+            f"peak lr = {peak:g} is {where} the estimate; the estimate is not enforced (rates above it often train)",
+            highlight=False,
+        )
+        if declared is None:
+            stdout.print("no lr_max declared: training reports `lr < lr_max` as unchecked", highlight=False)
+        else:
+            verdict = "refuses" if refused else "accepts"
+            stdout.print(f"declared lr_max = {declared:g}: training {verdict} this lr", highlight=False)
+    if refused:
         raise typer.Exit(1)
 
 
@@ -253,9 +267,25 @@ def _print_run_summary(result: Any, *, quiet: bool) -> None:
         f"steps: {result.steps} ({result.applied_steps} applied, {result.skipped_steps} skipped, "
         f"{result.rollbacks} rollbacks); final train loss {result.final_loss:.4f}"
     )
+    stdout.print(_lr_max_summary(result), highlight=False)
     stdout.print(
         f"outputs: {result.output_dir}/ (metrics.jsonl, certificate.json, report.png)", highlight=False, markup=False
     )
+
+
+def _lr_max_summary(result: Any) -> str:
+    if result.lr_max is not None:
+        line = f"lr < lr_max: enforced with the declared lr_max = {result.lr_max:g}"
+    else:
+        line = "lr < lr_max: unchecked (no lr_max declared)"
+    estimate = result.lr_max_estimate
+    if estimate is not None:
+        state = "converged" if estimate.converged else "NOT converged: optimistic"
+        line += (
+            f"; estimated edge of stability {estimate.lr_max:.4g} ({estimate.iterations} Hessian-vector products, "
+            f"{state}), reported, not enforced"
+        )
+    return line
 
 
 @app.command("parity")
@@ -368,11 +398,12 @@ def verify(
     except (ValueError, TypeError) as error:
         _exit_with_error(error)
     table = Table(title="provetrain verify" + (" --thorough" if thorough else ""))
-    for column in ("clause", "method", "result", "evidence", "time"):
+    for column in ("clause", "what is shown", "method", "result", "evidence", "time"):
         table.add_column(column, overflow="fold")
     colour = {"pass": "green", "fail": "red", "unknown": "yellow"}
     for r in results:
-        table.add_row(r.clause, r.method, Text(r.result, colour[r.result]), escape(r.evidence), f"{r.seconds:.2f}s")
+        result = Text(r.result, colour[r.result])
+        table.add_row(r.clause, escape(r.text), r.method, result, escape(r.evidence), f"{r.seconds:.2f}s")
     stdout.print(table)
     if json_path is not None:
         from provetrain.train.outputs import atomic_write

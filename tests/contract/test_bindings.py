@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from provetrain.cli import app
-from provetrain.contract.registry import BINDINGS, resolve_dotted
+from provetrain.contract.registry import BINDINGS, THEOREMS, resolve_dotted
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -53,7 +53,7 @@ def test_registry_is_not_empty() -> None:
 
 
 ENFORCEMENT_SITES = sorted({site for b in BINDINGS.values() for site in b.enforced_by})
-EVIDENCE = sorted({(e.kind, e.ref) for b in BINDINGS.values() for e in b.evidence})
+EVIDENCE = sorted({(e.kind, e.ref) for b in (*BINDINGS.values(), *THEOREMS.values()) for e in b.evidence})
 
 
 @pytest.mark.parametrize("site", ENFORCEMENT_SITES)

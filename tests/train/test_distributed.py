@@ -386,16 +386,16 @@ def test_two_rank_run_writes_one_run_directory_and_counts_steps_once(tmp_path: P
     assert finite["checks"] == 8  # once per step, not once per rank
     assert sorted(losses(run)) == list(range(8))
     a, b = first["result"], second["result"]
-    assert (a.output_dir, a.applied_steps, a.lr_max, a.final_loss) == (
+    assert (a.output_dir, a.applied_steps, a.lr_max_estimate, a.final_loss) == (
         b.output_dir,
         b.applied_steps,
-        b.lr_max,
+        b.lr_max_estimate,
         b.final_loss,
     )
     assert a.evaluation == b.evaluation
     # The same run in one process: equal up to float summation order.
     single = Trainer(mlp(), blobs(), output_dir=str(tmp_path / "single"), **RUN).fit()
-    assert single.lr_max == pytest.approx(a.lr_max, rel=1e-6)
+    assert single.lr_max_estimate.lr_max == pytest.approx(a.lr_max_estimate.lr_max, rel=1e-6)
     assert list(losses(run).values()) == pytest.approx(list(losses(tmp_path / "single").values()), rel=1e-5)
     # Resuming at step 4 on both ranks continues the run exactly.
     assert all(losses(tmp_path / "resumed")[s] == losses(run)[s] for s in range(4, 8))

@@ -19,6 +19,8 @@ from provetrain import ContractViolation
 from provetrain.data.sources import DataSplits
 from provetrain.errors import ConfigError
 from provetrain.train.checkpoint import ResumeError
+from provetrain.train.config import TrainConfig
+from provetrain.train.lr_max import LrMaxEstimate
 from provetrain.train.trainer import Callback, Terminated, Trainer
 
 
@@ -277,13 +279,61 @@ def test_loss_trend_monitor_is_silent_on_a_healthy_run(tmp_path: Path) -> None:
     assert trend["checks"] >= 5 and trend["violations"] == 0
 
 
-def test_lr_max_auto_is_estimated_and_enforced(tmp_path: Path) -> None:
-    result, _ = train(tmp_path, Poisoned(set()), lr_max="auto", lr=1e-3)
-    assert result.lr_max is not None and 1e-3 < result.lr_max < math.inf
-    assert clause(certificate(tmp_path), "loss_decrease.preconditions[1]")["checks"] == 12
-    with pytest.raises(ContractViolation, match=r"`lr < lr_max` violated: observed lr=1000.0"):
-        Trainer(Poisoned(set()), blobs(), steps=5, lr=1e3, lr_max="auto", output_dir=str(tmp_path / "x")).fit()
-    assert not (tmp_path / "x").exists()
+def linear() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Linear(8, 2)
+
+
+def test_an_lr_above_the_estimate_that_trains_is_not_refused(tmp_path: Path) -> None:
+    """The contract does not define lr_max: by default none is declared and `lr < lr_max` is unchecked, and
+    lr_max: auto reports Adam's edge-of-stability estimate with its convergence without enforcing it. A linear
+    model on separable blobs trains at 3x its (converged) estimate; neither setting refuses that rate."""
+    estimate = Trainer(linear(), blobs(), steps=24, batch_size=32, output_dir=str(tmp_path / "never")).estimate_lr_max()
+    assert estimate.converged and estimate.lr_max < math.inf
+    for lr_max in (None, "auto"):
+        run = tmp_path / str(lr_max)
+        result, recorder = train(run, linear(), steps=24, lr=3 * estimate.lr_max, lr_max=lr_max)
+        first = recorder.rows[0]["loss"]
+        assert result.final_loss < first / 10 and result.evaluation["loss"] < first / 10  # it trained
+        cert = certificate(run)
+        assert clause(cert, "loss_decrease.preconditions[1]")["checks"] == 0  # `lr < lr_max`: unchecked
+        assert result.lr_max is None and cert["run"]["lr_max"] is None
+        if lr_max is None:
+            assert result.lr_max_estimate is None and cert["run"]["lr_max_estimate"] is None
+        else:
+            assert result.lr_max_estimate == estimate  # the same measurement, made once before training
+            assert cert["run"]["lr_max_estimate"] == estimate.to_dict()
+            assert cert["run"]["lr_max_estimate"]["converged"] is True
+            assert cert["run"]["lr_max_estimate"]["iterations"] == estimate.iterations
+    assert TrainConfig().lr_max is None
+
+
+def test_a_declared_lr_max_is_checked_before_training_and_at_every_step(tmp_path: Path) -> None:
+    result, _ = train(tmp_path, Poisoned(set()), lr=1e-2, lr_max=0.5, warmup_steps=3)
+    cert = certificate(tmp_path)
+    assert clause(cert, "loss_decrease.preconditions[1]")["checks"] == 12
+    assert clause(cert, "loss_decrease.preconditions[1]")["violations"] == 0
+    assert result.lr_max == cert["run"]["lr_max"] == 0.5
+    with pytest.raises(ContractViolation, match=r"`lr < lr_max` violated: observed lr=0.01, lr_max=0.01"):
+        train(tmp_path / "peak", Poisoned(set()), lr=1e-2, lr_max=1e-2, warmup_steps=3)  # the schedule's peak
+    assert not (tmp_path / "peak").exists()
+
+
+def test_an_estimate_that_did_not_converge_says_so(tmp_path: Path) -> None:
+    trainer = Trainer(Poisoned(set()), blobs(), steps=3, output_dir=str(tmp_path / "never"))
+    estimate = trainer.estimate_lr_max(batches=2, iterations=2)
+    assert (estimate.converged, estimate.iterations) == (False, 2)
+    assert "NOT converged" in estimate.explanation and "optimistic" in estimate.explanation
+    assert LrMaxEstimate.from_dict(json.loads(json.dumps(estimate.to_dict()))) == estimate
+
+
+def test_a_resumed_run_reports_the_estimate_made_at_its_start(tmp_path: Path) -> None:
+    settings = {"steps": 12, "batch_size": 32, "lr": 1e-2, "lr_max": "auto", "checkpoint_every": 6}
+    first = Trainer(Poisoned(set()), blobs(), output_dir=str(tmp_path / "a"), **settings).fit()
+    resumed = Trainer(Poisoned(set()), blobs(), output_dir=str(tmp_path / "b"), **settings)
+    result = resumed.fit(resume_from=tmp_path / "a" / "checkpoints" / "step-6")
+    assert first.lr_max_estimate is not None and result.lr_max_estimate == first.lr_max_estimate
+    assert certificate_of(tmp_path / "b")["run"]["lr_max_estimate"] == first.lr_max_estimate.to_dict()
 
 
 def test_final_checkpoint_holds_finite_state_and_loads(tmp_path: Path) -> None:

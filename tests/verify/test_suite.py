@@ -9,7 +9,6 @@ import torch
 from torch import nn
 
 from provetrain.verify import suite
-from provetrain.verify.cross_entropy import check_cross_entropy_nonnegative, prove_cross_entropy_nonnegative
 
 
 def small_model() -> tuple[nn.Module, torch.Tensor]:
@@ -48,32 +47,6 @@ def test_falsify_train_002_catches_a_model_that_produces_nan() -> None:
     assert result == "fail" and "at step 0" in evidence
 
 
-def test_cross_entropy_proof_and_runtime_check() -> None:
-    assert all(p.result == "proved" for p in prove_cross_entropy_nonnegative(6))
-    logits = torch.tensor([[1e30, -1e30, 0.0], [0.0, 0.0, 0.0], [-3.0e38, 3.0e38, 1.0]])
-    assert check_cross_entropy_nonnegative(logits, torch.tensor([1, 2, 0]))
-
-
-def test_cross_entropy_axioms_do_not_prove_a_false_claim() -> None:
-    """Non-vacuity: with the same axioms, 'CE >= 1' (false) must not come out proved."""
-    import z3
-
-    real = z3.RealSort()
-    exp, log = z3.Function("exp", real, real), z3.Function("log", real, real)
-    x, a, b, z0, z1 = z3.Reals("x a b z0 z1")
-    solver = z3.Solver()
-    solver.set("timeout", 3000)
-    solver.add(
-        z3.ForAll([x], exp(x) > 0, patterns=[exp(x)]),
-        z3.ForAll([x], log(exp(x)) == x, patterns=[log(exp(x))]),
-        z3.ForAll(
-            [a, b], z3.Implies(z3.And(a > 0, a <= b), log(a) <= log(b)), patterns=[z3.MultiPattern(log(a), log(b))]
-        ),
-        log(exp(z0) + exp(z1)) - z0 < 1,
-    )
-    assert solver.check() != z3.unsat
-
-
 def test_run_verification_reports_every_contract_check() -> None:
     model, inputs = small_model()
     results = suite.run_verification(model, inputs, proof_bound=1)
@@ -83,8 +56,12 @@ def test_run_verification_reports_every_contract_check() -> None:
         "FALSIFY-TRAIN-003",
         "proof_obligations[0]",
         "train-kani-001",
-        "lean_theorem",
+        "loss_decrease.lean_theorem",
+        "loss_decrease.lean_theorem",
     ]
+    proof, runtime = results[-2:]
+    assert proof.method == "smt proof under axioms" and "Not the cited Lean proof" in proof.evidence
+    assert runtime.text == "the loss training reads is finite and >= 0 in float32"
     assert all(r.result == "pass" for r in results)
     assert all(r.seconds >= 0 and r.evidence for r in results)
 
@@ -93,3 +70,12 @@ def test_exact_norm_check_on_float64_uses_rationals() -> None:
     tiny = math.nextafter(0.0, 1.0)  # squares underflow in float64: only rationals see them
     assert suite.exact_norm_at_most([torch.tensor([tiny, tiny], dtype=torch.float64)], tiny * 2)
     assert not suite.exact_norm_at_most([torch.tensor([tiny, tiny], dtype=torch.float64)], tiny)
+
+
+def test_the_training_loss_row_fails_on_a_model_whose_logits_overflow_the_loss() -> None:
+    model, inputs = small_model()
+    with torch.no_grad():
+        model[2].weight.zero_()
+        model[2].bias.copy_(torch.tensor([1e38, -1e38, 0.0, 0.0]))  # finite logits whose float32 loss overflows
+    result, evidence = suite._training_loss(model, inputs)
+    assert result == "fail" and "FAILED" in evidence

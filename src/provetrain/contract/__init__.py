@@ -8,7 +8,10 @@ from provetrain.contract.load import parse_contract as parse_contract
 from provetrain.contract.registry import Binding as Binding
 from provetrain.contract.registry import ClauseStatus as ClauseStatus
 from provetrain.contract.registry import Evidence as Evidence
+from provetrain.contract.registry import TheoremBinding as TheoremBinding
+from provetrain.contract.registry import TheoremStatus as TheoremStatus
 from provetrain.contract.registry import clause_statuses as clause_statuses
+from provetrain.contract.registry import theorem_statuses as theorem_statuses
 from provetrain.contract.schema import Contract as Contract
 
 __all__ = [
@@ -17,9 +20,12 @@ __all__ = [
     "ClauseStatus",
     "Contract",
     "Evidence",
+    "TheoremBinding",
+    "TheoremStatus",
     "bundled_contract_path",
     "clause_statuses",
     "enumerate_clauses",
     "load_contract",
     "parse_contract",
+    "theorem_statuses",
 ]

@@ -5,6 +5,10 @@ dotted paths; evidence names pytest node ids (``tests/...::test_...``) or ``prov
 ``tests/contract/test_bindings.py`` checks every site imports, every test exists, and that the tests marked
 ``@pytest.mark.contract(ID)`` are exactly the evidence listed for that falsification id. A clause absent
 from this table is unbound, and ``provetrain contract audit`` says so.
+
+A theorem the contract cites (an equation's ``lean_theorem``) is not a clause: :data:`THEOREMS` binds the
+citation to what provetrain really shows for it, by which method and under which assumptions, and what the
+citation might suggest but is not shown.
 """
 
 from __future__ import annotations
@@ -12,10 +16,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-__all__ = ["BINDINGS", "Binding", "BindingKey", "Evidence", "EvidenceKind"]
+from provetrain.verify.cross_entropy import AXIOMS as CROSS_ENTROPY_AXIOMS
+
+__all__ = ["BINDINGS", "THEOREMS", "Binding", "BindingKey", "Evidence", "EvidenceKind", "TheoremBinding", "TheoremKey"]
 
 EvidenceKind = Literal["unit-test", "property-test", "smt-proof", "parity", "falsification-test"]
 BindingKey = tuple[str, str, str]
+TheoremKey = tuple[str, str]  # (equation, the cited theorem exactly as the contract writes it)
 
 
 @dataclass(frozen=True)
@@ -32,6 +39,25 @@ class Binding:
 
     enforced_by: tuple[str, ...] = ()
     evidence: tuple[Evidence, ...] = ()
+
+
+@dataclass(frozen=True)
+class TheoremBinding:
+    """What is really shown for a theorem the contract cites.
+
+    Attributes:
+        shows: the statement provetrain proves or checks, in plain words.
+        method: how: the prover and what it is not (a z3 proof is not the cited Lean proof).
+        axioms: everything the proof assumes that it does not prove.
+        not_shown: what the citation, or the clause it is attached to, might suggest but is not shown.
+        evidence: the proofs and tests that show it.
+    """
+
+    shows: str
+    method: str
+    axioms: tuple[str, ...]
+    not_shown: str
+    evidence: tuple[Evidence, ...]
 
 
 def _tests(kind: EvidenceKind, *refs: str) -> tuple[Evidence, ...]:
@@ -136,12 +162,15 @@ BINDINGS: dict[BindingKey, Binding] = {
             f"{T_ADAM}test_bad_arguments_are_refused_with_a_fix",
         ),
     ),
+    # The contract does not define lr_max: the bound checked is the user's declared number (none declared:
+    # unchecked). lr_max: auto's estimate is reported, not enforced; its tests are evidence for the estimate.
     ("loss_decrease", "precondition", "lr < lr_max"): Binding(
-        enforced_by=(f"{TRAINER}._check_lr", f"{TRAINER}._preflight_lr", "provetrain.train.lr_max.estimate_lr_max"),
+        enforced_by=(f"{TRAINER}._check_lr", f"{TRAINER}._preflight_lr"),
         evidence=_tests(
             "unit-test",
             f"{T_TRAINER}test_lr_above_lr_max_is_refused_before_training",
-            f"{T_TRAINER}test_lr_max_auto_is_estimated_and_enforced",
+            f"{T_TRAINER}test_a_declared_lr_max_is_checked_before_training_and_at_every_step",
+            f"{T_TRAINER}test_an_lr_above_the_estimate_that_trains_is_not_refused",
             "tests/train/test_lr_max.py::test_top_eigenvalue_is_exact_on_quadratics",
             "tests/train/test_lr_max.py::test_sgd_at_the_measured_lr_max",
             "tests/train/test_lr_max.py::test_frozen_preconditioner_adam_at_the_measured_lr_max",
@@ -214,6 +243,41 @@ BINDINGS: dict[BindingKey, Binding] = {
             "smt-proof",
             "tests/verify/test_prove.py::test_harness_proves_the_bound_for_every_length_up_to_the_contract_bound",
             "provetrain prove",
+        ),
+    ),
+}
+
+T_CE = "tests/verify/test_cross_entropy.py::"
+
+THEOREMS: dict[TheoremKey, TheoremBinding] = {
+    ("loss_decrease", "ProvableContracts.Theorems.CrossEntropy.NonNegativity"): TheoremBinding(
+        shows=(
+            "cross-entropy log(sum_j exp z_j) - z_y >= 0 over the reals for 1..8 classes; and at run time, the "
+            "loss training reads (float32 cross-entropy, per example and batch mean) is never NaN and never "
+            "negative for finite logits, and finite when batch * (logit spread + log classes) < 3.4e38"
+        ),
+        method="z3 proof under stated axioms of exp and log (not the cited Lean proof, which is not checked)",
+        axioms=CROSS_ENTROPY_AXIOMS,
+        not_shown=(
+            "that the loss decreases (loss_decrease's formula): non-negativity only bounds it below; the decrease "
+            "invariant is evidenced statistically by the loss-trend monitor"
+        ),
+        evidence=_tests(
+            "smt-proof",
+            f"{T_CE}test_nonnegativity_is_proved_under_the_stated_axioms",
+            f"{T_CE}test_the_axioms_do_not_prove_a_false_claim",
+            "provetrain verify",
+        )
+        + _tests(
+            "property-test",
+            f"{T_CE}test_float32_loss_is_never_nan_or_negative_for_finite_logits",
+            f"{T_CE}test_float32_loss_is_finite_for_logits_within_range",
+            "tests/train/test_properties.py::test_cross_entropy_is_never_negative",
+        )
+        + _tests(
+            "unit-test",
+            f"{T_CE}test_the_loss_overflows_to_inf_beyond_range_and_is_caught",
+            f"{T_CE}test_autocast_computes_the_loss_in_float32",
         ),
     ),
 }

@@ -88,9 +88,12 @@ class TrainConfig(BaseModel):
     # Optimizer: provetrain's guarded Adam or AdamW (decoupled weight decay).
     optimizer: Literal["adam", "adamw"] = "adamw"
     lr: Float = Field(default=1e-3, gt=0, allow_inf_nan=False)
-    # The contract's lr_max: a number, "auto" (estimated from curvature before training) or None (no bound
-    # known: the `lr < lr_max` clause is then reported as unchecked in the certificate).
-    lr_max: Annotated[float | Literal["auto"] | None, BeforeValidator(_no_bool)] = "auto"
+    # The contract's lr_max, which the contract itself does not define: a number is the bound that the
+    # precondition `lr < lr_max` enforces (before training for the whole schedule, then every step); None
+    # (default) declares no bound, and the clause is reported as unchecked; "auto" estimates Adam's edge of
+    # stability from curvature before training and reports it, with its convergence, in the certificate and
+    # the summary, without enforcing it (a local estimate: rates above it often train, see README).
+    lr_max: Annotated[float | Literal["auto"] | None, BeforeValidator(_no_bool)] = None
     betas: tuple[Float, Float] = (0.9, 0.999)
     eps: Float = Field(default=1e-8, gt=0, allow_inf_nan=False)
     weight_decay: Float = Field(default=1e-2, ge=0, allow_inf_nan=False)

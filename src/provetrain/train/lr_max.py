@@ -1,8 +1,12 @@
-"""The largest stable learning rate at a point, measured from the curvature: the contract's ``lr < lr_max``.
+"""An estimate of the largest stable learning rate at a point, from the curvature.
 
-``loss_decrease`` holds "for sufficiently small lr", with domain ``lr ∈ (0, lr_max)``. This module turns
-``lr_max`` from a guess into a measurement: the top eigenvalue of the (preconditioned) Hessian by power
+``loss_decrease`` holds "for sufficiently small lr", with domain ``lr ∈ (0, lr_max)``, but the contract does
+not define ``lr_max``: the bound its precondition ``lr < lr_max`` checks is the one the user declares. This
+module estimates one from the local model: the top eigenvalue of the (preconditioned) Hessian by power
 iteration on Hessian-vector products, and the stability threshold of the optimizer on the local quadratic.
+The Trainer reports it (``lr_max: auto``) and does not enforce it: it is a one-point, frozen-preconditioner
+model, and real Adam trains well above it (``bench/lr_max_divergence.py`` measures where training really
+diverges on the built-in models; README has the table).
 
 The math
 --------
@@ -64,8 +68,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from dataclasses import asdict, dataclass
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor
@@ -115,6 +119,16 @@ class LrMaxEstimate:
     converged: bool
     residual: float
     explanation: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready fields (a non-finite number as its string, ``"inf"``: strict JSON has no infinity)."""
+        return {k: (str(v) if isinstance(v, float) and not math.isfinite(v) else v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, record: dict[str, Any]) -> LrMaxEstimate:
+        """The estimate :meth:`to_dict` recorded (a checkpoint keeps it for the resumed run's certificate)."""
+        numbers = {k: float(record[k]) for k in ("lr_max", "eigenvalue", "residual")}
+        return cls(**{**record, **numbers})
 
 
 class _Eigen(NamedTuple):
@@ -292,7 +306,10 @@ def preconditioner_from_batches(
 
 
 def check_lr_below_max(lr: float, estimate: LrMaxEstimate, *, step: int | None = None) -> None:
-    """Enforce the precondition ``lr < lr_max`` of ``loss_decrease`` with a measured ``lr_max``.
+    """Enforce the precondition ``lr < lr_max`` of ``loss_decrease`` with an estimate as the declared bound.
+
+    An explicit choice of the caller: the estimate is a local model (see the module's limits), and rates
+    above it often train. The Trainer never calls this; it enforces only a declared number.
 
     Raises:
         ContractViolation: when ``lr >= estimate.lr_max``, quoting the clause and the measurement.

@@ -2,7 +2,8 @@
 
 One step, in order (each phase a short helper):
 
-1. learning rate from the schedule of *applied* steps; check ``lr > 0.0`` and ``lr < lr_max``;
+1. learning rate from the schedule of *applied* steps; check ``lr > 0.0``, and ``lr < lr_max`` when an
+   ``lr_max`` is declared (an ``lr_max: auto`` estimate is reported, never enforced);
 2. the batch for this step (the data position advances even when the step is later skipped: a bad batch
    is dropped, so the run equals one that never saw it);
 3. forward, loss, backward; check ``!gradients.is_empty()``;
@@ -132,7 +133,8 @@ class TrainResult:
     evaluation: dict[str, float] | None
     output_dir: Path
     certificate: dict[str, Any] = field(repr=False)
-    lr_max: float | None = None
+    lr_max: float | None = None  # the declared bound that `lr < lr_max` enforced; None: unchecked
+    lr_max_estimate: LrMaxEstimate | None = None  # lr_max: auto's estimate, reported and not enforced
 
 
 @dataclass
@@ -277,7 +279,9 @@ class Trainer:
         )
         # On CPU a host read costs nothing, so every step is checked as it happens.
         self.read_every = 1 if self.device.type == "cpu" else self.config.log_every
-        self.lr_max: float | None = None
+        # The bound `lr < lr_max` enforces is the user's declared number (the contract does not define
+        # lr_max); `lr_max: auto`'s curvature estimate is only reported (see _estimate_lr_max_if_asked).
+        self.lr_max: float | None = self.config.lr_max if isinstance(self.config.lr_max, float) else None
         self.lr_max_estimate: LrMaxEstimate | None = None
         self.monitor = LossTrendMonitor(window=self.config.monitor_window, alpha=self.config.monitor_alpha)
         self.applied_steps = 0
@@ -320,7 +324,7 @@ class Trainer:
         )
 
     def _preflight_lr(self) -> None:
-        """``lr > 0.0`` and ``lr < lr_max`` for every learning rate the schedule will produce."""
+        """``lr > 0.0``, and ``lr < lr_max`` for a declared lr_max, for every lr the schedule will produce."""
         low, high = self.schedule.extremes()
         if not PREDICATES["lr > 0.0"](lr=low):
             raise ContractViolation(LOSS, "lr > 0.0", observed={"lr": low}, hint="Use a schedule that stays above 0.")
@@ -329,7 +333,7 @@ class Trainer:
                 LOSS,
                 "lr < lr_max",
                 observed={"lr": high, "lr_max": self.lr_max},
-                hint=f"Lower lr below {self.lr_max:.4g} (the estimated largest stable learning rate) or set lr_max.",
+                hint=f"Lower lr below the declared lr_max {self.lr_max:.4g}, or raise lr_max (null declares no bound).",
             )
 
     def _output_dir(self) -> Path:
@@ -370,7 +374,7 @@ class Trainer:
         if self._resumed_from is not None:
             first_step = self._resume(self._resumed_from)
         else:
-            self.lr_max = self._lr_max()
+            self._estimate_lr_max_if_asked()
         self._preflight_lr()
         self._preflight_eval()
         self.output_dir = self.world.run_on_main(self._output_dir)  # checked now, claimed once training starts
@@ -413,6 +417,7 @@ class Trainer:
             output_dir=self.output_dir,
             certificate=self._certificate(outcome_of(None)),
             lr_max=self.lr_max,
+            lr_max_estimate=self.lr_max_estimate,
         )
         for callback in self.callbacks:
             callback.on_train_end(self, result)
@@ -644,20 +649,29 @@ class Trainer:
         self._pending.clear()
         self.skips.applied()  # the skipped run was undone with the state
 
-    def _lr_max(self) -> float | None:
-        value = self.config.lr_max
-        if value is None:
-            return None
-        if value != "auto":
-            return float(value)
-        # Estimated once, by rank 0, on whole global batches, and sent to every rank: the same bound everywhere.
-        self.lr_max_estimate = self.world.run_on_main(self.estimate_lr_max)
-        return self.lr_max_estimate.lr_max
+    def _estimate_lr_max_if_asked(self) -> None:
+        """``lr_max: auto``: estimate Adam's edge of stability at the initial point and report it.
 
-    def estimate_lr_max(self, *, batches: int = 16) -> LrMaxEstimate:
-        """Adam's largest stable lr at the initial point (``provetrain.train.lr_max``): the preconditioner from
-        the mean squared gradient of the first ``batches`` batches, the curvature on their union (up to 1024
-        examples). Uses the data of the first steps and the model as it is now; changes nothing."""
+        Not enforced: the estimate models Adam on a frozen-preconditioner quadratic, while real runs train
+        above it (``bench/lr_max_divergence.py`` measures where they diverge), and power iteration may stop
+        before it converges. Refusing a rate on it would refuse rates that train."""
+        if self.config.lr_max != "auto":
+            return
+        # Estimated once, by rank 0, on whole global batches, and sent to every rank: the same report everywhere.
+        self.lr_max_estimate = estimate = self.world.run_on_main(self.estimate_lr_max)
+        peak = self.schedule.extremes()[1]
+        where = "below" if peak < estimate.lr_max else "at or above"
+        self._say(
+            f"lr_max estimate {estimate.lr_max:.4g} ({estimate.iterations} Hessian-vector products, "
+            f"{'converged' if estimate.converged else 'NOT converged: optimistic'}); peak lr {peak:.4g} is {where} "
+            "it. Reported, not enforced: declare lr_max as a number to enforce a bound."
+        )
+
+    def estimate_lr_max(self, *, batches: int = 16, iterations: int = 50) -> LrMaxEstimate:
+        """An estimate of Adam's largest stable lr at the initial point (``provetrain.train.lr_max``): the
+        preconditioner from the mean squared gradient of the first ``batches`` batches, the curvature on their
+        union (up to 1024 examples), at most ``iterations`` Hessian-vector products per power iteration. Uses
+        the data of the first steps and the model as it is now; changes nothing."""
         # Its forwards run in training mode and write buffers (BatchNorm statistics): they are put back after.
         buffers = {name: b.clone() for name, b in self.model.named_buffers()}
         try:
@@ -673,6 +687,7 @@ class Trainer:
                 betas=self.config.betas,
                 eps=self.config.eps,
                 preconditioner=preconditioner,
+                iterations=iterations,
             )
         finally:
             with torch.no_grad():
@@ -706,6 +721,7 @@ class Trainer:
             "rollbacks": self.rollbacks,
             "lr_scale": self.lr_scale,
             "lr_max": self.lr_max,
+            "lr_max_estimate": None if self.lr_max_estimate is None else self.lr_max_estimate.to_dict(),
             "model": model_structure,
             "optimizer": optimizer_structure,
             "monitor": self.monitor.state_dict(),
@@ -766,7 +782,11 @@ class Trainer:
         self.skips.consecutive = state["consecutive_skips"]
         self.rollbacks = state["rollbacks"]
         self.lr_scale = state["lr_scale"]
-        self.lr_max = state["lr_max"]
+        # The bound is this run's declared lr_max (as before training); the estimate, made at the start of the
+        # run, is kept for the certificate. (A checkpoint from before lr_max: auto stopped being a bound holds
+        # the estimate as "lr_max": it is not enforced either.)
+        saved_estimate = state.get("lr_max_estimate")
+        self.lr_max_estimate = None if saved_estimate is None else LrMaxEstimate.from_dict(saved_estimate)
         restore_rng_state(state["rng"])
         return next_step
 
@@ -844,8 +864,9 @@ class Trainer:
             "applied_steps": self.applied_steps,
             "skipped_steps": self.skips.total,
             "rollbacks": self.rollbacks,
-            "lr_max": self.lr_max,
-            "lr_max_method": self.lr_max_estimate.explanation if self.lr_max_estimate else None,
+            "lr_max": self.lr_max,  # the declared bound `lr < lr_max` was checked against; None: unchecked
+            # lr_max: auto's estimate with its convergence: reported, never enforced
+            "lr_max_estimate": None if self.lr_max_estimate is None else self.lr_max_estimate.to_dict(),
             "torch": torch.__version__,
         }
         return self.ledger.certificate(run=run, outcome=outcome)
