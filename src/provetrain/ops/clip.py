@@ -141,8 +141,13 @@ __all__ = [
     "first_nonfinite_gradient",
     "flush_to_zero_enabled",
     "global_sum_of_squares",
+    "margin_terms",
+    "round_down",
     "scale_gradient",
     "scaled_sum_of_squares",
+    "toward_zero_if_subnormal",
+    "toward_zero_if_subnormal_tensor",
+    "upper_factor",
 ]
 
 EQUATION = "gradient_norm"
@@ -340,12 +345,45 @@ def _rounding_constants(dtypes: Collection[torch.dtype]) -> tuple[Fraction, Frac
     return max(UNIT_ROUNDOFF[d] for d in dtypes), max(SMALLEST_SUBNORMAL[d] for d in dtypes)
 
 
+# The definitions below are shared with the SMT harness (provetrain.verify.smt_clip), which proves the bound
+# for these exact constants: changing one here changes what is proved.
+
+
+def upper_factor(numel: int, extra_roundings: int = 0) -> float:
+    """``C = 1 + ceil((n + 4 + x) / 2) 2^-52 >= 1 + (n + 4 + x) u``, exact in float64 (*Proof*, step 2)."""
+    return 1.0 + ((numel + 5 + extra_roundings) // 2) * 2.0**-52
+
+
+def margin_terms(numel: int, u_d: Fraction, eta_d: Fraction) -> tuple[Fraction, Fraction]:
+    """``(a, b)`` of the numerator ``A = max_norm a - b``: ``a = 1 - 4 u_d``, ``b = eta_d (isqrt(n) + 1)`` (step 4)."""
+    return 1 - 4 * u_d, eta_d * (math.isqrt(numel) + 1)
+
+
+def round_down(exact: Fraction) -> float:
+    """The largest float64 ``<= exact`` (``exact`` within float64's range)."""
+    rounded = float(exact)  # int / int true division: correctly rounded
+    return math.nextafter(rounded, -math.inf) if Fraction(rounded) > exact else rounded
+
+
+def toward_zero_if_subnormal(k: float) -> float:
+    """A quotient ``k >= 0`` below ``2^-1022`` moved one subnormal step toward 0 (step 4).
+
+    There the rounding is absolute, up to half a subnormal step: after the step ``k`` is at most the exact
+    quotient.
+    """
+    return math.nextafter(k, 0.0) if k < _SMALLEST_NORMAL_F64 else k
+
+
+def toward_zero_if_subnormal_tensor(k: torch.Tensor) -> torch.Tensor:
+    """:func:`toward_zero_if_subnormal` on a float64 tensor (NaN and inf pass through)."""
+    return torch.where(k < _SMALLEST_NORMAL_F64, torch.nextafter(k, k * 0.0), k)
+
+
 @functools.lru_cache(maxsize=256)
 def _margin_numerator(max_norm: float, numel: int, u_d: Fraction, eta_d: Fraction) -> float:
     """``A_lo``: ``max_norm (1 - 4 u_d) - eta_d (isqrt(n) + 1)`` rounded down to float64 (exact rationals)."""
-    exact = Fraction(max_norm) * (1 - 4 * u_d) - eta_d * (math.isqrt(numel) + 1)
-    rounded = float(exact)  # int / int true division: correctly rounded
-    return math.nextafter(rounded, -math.inf) if Fraction(rounded) > exact else rounded
+    scale, offset = margin_terms(numel, u_d, eta_d)
+    return round_down(Fraction(max_norm) * scale - offset)
 
 
 def clip_coefficient(
@@ -403,7 +441,7 @@ def clip_coefficient(
 
     norm_s = torch.sqrt(sum_sq)
     total_norm = _mul_pow2(norm_s, e)
-    upper_s = norm_s * (1.0 + ((numel + 5 + extra_roundings) // 2) * 2.0**-52)  # C >= 1 + (n + 4 + x) u, exact
+    upper_s = norm_s * upper_factor(numel, extra_roundings)  # C >= 1 + (n + 4 + x) u, exact
     nan = torch.full((), math.nan, dtype=torch.float64, device=device)
     if max_norm == math.inf:
         return total_norm, torch.where(torch.isnan(upper_s), nan, 1.0)
@@ -449,7 +487,7 @@ def clip_coefficient_on_host(
     e = min(max(exponent, -1073), 1024)
     norm_s = math.sqrt(sum_sq) if not sum_sq < 0 else math.nan
     total_norm = _mul_pow2_host(norm_s, e)
-    upper_s = norm_s * (1.0 + ((numel + 5 + extra_roundings) // 2) * 2.0**-52)
+    upper_s = norm_s * upper_factor(numel, extra_roundings)
     if math.isnan(upper_s):
         return total_norm, math.nan
     if max_norm == math.inf:
@@ -464,7 +502,7 @@ def clip_coefficient_on_host(
     shift = min(max(exp_a - e, -1100), 1023)
     big = max(shift, -1022)
     k = (q * 2.0 ** (shift - big)) * 2.0**big
-    return total_norm, math.nextafter(k, 0.0) if k < _SMALLEST_NORMAL_F64 else k
+    return total_norm, toward_zero_if_subnormal(k)
 
 
 def _at_most(upper_s: float, e: int, max_norm: float) -> bool:
@@ -498,7 +536,7 @@ def _clip_coefficient_unscaled(
     normal). NaN propagates through every operation, so no extra select is needed.
     """
     norm_s = torch.sqrt(sum_sq)
-    upper_s = norm_s * (1.0 + ((numel + 5 + extra_roundings) // 2) * 2.0**-52)  # C >= 1 + (n + 4 + x) u, exact
+    upper_s = norm_s * upper_factor(numel, extra_roundings)  # C >= 1 + (n + 4 + x) u, exact
     if max_norm == math.inf:
         return norm_s, torch.where(torch.isnan(upper_s), upper_s, 1.0)
     numerator = _margin_numerator(max_norm, numel, u_d, eta_d)
@@ -506,8 +544,7 @@ def _clip_coefficient_unscaled(
         k_clip = torch.where(torch.isnan(upper_s), upper_s, 0.0)
     else:
         k_clip = torch.div(torch.full_like(upper_s, numerator), upper_s)
-        # Below 2^-1022 the rounding is absolute, up to half a subnormal step: step once toward 0 to stay <=.
-        k_clip = torch.where(k_clip < _SMALLEST_NORMAL_F64, torch.nextafter(k_clip, k_clip * 0.0), k_clip)
+        k_clip = toward_zero_if_subnormal_tensor(k_clip)
     return norm_s, torch.where(upper_s <= max_norm, 1.0, k_clip)
 
 
@@ -519,8 +556,7 @@ def _divide_scaled(numerator: float, upper_s: torch.Tensor, e: torch.Tensor) -> 
     shift = (exp_a - e).clamp(-1100, 1023)  # below -1100 the result is 0 either way
     big = shift.clamp(min=-1022)
     k = (q * _pow2(shift - big)) * _pow2(big)  # first factor is exact (q 2^[-78, 0] stays normal)
-    # Below 2^-1022 the rounding is absolute, up to half a subnormal step: step once toward 0 to stay <=.
-    return torch.where(k < _SMALLEST_NORMAL_F64, torch.nextafter(k, torch.zeros_like(k)), k)
+    return toward_zero_if_subnormal_tensor(k)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -111,20 +111,26 @@ import torch
 import z3
 
 from provetrain.verify.smt_clip import (
+    ARITHMETICS,
+    Arithmetic,
     ClipVars,
     TorchVars,
     accumulation_step,
+    binding_failures,
     clip_branches,
     exhaustive_cases,
     fp_exact_squares,
     fp_output_rounding,
+    join_step,
+    norm_square_step,
     to_float32,
     torch_assumptions,
 )
-from provetrain.verify.smt_derivation import Derivation, check_satisfiable, check_unsat
+from provetrain.verify.smt_derivation import DEFAULT_RLIMIT, Derivation, check_satisfiable, check_unsat
 from provetrain.verify.smt_derivation import StepResult as StepResult
 
 __all__ = [
+    "DEFAULT_RLIMIT",
     "HARNESS_ID",
     "PROOF_COLUMNS",
     "Counterexample",
@@ -135,16 +141,22 @@ __all__ = [
     "concretise_torch_counterexample",
     "proof_rows",
     "prove_clip_bound",
+    "prove_length",
     "replay_torch_clip",
 ]
 
 HARNESS_ID = "train-kani-001"
-PROOF_COLUMNS = ("n", "result", "seconds", "detail")
+PROOF_COLUMNS = ("arithmetic", "n", "result", "rlimit", "seconds", "detail")
 """Column names of :func:`proof_rows`."""
 
 Algorithm = Literal["provetrain", "torch"]
-Result = Literal["proved", "counterexample", "unknown"]
+Result = Literal["proved", "counterexample", "unknown", "code differs"]
 MAX_BOUND = 64
+BINDING_PROBES = 12
+"""Runs of the shipped code per arithmetic and length that must satisfy the encoding's assumptions."""
+DIRECT_QUERY_RLIMIT = 1_000_000
+"""z3 resource units for the search for a model after a failed step (it finds nothing to prove, only a
+counterexample to show). nlsat spends units slowly on these queries: 1,000,000 took 14 s on a 5-element one."""
 
 
 @dataclass(frozen=True)
@@ -169,7 +181,7 @@ class Counterexample:
     """Values that violate the bound in the model, and whether they do in reality.
 
     Attributes:
-        g: float32 values (for torch: the concretised values when ``realised``, else the model's, rounded).
+        g: the gradient values (for torch: float32, the concretised values when ``realised``).
         max_norm: the clip value ``c`` (a float32 value for torch).
         model: z3's model, every variable as a decimal string (rounding errors included).
         realised: torch only: the concrete ``g, max_norm`` break ``torch.nn.utils.clip_grad_norm_`` when
@@ -186,15 +198,18 @@ class Counterexample:
 
 @dataclass(frozen=True)
 class LengthResult:
-    """The harness for one length ``n``.
+    """The harness for one arithmetic and one length ``n``.
 
     Attributes:
         n: the vector length.
-        result: ``proved`` (every step ``unsat``), ``counterexample`` (the model's negation is ``sat``), or
-            ``unknown`` (a timeout, or a proof step that failed while the direct query found no model).
-        seconds: wall time for this length.
-        steps: every solver call, in order.
+        result: ``proved`` (every step ``unsat`` and the shipped code within the encoding), ``counterexample``
+            (the model's negation is ``sat``), ``code differs`` (a run of the shipped code breaks an
+            assumption of the encoding: the proof is not about that code), or ``unknown`` (a step hit the
+            resource limit, or failed while the direct query found no model).
+        seconds: wall time for this length (reported only; no verdict depends on it).
+        steps: every solver call, in order, then the binding check.
         counterexample: the violating values, for ``counterexample``.
+        arithmetic: the path and dtypes (:attr:`provetrain.verify.smt_clip.Arithmetic.name`).
     """
 
     n: int
@@ -202,6 +217,12 @@ class LengthResult:
     seconds: float
     steps: tuple[StepResult, ...] = ()
     counterexample: Counterexample | None = None
+    arithmetic: str = "reference float32"
+
+    @property
+    def rlimit(self) -> int:
+        """z3 resource units used by this length's solver calls."""
+        return sum(step.rlimit for step in self.steps)
 
 
 @dataclass(frozen=True)
@@ -210,16 +231,16 @@ class ProofReport:
 
     Attributes:
         algorithm: ``provetrain`` (the shipped clip) or ``torch`` (``torch.nn.utils.clip_grad_norm_``).
-        bound: the largest length checked; ``lengths`` holds ``1..bound``.
-        timeout_s: the limit of each solver call.
-        lemmas: the length-independent bit-precise float32 lemmas (provetrain only).
-        lengths: one result per length.
-        seconds: wall time in all.
+        bound: the largest length checked; ``lengths`` holds ``1..bound`` per arithmetic.
+        rlimit: the z3 resource limit of each solver call.
+        lemmas: the length-independent lemmas (provetrain only).
+        lengths: one result per arithmetic and length.
+        seconds: wall time in all (reported only).
     """
 
     algorithm: Algorithm
     bound: int
-    timeout_s: float
+    rlimit: int
     lemmas: tuple[StepResult, ...]
     lengths: tuple[LengthResult, ...]
     seconds: float
@@ -231,78 +252,130 @@ class ProofReport:
         lemmas = all(step.verdict == "proved" for step in self.lemmas)
         return lemmas and all(length.result == "proved" for length in self.lengths)
 
+    @property
+    def rlimit_used(self) -> int:
+        """z3 resource units used in all: the same on a busy machine as on an idle one."""
+        return sum(step.rlimit for step in self.lemmas) + sum(length.rlimit for length in self.lengths)
 
-def prove_clip_bound(bound: int = 4, *, timeout_s: float = 60.0, algorithm: Algorithm = "provetrain") -> ProofReport:
+
+def prove_clip_bound(
+    bound: int = 4,
+    *,
+    rlimit: int = DEFAULT_RLIMIT,
+    algorithm: Algorithm = "provetrain",
+    arithmetics: Sequence[Arithmetic] = ARITHMETICS,
+) -> ProofReport:
     """Run the harness ``train-kani-001`` for lengths ``1..bound``.
 
     Args:
         bound: the largest vector length, in ``[1, 64]`` (the contract's bound is 4).
-        timeout_s: the limit of each solver call, in seconds (> 0).
-        algorithm: ``"provetrain"`` proves :mod:`provetrain.ops.clip`; ``"torch"`` looks for counterexamples
-            to ``torch.nn.utils.clip_grad_norm_`` and replays them in torch.
+        rlimit: z3 resource units allowed per solver call (an int > 0): a count of solver work, so the
+            verdict is the same on a busy machine. ``DEFAULT_RLIMIT`` leaves every call about 40x room.
+        algorithm: ``"provetrain"`` proves :mod:`provetrain.ops.clip` on each of ``arithmetics``;
+            ``"torch"`` looks for counterexamples to ``torch.nn.utils.clip_grad_norm_`` (float32) and replays
+            them in torch.
+        arithmetics: the execution paths x dtypes to prove (default: all, see
+            :data:`provetrain.verify.smt_clip.ARITHMETICS`).
 
     Returns:
-        A :class:`ProofReport`; ``report.proved`` is True only if z3 answered ``unsat`` everywhere.
+        A :class:`ProofReport`; ``report.proved`` is True only if z3 answered ``unsat`` everywhere and the
+        shipped code stayed within the encoding on every probe run.
 
     Examples:
-        >>> prove_clip_bound(1, timeout_s=30).lengths[0].result
+        >>> prove_clip_bound(1, arithmetics=ARITHMETICS[:1]).lengths[0].result
         'proved'
     """
-    _check_arguments(bound, timeout_s, algorithm)
+    _check_arguments(bound, rlimit, algorithm)
     start = time.perf_counter()
     if algorithm == "provetrain":
-        lemmas = (fp_output_rounding(timeout_s=timeout_s), fp_exact_squares(timeout_s=timeout_s))
-        lengths = tuple(_prove_length(n, timeout_s) for n in range(1, bound + 1))
+        lemmas = _lemmas(arithmetics, bound, rlimit)
+        lengths = tuple(prove_length(a, n, rlimit=rlimit) for a in arithmetics for n in range(1, bound + 1))
     else:
         lemmas = ()
-        lengths = tuple(_refute_torch_length(n, timeout_s) for n in range(1, bound + 1))
-    return ProofReport(algorithm, bound, timeout_s, lemmas, lengths, time.perf_counter() - start)
+        lengths = tuple(_refute_torch_length(n, rlimit) for n in range(1, bound + 1))
+    return ProofReport(algorithm, bound, rlimit, lemmas, lengths, time.perf_counter() - start)
 
 
-def _check_arguments(bound: object, timeout_s: object, algorithm: object) -> None:
+def _lemmas(arithmetics: Sequence[Arithmetic], bound: int, rlimit: int) -> tuple[StepResult, ...]:
+    """The length-independent lemmas the chosen arithmetics rest on, and the summation-tree joins."""
+    outputs = {a.output(i).dtype for a in arithmetics for i in range(min(bound, len(a.dtypes)))}
+    lemmas = [
+        fp_output_rounding(d, rlimit=rlimit) for d in (torch.float32, torch.float16, torch.bfloat16) if d in outputs
+    ]
+    if any(d != torch.float64 for a in arithmetics for d in a.dtypes):
+        lemmas.append(fp_exact_squares(rlimit=rlimit))
+    if any(a.path == "multi-tensor" for a in arithmetics):
+        lemmas += [norm_square_step(rlimit=rlimit), join_step(rlimit=rlimit)]
+    for rounded in sorted({torch.float64 in a.dtypes for a in arithmetics if a.path == "reference"}):
+        for n in range(2, bound + 1):
+            lemmas += [
+                accumulation_step(left, n - left, rounded_leaves=rounded, rlimit=rlimit)
+                for left in range(1, n // 2 + 1)
+            ]
+    return tuple(lemmas)
+
+
+def _check_arguments(bound: object, rlimit: object, algorithm: object) -> None:
     if isinstance(bound, bool) or not isinstance(bound, int) or not 1 <= bound <= MAX_BOUND:
         raise ValueError(f"bound={bound!r}; expected an int in [1, {MAX_BOUND}] (the contract's bound is 4)")
-    if isinstance(timeout_s, bool) or not isinstance(timeout_s, int | float) or not 0 < timeout_s < math.inf:
-        raise ValueError(f"timeout_s={timeout_s!r}; expected a finite number of seconds > 0, e.g. 60")
+    if isinstance(rlimit, bool) or not isinstance(rlimit, int) or not 0 < rlimit < 2**32:
+        raise ValueError(f"rlimit={rlimit!r}; expected an int in [1, 2**32): z3 resource units per solver call")
     if algorithm not in ("provetrain", "torch"):
         raise ValueError(f"algorithm={algorithm!r}; expected 'provetrain' or 'torch'")
 
 
-def _prove_length(n: int, timeout_s: float) -> LengthResult:
+def prove_length(
+    arithmetic: Arithmetic, n: int, *, rlimit: int = DEFAULT_RLIMIT, direct_rlimit: int = DIRECT_QUERY_RLIMIT
+) -> LengthResult:
+    """The proof for one arithmetic and length ``n``: cases, non-vacuity, derivations, binding to the code.
+
+    The summation-tree joins and the bit-precise lemmas are length-independent (or shared) and checked once
+    by :func:`prove_clip_bound`. After a failed step the case is searched for a counterexample with at most
+    ``min(rlimit, direct_rlimit)`` units (0: not searched; the result is then ``unknown``).
+    """
     start = time.perf_counter()
-    steps = [accumulation_step(left, n - left, timeout_s=timeout_s) for left in range(1, n // 2 + 1)]
     variables = ClipVars.create(n)
-    branches = clip_branches(variables)
-    steps.append(exhaustive_cases(branches, timeout_s=timeout_s))
+    branches = clip_branches(variables, arithmetic)
+    steps = [exhaustive_cases(branches, rlimit=rlimit)]
     counterexample = None
     for branch in branches:
         name = f"{branch.name}: the assumptions have a model (the proof is not vacuous)"
-        steps.append(check_satisfiable(name, [*branch.assumptions, *branch.definitions], timeout_s=timeout_s))
-        derivation = Derivation((*branch.assumptions, *branch.definitions), timeout_s=timeout_s)
+        steps.append(check_satisfiable(name, [*branch.assumptions, *branch.definitions], rlimit=rlimit))
+        derivation = Derivation((*branch.assumptions, *branch.definitions), rlimit=rlimit)
         branch.derive(derivation)
-        steps += [StepResult(f"{branch.name}: {s.name}", s.verdict, s.seconds, s.reason) for s in derivation.steps]
-        if derivation.failed and counterexample is None:
+        steps += [
+            StepResult(f"{branch.name}: {s.name}", s.verdict, s.seconds, s.reason, s.rlimit) for s in derivation.steps
+        ]
+        if derivation.failed and counterexample is None and direct_rlimit > 0:
             # A failed step proves nothing either way: ask the whole case directly for a model.
             direct, model = check_unsat(
-                f"{branch.name}: direct query", [*branch.assumptions, z3.Not(variables.goal())], timeout_s=timeout_s
+                f"{branch.name}: direct query",
+                [*branch.assumptions, z3.Not(variables.goal())],
+                rlimit=min(rlimit, direct_rlimit),
             )
             steps.append(direct)
             if model is not None:
                 counterexample = _model_counterexample(model, variables.g, variables.c, c_float32=False)
-    result: Result = "proved" if all(s.verdict == "proved" for s in steps) else "unknown"
+    binding_start = time.perf_counter()
+    broken = binding_failures(arithmetic, n, count=BINDING_PROBES)
+    binding = f"binding: {2 * BINDING_PROBES} runs of the shipped code satisfy their case's assumptions"
+    seconds = time.perf_counter() - binding_start
+    steps.append(StepResult(binding, "refuted" if broken else "proved", seconds, broken[0] if broken else ""))
+    proved = all(s.verdict == "proved" for s in steps)
+    result: Result = "proved" if proved else ("code differs" if broken else "unknown")
     if counterexample is not None:
         result = "counterexample"
-    return LengthResult(n, result, time.perf_counter() - start, tuple(steps), counterexample)
+    return LengthResult(n, result, time.perf_counter() - start, tuple(steps), counterexample, arithmetic.name)
 
 
-def _refute_torch_length(n: int, timeout_s: float) -> LengthResult:
+def _refute_torch_length(n: int, rlimit: int) -> LengthResult:
     start = time.perf_counter()
     variables = TorchVars.create(n)
     negation = [*torch_assumptions(variables), z3.Not(variables.goal())]
-    step, model = check_unsat(f"torch clip_grad_norm_, n = {n}: ||y|| <= c", negation, timeout_s=timeout_s)
+    step, model = check_unsat(f"torch clip_grad_norm_, n = {n}: ||y|| <= c", negation, rlimit=rlimit)
     if model is None:
         result: Result = "proved" if step.verdict == "proved" else "unknown"
-        return LengthResult(n, result, time.perf_counter() - start, (step,))
+        return LengthResult(n, result, time.perf_counter() - start, (step,), arithmetic="torch float32")
     found = _model_counterexample(model, variables.g, variables.c, c_float32=True)
     concrete = concretise_torch_counterexample(found.g, found.max_norm)
     if concrete is None:
@@ -311,7 +384,7 @@ def _refute_torch_length(n: int, timeout_s: float) -> LengthResult:
     else:
         g, max_norm, replay = concrete
         found = Counterexample(g, max_norm, found.model, True, replay.excess)
-    return LengthResult(n, "counterexample", time.perf_counter() - start, (step,), found)
+    return LengthResult(n, "counterexample", time.perf_counter() - start, (step,), found, "torch float32")
 
 
 def _fraction(value: z3.ExprRef) -> Fraction:
@@ -409,19 +482,30 @@ def concretise_torch_counterexample(
 # Rows for the command line.
 
 
-def proof_rows(report: ProofReport) -> list[tuple[str, str, str, str]]:
-    """The report as rows of :data:`PROOF_COLUMNS` (``n``, ``result``, ``seconds``, ``detail``) for a table.
+def proof_rows(report: ProofReport) -> list[tuple[str, ...]]:
+    """The report as rows of :data:`PROOF_COLUMNS` for a table.
 
-    The first row (provetrain only) is the length-independent lemmas; then one row per length.
+    The first row (provetrain only) is the length-independent lemmas; then one row per arithmetic and length.
+    ``rlimit`` is the z3 resource units used (the same at any machine load), ``seconds`` the wall time.
     """
     rows = []
     if report.lemmas:
         verdict = "proved" if all(s.verdict == "proved" for s in report.lemmas) else "unknown"
         seconds = sum(s.seconds for s in report.lemmas)
-        rows.append(("lemmas", verdict, f"{seconds:.2f}", "; ".join(s.name for s in report.lemmas)))
+        used = sum(s.rlimit for s in report.lemmas)
+        failed = [s for s in report.lemmas if s.verdict != "proved"]
+        detail = f"{failed[0].name}: {failed[0].verdict} {failed[0].reason}" if failed else _lemma_names(report)
+        rows.append(("lemmas", "", verdict, str(used), f"{seconds:.2f}", detail))
     for length in report.lengths:
-        rows.append((str(length.n), length.result, f"{length.seconds:.2f}", _detail(length)))
+        row = (length.arithmetic, str(length.n), length.result, str(length.rlimit), f"{length.seconds:.2f}")
+        rows.append((*row, _detail(length)))
     return rows
+
+
+def _lemma_names(report: ProofReport) -> str:
+    joins = [s for s in report.lemmas if s.name.startswith("accumulation")]
+    others = [s.name for s in report.lemmas if not s.name.startswith("accumulation")]
+    return "; ".join([*others, f"{len(joins)} summation-tree joins"] if joins else others)
 
 
 def _detail(length: LengthResult) -> str:
@@ -436,5 +520,5 @@ def _detail(length: LengthResult) -> str:
     failed = [s for s in length.steps if s.verdict != "proved"]
     if failed:
         return f"{failed[0].name}: {failed[0].verdict} {failed[0].reason}".strip()
-    slowest = max(length.steps, key=lambda s: s.seconds)
-    return f"{len(length.steps)} solver calls, all as required; slowest {slowest.seconds:.2f} s: {slowest.name}"
+    largest = max(length.steps, key=lambda s: s.rlimit)
+    return f"{len(length.steps)} checks, all as required; largest {largest.rlimit} units: {largest.name}"

@@ -16,9 +16,15 @@ from typing import Literal
 
 import z3
 
-__all__ = ["Derivation", "StepResult", "check_satisfiable", "check_unsat", "linearize"]
+__all__ = ["DEFAULT_RLIMIT", "Derivation", "StepResult", "check_satisfiable", "check_unsat", "linearize"]
 
 StepVerdict = Literal["proved", "refuted", "unknown"]
+
+
+DEFAULT_RLIMIT = 2_000_000_000
+"""z3 resource units allowed per solver call by default: a count of solver work, not wall time, so a verdict
+does not depend on machine load. The largest call of ``prove_clip_bound`` (a bit-precise bfloat16 lemma)
+uses about 5 % of it; on this machine z3 spends 4-6 million units a second."""
 
 
 @dataclass(frozen=True)
@@ -27,41 +33,52 @@ class StepResult:
 
     Attributes:
         name: what the step shows, in words.
-        verdict: ``proved``, ``refuted`` (the negation has a model) or ``unknown`` (timeout or incomplete).
-        seconds: wall time of the solver call.
+        verdict: ``proved``, ``refuted`` (the negation has a model) or ``unknown`` (the resource limit, or
+            z3 incomplete).
+        seconds: wall time of the solver call (reported, never used for the verdict).
         reason: z3's ``reason_unknown`` for ``unknown``, else empty.
+        rlimit: z3 resource units the call used (its ``rlimit count``): the same on every machine and load.
     """
 
     name: str
     verdict: StepVerdict
     seconds: float
     reason: str = ""
+    rlimit: int = 0
 
 
 def check_unsat(
-    name: str, assertions: Iterable[z3.BoolRef], *, timeout_s: float, logic: str = "QF_NRA"
+    name: str, assertions: Iterable[z3.BoolRef], *, rlimit: int, logic: str = "QF_NRA"
 ) -> tuple[StepResult, z3.ModelRef | None]:
-    """Check ``assertions`` (a negated claim) with a bounded solver; the model when ``sat``."""
+    """Check ``assertions`` (a negated claim) with at most ``rlimit`` z3 resource units; the model when ``sat``."""
     solver = z3.SolverFor(logic)
-    solver.set("timeout", max(1, int(timeout_s * 1000)))
+    solver.set("rlimit", rlimit)  # counted from this call's start
+    before = _rlimit_count(solver)  # z3's counter runs on over the whole context
     solver.add(*assertions)
     start = time.perf_counter()
     answer = solver.check()
     seconds = time.perf_counter() - start
+    used = _rlimit_count(solver) - before
     if answer == z3.unsat:
-        return StepResult(name, "proved", seconds), None
+        return StepResult(name, "proved", seconds, rlimit=used), None
     if answer == z3.sat:
-        return StepResult(name, "refuted", seconds), solver.model()
-    return StepResult(name, "unknown", seconds, solver.reason_unknown()), None
+        return StepResult(name, "refuted", seconds, rlimit=used), solver.model()
+    return StepResult(name, "unknown", seconds, solver.reason_unknown(), used), None
 
 
-def check_satisfiable(name: str, assertions: Iterable[z3.BoolRef], *, timeout_s: float) -> StepResult:
+def _rlimit_count(solver: z3.Solver) -> int:
+    statistics = solver.statistics()
+    keys = statistics.keys()
+    return int(statistics.get_key_value("rlimit count")) if "rlimit count" in keys else 0
+
+
+def check_satisfiable(name: str, assertions: Iterable[z3.BoolRef], *, rlimit: int) -> StepResult:
     """A vacuity check: ``proved`` when z3 finds a model, so the assumptions are not contradictory."""
-    result, model = check_unsat(name, assertions, timeout_s=timeout_s)
+    result, model = check_unsat(name, assertions, rlimit=rlimit)
     if model is not None:
-        return StepResult(name, "proved", result.seconds)
+        return StepResult(name, "proved", result.seconds, rlimit=result.rlimit)
     if result.verdict == "proved":  # unsat: contradictory assumptions would make every step vacuous
-        return StepResult(name, "refuted", result.seconds, "the assumptions are contradictory")
+        return StepResult(name, "refuted", result.seconds, "the assumptions are contradictory", result.rlimit)
     return result
 
 
@@ -123,9 +140,9 @@ def linearize(formulas: Sequence[z3.BoolRef]) -> list[z3.BoolRef]:
 class Derivation:
     """Assumptions plus the conclusions proved so far; :meth:`derive` adds one checked step."""
 
-    def __init__(self, assumptions: Iterable[z3.BoolRef], *, timeout_s: float) -> None:
+    def __init__(self, assumptions: Iterable[z3.BoolRef], *, rlimit: int) -> None:
         self.assumptions = tuple(assumptions)
-        self.timeout_s = timeout_s
+        self.rlimit = rlimit
         self.steps: list[StepResult] = []
         # Facts are kept alive with their ids: a freed term's id could be reused by a different term.
         self._known = {fact.get_id(): fact for fact in self.assumptions}
@@ -153,9 +170,9 @@ class Derivation:
             raise ValueError(f"step {name!r} uses facts that are neither assumed nor derived: {missing}")
         negation = [*hypotheses, z3.Not(conclusion)]
         if linear:
-            result, _ = check_unsat(name, linearize(negation), timeout_s=self.timeout_s, logic="QF_LRA")
+            result, _ = check_unsat(name, linearize(negation), rlimit=self.rlimit, logic="QF_LRA")
         else:
-            result, _ = check_unsat(name, negation, timeout_s=self.timeout_s)
+            result, _ = check_unsat(name, negation, rlimit=self.rlimit)
         self.steps.append(result)
         if result.verdict == "proved":
             self._known[conclusion.get_id()] = conclusion
