@@ -537,11 +537,8 @@ COMMANDS: list[tuple[str, list[str], str]] = [
         ["parity", "--model", f"{HERE}:linear_with_wrong_inputs"],
         r"^error: model .* does not run on inputs of shape \(4, 5\)",
     ),
-    (
-        "prove: infinite timeout",
-        ["prove", "--bound", "1", "--timeout", "inf"],
-        r"^error: timeout_s=inf; expected a finite number of seconds",
-    ),
+    ("prove: resource limit 0", ["prove", "--bound", "1", "--rlimit", "0"], r"Invalid value for '--rlimit'"),
+    ("prove: a timeout is not a resource limit", ["prove", "--timeout", "60"], r"No such option: --timeout"),
     ("prove: bound 0", ["prove", "--bound", "0"], r"Invalid value for '--bound'"),
 ]
 

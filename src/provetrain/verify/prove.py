@@ -1,86 +1,83 @@
 r"""SMT harness ``train-kani-001``: the gradient norm is bounded after clipping, proven with z3 up to a bound.
 
 Obligation (contract ``training-loop-v1``, ``kani_harnesses``: "Gradient norm bounded after clipping",
-bound 4, strategy ``stub_float``). For every length ``n`` in ``1..bound``, every vector ``g`` of ``n`` finite
-float32 values and every finite **float64** ``c > 0`` (so every float32 ``c`` too), the clip of
-:mod:`provetrain.ops.clip` stores ``y`` with
+bound 4, strategy ``stub_float``). For every execution path and gradient dtype of
+:data:`~provetrain.verify.smt_clip.ARITHMETICS`, every length ``n`` in ``1..bound``, every vector ``g`` of ``n``
+finite values of those dtypes and every finite **float64** ``c > 0``, the clip stores ``y`` with
 
 .. math:: \sum_i y_i^2 \le c^2 \ \text{(exactly, in real arithmetic)} \quad\text{and every } y_i \text{ finite.}
 
 (``c = inf`` is the measure-only path: ``k = 1``, ``y = g``, trivially bounded.) Each step is a z3 call
-that must answer ``unsat`` for the negation of its claim; ``unknown`` or a timeout is reported as
-``unknown``, never as proven.
+that must answer ``unsat`` for the negation of its claim within a **resource limit** (z3's ``rlimit``, a count
+of solver work: the same verdict on an idle or a busy machine; wall time is reported beside it, never used);
+``unknown`` is reported as such, never as proven.
 
-The model
----------
-The algorithm as shipped for float32 gradients (``global_sum_of_squares``, ``clip_coefficient``,
-``scale_gradient``; its constants ``u``, ``u32``, ``eta32`` are read from :mod:`provetrain.ops.clip`)::
+One source of truth
+-------------------
+The encoding reads what the code executes: the upper factor ``C`` (:func:`provetrain.ops.clip.upper_factor`),
+the numerator's margin (:func:`provetrain.ops.clip.margin_terms`), ``u_d`` and ``eta_d`` of the dtypes present
+(the clip's ``_rounding_constants``) and the multi-tensor sum's extra roundings
+(:data:`provetrain.ops.multi_tensor.EXTRA_ROUNDINGS`), looked up when each encoding is built. What the code
+*does* with them enters as per-step assumptions (``A_lo <= A``; ``k N_up <= A_lo (1 + u)``; ``0 <= 1 / D <= k``;
+the stored value within its rounding of ``g k``), and each length ends with a *binding* check: 24 runs of the
+shipped functions (device and host code, the fused kernel for the multi-tensor path) on probe inputs across
+each dtype's range, every one of which must satisfy every assumption of its case, evaluated exactly. A change
+to a constant changes the proof; a change to an operation breaks the binding (``tests/verify/test_mutations.py``
+checks five named mutants of the clip and pins which check catches each).
 
-    S_hat = float64 sum of g_i^2                      (any summation tree)
+The model, and what each step rests on
+--------------------------------------
+Per arithmetic (``reference``: ``y = round_d(fl64(g) k)``; ``multi-tensor``: ``y = round(g / D)``)::
+
+    S_hat = float64 sum of g_i^2                      (any summation tree; scaled by 4^-e with float64)
     r     = float64 sqrt(S_hat)                       (the stub)
-    N_up  = fl(r * C),  C = 1 + ceil((n + 4) / 2) 2^-52   (exact in float64)
-    k     = 1                                         if N_up <= c   (compared exactly)
-          = 0                                         if A_lo <= 0
-          = fl(A_lo / N_up), one subnormal step to 0  otherwise
-    A_lo  = c (1 - 4 u32) - eta32 (isqrt(n) + 1), rounded down to float64 (exact rationals)
-    y_i   = fl32(fl64(g_i * k))                       (float64 product, then the float32 cast, RNE)
+    N_up  = fl(r * C)                                 (C = upper_factor(n, x), x = 0 or EXTRA_ROUNDINGS)
+    k     = 1 if N_up <= c;  0 if A_lo <= 0;  else fl(A_lo / N_up), one subnormal step toward 0
+    A_lo  = c a - b rounded down to float64,          (a, b) = margin_terms(n, u_d, eta_d)
+    w     = k (reference), or 1 / D in [0, k] (multi-tensor: D a float32 rounded up from 1 / k)
+    y_i   = round(fl64(g_i w))                        (through float32 for float16 / bfloat16)
 
-* **Inputs**: the ``g_i`` are reals with ``|g_i| <= MAX32`` and ``c`` a real in ``(0, MAX64]``: supersets of
-  the finite float32 / float64 values, so the proof covers the floats.
-* **Squares** are exact: ``float64(g)^2`` for every finite float32 ``g``, checked **bit-precisely** in z3's
-  floating-point theory (the RTN and RTP products agree and are finite).
-* **Accumulation**, any order: each float64 addition is ``(a + b)(1 + d)``, ``|d| <= u = 2^-53``. By
-  induction over the summation tree (z3 checks the join of subtrees of ``l`` and ``n - l`` leaves),
-  ``S (1-u)^(n-1) <= S_hat <= S (1+u)^(n-1)`` for every tree: every order torch, BLAS blocking or threads use,
-  FMA included (the square being exact). The relative model is exact here: every partial sum is 0 or in
-  ``[2^-298, n 2^256]`` (the smallest nonzero square, the largest sum), inside float64's normal range.
-* **sqrt** is the ``stub_float`` stub: an uninterpreted ``r`` with only its error contract, written without
-  sqrt: ``r >= 0``, ``(1 - 2u)^2 S_hat <= r^2 <= (1 + 2u)^2 S_hat``. That is one ulp, not IEEE's half ulp
-  (``u``): torch 2.13's CPU float64 ``sqrt`` is faithful but not correctly rounded (measured on 10^6
-  random inputs: 0.7 % differ from ``math.sqrt``, up to 0.74 ulp from the true root, 1.26 ``u`` relative),
-  so the IEEE contract would not describe what runs; ``C``'s ``(n + 4) u`` margin still covers it.
-* **float64 products and division**: the standard model ``(x op y)(1 + d)``, ``|d| <= u``, plus an absolute
-  ``|e| <= 2^-1075`` on ``g_i k`` (float64 subnormals). ``N_up`` lies in ``[2^-150, 2^132]``; the quotient is
-  computed as ``fl(m / N_up) 2^e_a`` (``A_lo = m 2^e_a``, ``m in [1/2, 1)``), one rounding, the power-of-two
-  scaling exact unless subnormal, where the code steps toward 0: ``k N_up <= A_lo (1 + u)``, ``k >= 0``.
-* **Output rounding** ``fl32(p)`` for a float64 ``p``: ``|fl32(p) - p| <= u32 |p| + 2^-150`` and ``fl32(p)``
-  finite whenever ``|p| < 2^128 - 2^103``, checked **bit-precisely** (RNE, with a 113-bit format and a
-  directed-rounding sandwich, so no exactness of the check's own arithmetic is assumed). float32 subnormals
-  and float32 overflow are thus inside the proof.
+===========================  ==================================================================================
+step                          rests on
+===========================  ==================================================================================
+inputs                        reals ``|g_i| <= largest`` of their dtype, ``c`` in ``(0, MAX64]``: supersets
+squares (fp16, bf16, fp32)    lemma, bit-precise: ``float64(g)^2`` exact and finite (float16 / bfloat16 values
+                              are float32 values)
+sum, reference                z3 joins of subtrees (exact leaves: ``(1 +- u)^(n-1)``; float64's rounded
+                              squares: ``(1 +- u)^n``), by induction any tree: torch's order, BLAS blocking,
+                              threads, the C kernel's lanes, the distributed clip's ranks (rank order)
+sum, multi-tensor             z3 lemmas: ``fl(fl(sqrt s_j)^2)`` adds 5 roundings, a join adds 1 to the worse
+                              input; so ``n - 1 + EXTRA_ROUNDINGS`` per term (counted in
+                              :mod:`provetrain.ops.multi_tensor`, *Step 1*)
+float64 scaling               paper: clip's *Proof*, step 1 (absolute ``2^-1074`` terms are a relative
+                              ``n 2^-1070``; encoded as that factor); distributed rank combination: its
+                              ``scaled_sum_of_squares_across_ranks`` guarantee (same slack)
+sqrt                          the stub: one ulp, checked against torch's float64 sqrt by the tests
+N_up, decision, k, A_lo       the standard model ``(1 + d)``, ``|d| <= u``, and the binding check
+divisor ``D >= 1 / k``        the binding check on ``clip_divisor`` / ``clip_divisor_on_host``
+product / quotient            ``(1 + d)`` and an absolute ``2^-1075`` (CUDA's float64 quotient; the CPU
+                              kernels' single rounding is the case ``d = 0``)
+output rounding               lemmas, bit-precise (RNE): float32; float16 and bfloat16 through float32
+                              (torch's cast, and the fused kernels' float32 op-math then the cast back);
+                              float64 stores ``p``
+mixed lists                   each element its own dtype's facts; the margin with the largest ``u_d``, ``eta_d``
+===========================  ==================================================================================
 
-Subnormal and overflow argument for what the model does not state itself: float64 underflow cannot
-occur before the product (partial sums ``>= 2^-298``, ``r >= 2^-150``, ``N_up >= 2^-150``; a positive
-``A = c (1 - 4 u32) - eta32 (isqrt(n) + 1)`` is a multiple of ``2^-223`` since ``c >= 2^-149`` is a float64,
-so ``A_lo >= 2^-223`` and ``k >= 2^-355``), and a nonzero ``g_i k`` is ``>= 2^-504``: the absolute float64
-terms are an over-approximation kept for safety. float64 overflow cannot occur (``S_hat <= n 2^256``,
-``k <= 1``). The ``k = 1`` and ``k = 0`` paths are exact in IEEE (``g`` untouched; ``g * 0.0 = ±0``).
+Per length ``n``: a check that the cases (``N_up <= c``; ``A_lo <= 0``; ``A_lo > 0``) cover every run; per
+case, a satisfiability check of its assumptions (so the proof is not vacuous) and a *derivation*
+(:class:`~provetrain.verify.smt_derivation.Derivation`) of the goal: small z3 steps, each citing only the
+case's assumptions or conclusions proved before it: ``||g|| <= N_up``; ``k N_up <= A_lo (1 + u)``;
+``k (1 + u) <= 1 - u`` (no overflow); per element ``|y_i| <= V_i = A_REL k |g_i| + H``; Cauchy-Schwarz and
+Minkowski by expansion; ``T = A_REL k ||g|| + sqrt(n) H <= c`` (the margins ``4 u_d`` and
+``eta_d (isqrt(n) + 1)`` pay for the rounding of ``y``). Steps that are linear combinations of nonlinear
+facts are checked after :func:`~provetrain.verify.smt_derivation.linearize` (sound over-approximation).
+When a step fails, the case is searched directly for a model (a counterexample), with a smaller budget.
 
-The proof
----------
-Per length ``n``: the accumulation joins; a check that the cases (``N_up <= c``; ``A_lo <= 0``;
-``A_lo > 0``) cover every run; per case, a satisfiability check of its assumptions (so the proof is not
-vacuous) and a *derivation* (:class:`~provetrain.verify.smt_derivation.Derivation`) of the goal: small z3
-steps, each citing only the case's assumptions or conclusions proved before it. The lemmas:
-``||g|| <= N_up`` (accumulation, stub, ``C``); ``k N_up <= A_lo (1 + u)`` and ``k (1 + u) <= 1`` (so
-``|p_i| <= |g_i|``: no float32 overflow); per element ``|y_i| <= V_i = (1+u)(1+u32) k |g_i| + H`` with
-``H = 2^-150 + (1+u32) 2^-1075``; ``sum |g_i| <= sqrt(n) ||g||`` (Cauchy-Schwarz, from
-``2 |g_i| |g_j| <= g_i^2 + g_j^2``); ``sum V_i^2 <= T^2``, ``T = (1+u)(1+u32) k ||g|| + sqrt(n) H``
-(Minkowski, by expanding both sides); ``T <= c`` (the margins ``4 u32`` and
-``eta32 (isqrt(n) + 1) > sqrt(n) H`` pay for the rounding of ``y``); then
-``||y||^2 <= sum V_i^2 <= T^2 <= c^2``. Steps that are linear combinations of nonlinear facts are checked
-after :func:`~provetrain.verify.smt_derivation.linearize` (monomials replaced by atoms: an
-over-approximation, so ``unsat`` stays sound). One monolithic query per ``n`` (the encoding with the lemmas
-as hints) did not finish in 60 s even for ``n = 2``; the derivation takes about a second per ``n``.
-
-Measured on this machine (z3-solver 5.4, 2 cores shared with other jobs, load 2-4): the two bit-precise
-float32 lemmas 5-12 s together, once per report; per length ``n = 1, 2, 3, 4``: 0.1, 0.4-0.6, 0.4-0.7,
-0.2 s (31 to 48 solver calls each); ``prove_clip_bound(4)`` 7-14 s in all; ``prove_clip_bound(16)`` 43 s
-(every length up to 16 under 2 s).
-
-Outside the proof: float16 / bfloat16 / float64 gradients (the contract harness is float32; clip's module
-docstring argues those), lengths above ``bound``, the CUDA path, and that torch's ``*``, ``/``, float32 cast
-and summation are IEEE round-to-nearest operations and its ``sqrt`` within one ulp (the stated model; the
-tests check them against Python's correctly rounded arithmetic and exact rationals on random inputs).
+Outside the proof: lengths above ``bound``; a GradScaler scale ``sigma != 1`` on the multi-tensor path (the
+"no clip" case divides by ``D = sigma``, which rounds: the keep case is no longer bit-exact, and with a
+scale that is not a power of two the stored norm can exceed ``c`` near the threshold); flush-to-zero
+(``torch.set_flush_denormal``) and the CUDA kernels' denormal modes; that torch's ``*``, ``/``, casts and sums
+are IEEE round-to-nearest operations (the binding check and the tests run them on the CPU only).
 
 torch's algorithm
 -----------------

@@ -785,7 +785,7 @@ def _trace(
     u_d, eta_d = arithmetic.rounding_constants(n)
     a_lo = shipped._margin_numerator(max_norm, n, u_d, eta_d)  # the shipped numerator
     values["a_lo"] = Fraction(a_lo)
-    if k == 0.0:
+    if a_lo <= 0:  # k = 0 with a positive A_lo is the clip case whose quotient underflowed
         values.update({f"p[{i}]": Fraction(0) for i in range(1, n + 1)})
         return "zero", values
     quotient = Fraction(a_lo) / values["n_up"]
