@@ -92,8 +92,9 @@ _NORM_BOUND = Binding(
     enforced_by=(f"{CLIP}.clip_coefficient", f"{CLIP}.scale_gradient", f"{ADAM}.step", f"{TRAINER}._certify_step"),
     evidence=_tests(
         "smt-proof",
-        "tests/verify/test_prove.py::test_harness_proves_the_bound_for_every_length_up_to_the_contract_bound",
+        "tests/verify/test_prove.py::test_harness_proves_the_bound_for_every_path_and_dtype_up_to_the_contract_bound",
     )
+    + _tests("unit-test", "tests/verify/test_mutations.py::test_each_mutant_is_caught")
     + _tests(
         "property-test",
         f"{T_CLIP}test_bound_holds_for_every_finite_input",
@@ -241,7 +242,7 @@ BINDINGS: dict[BindingKey, Binding] = {
     ("kani_harnesses", "harness", "train-kani-001"): Binding(
         evidence=_tests(
             "smt-proof",
-            "tests/verify/test_prove.py::test_harness_proves_the_bound_for_every_length_up_to_the_contract_bound",
+            "tests/verify/test_prove.py::test_harness_proves_the_bound_for_every_path_and_dtype_up_to_the_contract_bound",
             "provetrain prove",
         ),
     ),
