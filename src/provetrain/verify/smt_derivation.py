@@ -25,7 +25,9 @@ DEFAULT_RLIMIT = 2_000_000_000
 """z3 resource units allowed per solver call by default: a count of solver work, not wall time, so a verdict
 does not depend on machine load. The largest call of ``prove_clip_bound`` (the bit-precise float32 output
 lemma) uses about 40 million, 2 % of it. Units are not seconds: here z3 did 0.07 to 2 million a second,
-depending on the query. Each call runs in a fresh z3 context, so a query costs the same units every time."""
+depending on the query. Each call runs in a fresh z3 context, so an arithmetic query costs the same units every
+time; the bit-precise (QF_FP) lemmas repeat their counts in a fresh process but varied by up to 2.5x when the
+process had run them before (z3 keeps some state across contexts)."""
 
 
 @dataclass(frozen=True)
