@@ -25,9 +25,8 @@ DEFAULT_RLIMIT = 2_000_000_000
 """z3 resource units allowed per solver call by default: a count of solver work, not wall time, so a verdict
 does not depend on machine load. The largest call of ``prove_clip_bound`` (the bit-precise float32 output
 lemma) uses about 40 million, 2 % of it. Units are not seconds: here z3 did 0.07 to 2 million a second,
-depending on the query. Each call runs in a fresh z3 context, so an arithmetic query costs the same units every
-time; the bit-precise (QF_FP) lemmas repeat their counts in a fresh process but varied by up to 2.5x when the
-process had run them before (z3 keeps some state across contexts)."""
+depending on the query. A fresh process repeats a run's counts (the CLI); within one process z3's shared
+context makes them drift, and two CLI runs differed by up to 1.6x on a few lengths (see README)."""
 
 
 @dataclass(frozen=True)
@@ -54,13 +53,10 @@ def check_unsat(
     name: str, assertions: Iterable[z3.BoolRef], *, rlimit: int, logic: str = "QF_NRA"
 ) -> tuple[StepResult, z3.ModelRef | None]:
     """Check ``assertions`` (a negated claim) with at most ``rlimit`` z3 resource units; the model when ``sat``."""
-    # A fresh context per call: the work z3 does depends on its terms' internal ids, which in a shared context
-    # depend on every term made (and freed) before. Translated, the same query always costs the same units.
-    context = z3.Context()
-    solver = z3.SolverFor(logic, ctx=context)
+    solver = z3.SolverFor(logic)
     solver.set("rlimit", rlimit)  # counted from this call's start
-    before = _rlimit_count(solver)
-    solver.add(*[assertion.translate(context) for assertion in assertions])
+    before = _rlimit_count(solver)  # z3's counter runs on over the whole context
+    solver.add(*assertions)
     start = time.perf_counter()
     answer = solver.check()
     seconds = time.perf_counter() - start
