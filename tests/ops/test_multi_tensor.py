@@ -424,3 +424,25 @@ def test_cuda_grad_scaler_step_makes_no_host_sync() -> None:
             torch.cuda.set_sync_debug_mode(previous)
     assert opt.skipped_steps.item() >= 1  # the inf step, plus any while the scale calibrates
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_a_non_power_of_two_loss_scale_keeps_the_bound_near_the_threshold() -> None:
+    # Unscaling by sigma = 3 rounds even when nothing is clipped: the clip decides against the margin then.
+    generator = torch.Generator().manual_seed(5)
+    sigma = torch.tensor(3.0)
+    for trial in range(300):
+        g = torch.randn(int(torch.randint(1, 40, (), generator=generator)), generator=generator) * 2.0 ** (trial % 7)
+        scaled = (g * sigma).float()
+        true_norm = math.sqrt(exact_sum_of_squares([scaled]) / 9)
+        max_norm = true_norm * (1 + (trial % 5) * 2**-29 + 2**-40)  # just above: no clip, and the unscale rounds
+        s, e = scaled_sum_of_squares_multi_tensor([scaled])
+        for on_host in (False, True):
+            if on_host:
+                _, value = clip_divisor_on_host(
+                    float(s), int(e), max_norm, numel=g.numel(), dtypes=[torch.float32], grad_scale=3.0
+                )
+                divisor = torch.tensor(value, dtype=torch.float32)
+            else:
+                _, divisor = clip_divisor(s, e, max_norm, numel=g.numel(), dtypes=[torch.float32], grad_scale=sigma)
+            y = scaled / divisor  # the CPU kernel's float32 division
+            assert exact_sum_of_squares([y]) <= Fraction(max_norm) ** 2, (trial, on_host)

@@ -147,6 +147,7 @@ __all__ = [
     "scaled_sum_of_squares",
     "toward_zero_if_subnormal",
     "toward_zero_if_subnormal_tensor",
+    "unscale_clip_target",
     "upper_factor",
 ]
 
@@ -384,6 +385,20 @@ def _margin_numerator(max_norm: float, numel: int, u_d: Fraction, eta_d: Fractio
     """``A_lo``: ``max_norm (1 - 4 u_d) - eta_d (isqrt(n) + 1)`` rounded down to float64 (exact rationals)."""
     scale, offset = margin_terms(numel, u_d, eta_d)
     return round_down(Fraction(max_norm) * scale - offset)
+
+
+def unscale_clip_target(max_norm: float, *, numel: int, dtypes: Collection[torch.dtype]) -> float:
+    """The clip value to decide with when the gradient must still be divided by a loss scale.
+
+    Without clipping, an unscaled gradient ``fl(g_scaled / sigma)`` rounds (``sigma`` not a power of two,
+    or a subnormal result), so "no clip" is only safe once ``N_up <= A_lo``, the margin numerator of
+    *Proof* step 4: then the rounding chain of step 5 bounds the stored norm by ``max_norm``. Deciding (and
+    clipping) against ``A_lo`` instead of ``max_norm`` gives exactly that; ``A_lo <= 0`` becomes the smallest
+    subnormal, where every nonzero gradient is clipped to 0.
+    """
+    u_d, eta_d = _rounding_constants(dtypes)
+    target = _margin_numerator(_check_max_norm(max_norm), numel, u_d, eta_d)
+    return target if target > 0.0 else math.ulp(0.0)
 
 
 def clip_coefficient(

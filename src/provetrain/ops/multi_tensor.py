@@ -24,13 +24,17 @@ the tensor to float64 first; the CUDA kernel casts each element and accumulates 
 per-tensor sum ``s_j`` is a sum of exact squares in some order, ``(1 +- u)^(n_j - 1)``. ``r_j = fl(sqrt
 s_j)`` is faithful, ``(1 +- u)^2`` (the assumption of the clip proof), ``fl(r_j^2)`` adds one rounding, and
 the dot over tensors and the sums over groups add at most ``T - 1``. A term therefore passes through at
-most ``(n_j - 1) + 5 + (T - 1) <= n + 3`` roundings: four more than the ``n - 1`` of the reference sum. For
+most ``(n_j - 1) + 5 + (T - 1) <= n + 4`` roundings (``n_j + T - 1 <= n``): five more than the ``n - 1`` of
+the reference sum. For
 float64 gradients the scaled squares round too (``n + 4`` in all, up to the absolute ``2^-1074`` terms of
 the reference proof). Combining groups rescales by exact powers of two (only results below ``2^-1022``
 round, the reference proof's ``delta``). So ``clip_coefficient(..., extra_roundings=5)`` keeps
 ``N_up >= N`` (its margin ``C = 1 + (n + 4 + x) u`` covers ``n - 1 + x`` roundings per term, ``x = 5``).
 With a loss scale ``sigma = m 2^j`` (``m in [1/2, 1)``), ``S / sigma^2 = fl(fl(s / m) / m) 4^(e - j)``:
-two more roundings (none when ``sigma`` is a power of two, GradScaler's default), ``x = 7``.
+two more roundings (none when ``sigma`` is a power of two, GradScaler's default), ``x = 7``. Dividing by
+``sigma`` itself rounds too, even with no clip, so under a loss scale the decision and ``k`` are taken
+against ``A_lo`` (:func:`~provetrain.ops.clip.unscale_clip_target`) instead of ``max_norm``: the chain of
+*Step 3* then bounds the unscaled gradient whether it is clipped or not.
 
 *Step 2.* ``k N <= A (1 + u)^2`` (clip proof, step 4). ``D`` is ``sigma * (1 / k)`` evaluated in float64
 and moved one float64 step up, then cast to float32 and moved one float32 step up if the cast went down:
@@ -75,7 +79,7 @@ import torch
 from torch import Tensor
 
 from provetrain.ops import fused
-from provetrain.ops.clip import _mul_pow2, _pow2, clip_coefficient, clip_coefficient_on_host
+from provetrain.ops.clip import _mul_pow2, _pow2, clip_coefficient, clip_coefficient_on_host, unscale_clip_target
 
 __all__ = [
     "EXTRA_ROUNDINGS",
@@ -220,6 +224,8 @@ def clip_divisor(
     if grad_scale is not None:
         # S / sigma^2 with sigma = m 2^j: two roundings by m (none for a power of two), exact shift of e.
         mantissa, shift = torch.frexp(grad_scale.to(device, torch.float64))
+        if max_norm is not None:  # dividing by sigma rounds: decide against the margin (unscale_clip_target)
+            max_norm = unscale_clip_target(max_norm, numel=numel, dtypes=set(dtypes))
         sum_sq = sum_sq / mantissa / mantissa
         exponent = exponent - shift.to(torch.int64)
         extra += 2
@@ -259,6 +265,8 @@ def clip_divisor_on_host(
     extra = EXTRA_ROUNDINGS
     if grad_scale is not None:
         mantissa, shift = math.frexp(grad_scale)
+        if max_norm is not None:  # dividing by sigma rounds: decide against the margin (unscale_clip_target)
+            max_norm = unscale_clip_target(max_norm, numel=numel, dtypes=set(dtypes))
         sum_sq, exponent, extra = sum_sq / mantissa / mantissa, exponent - shift, extra + 2
     total_norm, k = clip_coefficient_on_host(
         sum_sq,
