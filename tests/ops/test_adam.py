@@ -648,6 +648,32 @@ def test_moments_strided_unlike_their_parameter_never_reach_a_kernel() -> None:
     assert torch.isfinite(plain.weight).all()
 
 
+@pytest.mark.parametrize("path", PATHS)
+def test_raise_mode_names_the_gradient_when_state_holds_a_non_parameter_key(path: dict[str, bool]) -> None:
+    # torch.optim's own hook tests store arbitrary values under non-parameter keys of optimizer.state.
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = Adam([p], on_nonfinite="raise", **path)
+    opt.state["x"] = True
+    p.grad = torch.tensor([math.nan, 0.0, 0.0])
+    with pytest.raises(ContractViolation, match=re.escape("holds 1 non-finite values out of 3")):
+        opt.step()
+    assert torch.equal(p, torch.zeros(3))
+
+
+@pytest.mark.parametrize("params", ["plain", "named", "added group"])
+def test_a_parameter_listed_twice_in_a_group_is_refused_at_construction(params: str) -> None:
+    p, q = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))
+    group = 1 if params == "added group" else 0
+    pattern = re.escape(f"param_groups[{group}]['params'][2] (shape (3,)) appears twice in the group: each listing")
+    with pytest.raises(ValueError, match=pattern):
+        if params == "plain":
+            Adam([p, q, p])
+        elif params == "named":
+            Adam([("p", p), ("q", q), ("p again", p)])
+        else:
+            Adam([torch.nn.Parameter(torch.ones(1))]).add_param_group({"params": [p, q, p]})
+
+
 @pytest.mark.parametrize("path", [p for p in PATHS if not p.values[0].get("fused")])  # float64: no C kernel
 @pytest.mark.parametrize(("value", "clip_value"), [(1e160, 1e153), (1e-200, 1e-201), (1e-300, 1e-301)])
 def test_recorded_clipped_norm_of_extreme_float64_gradients_is_neither_inf_nor_zero(

@@ -727,7 +727,9 @@ class Adam(Optimizer):
 
     def _current_step(self) -> int:
         """1-based number of this step: the most advanced step count plus the skipped steps, plus one."""
-        steps = max((int(state["step"]) for state in self.state.values() if "step" in state), default=0)
+        # Other keys of self.state may hold anything (torch's own hook tests store a bool there).
+        counts = (state["step"] for state in self.state.values() if isinstance(state, Mapping) and "step" in state)
+        steps = max(map(int, counts), default=0)
         return steps + int(self.skipped_steps) + 1
 
     def __repr__(self) -> str:
@@ -740,7 +742,9 @@ class Adam(Optimizer):
     # -- parameter groups and state dicts ---------------------------------------------------------
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a parameter group, checking its hyper-parameters like the constructor's."""
+        """Add a parameter group, checking its hyper-parameters like the constructor's, and its parameters
+        for repeats (torch warns that a repeat will become an error; each would be updated once per listing)."""
+        _check_no_repeats(param_group, where=f"param_groups[{len(self.param_groups)}]")
         merged = {**self.defaults, **param_group}
         _check_hyperparameters(merged, where=f"param_groups[{len(self.param_groups)}]: ")
         super().add_param_group(param_group)
@@ -1105,6 +1109,26 @@ def _check_hyperparameters(values: dict[str, Any], *, where: str) -> dict[str, A
         if not isinstance(values[name], bool):
             raise TypeError(f"{where}{name}={values[name]!r} must be True or False")
     return values
+
+
+def _check_no_repeats(param_group: dict[str, Any], *, where: str) -> None:
+    """Refuse a parameter listed twice in one group; ``param_group["params"]`` becomes a list."""
+    if not isinstance(param_group, dict) or isinstance(param_group.get("params"), set):
+        return  # torch's add_param_group names what is wrong
+    params = param_group["params"]
+    params = [params] if isinstance(params, Tensor) else list(params)
+    param_group["params"] = params
+    seen: set[int] = set()
+    for position, item in enumerate(params):
+        p = item[1] if isinstance(item, tuple) and len(item) == 2 else item
+        if id(p) in seen:
+            shape = f" (shape {tuple(p.shape)})" if isinstance(p, Tensor) else ""
+            raise ValueError(
+                f"{where}['params'][{position}]{shape} appears twice in the group: each "
+                "listing would take its own step, so list every parameter once (e.g. pass model.parameters() "
+                "of a model that shares weights: it yields a shared parameter once)"
+            )
+        seen.add(id(p))
 
 
 def _check_clip_value(clip_value: float | None) -> float | None:
