@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from provetrain.errors import ContractViolation
+from provetrain.errors import ArgumentViolation, ContractViolation
 from provetrain.ops import adam as adam_module
 from provetrain.ops import fused
 from provetrain.ops import multi_tensor as multi_tensor_module
@@ -495,6 +495,99 @@ def test_step_without_gradients_is_a_contract_violation() -> None:
     opt = Adam(make_model().parameters())
     with pytest.raises(ContractViolation, match=re.escape("`!gradients.is_empty()` violated")):
         opt.step()
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"lr": 0.0}, {"lr": -1e-3}, {"lr": math.nan}, {"clip_value": 0.0}, {"params": []}], ids=str
+)
+def test_argument_violations_are_also_the_value_errors_torch_raises(kwargs: dict[str, Any]) -> None:
+    kwargs = dict(kwargs)
+    params = kwargs.pop("params", params_only(make_model()))
+    with pytest.raises(ValueError) as caught:
+        Adam(params, **kwargs)
+    assert isinstance(caught.value, ContractViolation) and isinstance(caught.value, ArgumentViolation)
+
+
+def test_hyperparameters_are_checked_before_params_as_in_torch() -> None:
+    with pytest.raises(ArgumentViolation, match=re.escape("`lr > 0.0` violated: observed lr=-1.0")):
+        Adam(None, lr=-1.0)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="'NoneType' object is not iterable"):
+        Adam(None)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_on_empty_skip_counts_a_step_without_gradients_and_changes_nothing(path: dict[str, bool]) -> None:
+    model = make_model()
+    opt = Adam(model.parameters(), lr=1e-2, on_empty="skip", **path)
+    train(model, opt, make_batches(1))
+    opt.zero_grad()
+    before, counters = snapshot(model, opt), dict(opt.state_dict()["provetrain"])
+    assert opt.step(loss=1.5) == 1.5
+    assert opt.empty_steps.item() == 1 and opt.empty_steps.device.type == "cpu"
+    assert_bitwise_equal(before, snapshot(model, opt))
+    after = opt.state_dict()["provetrain"]
+    assert after.pop("empty_steps").item() == 1
+    assert_bitwise_equal(dict(enumerate(list(counters.values())[:3])), dict(enumerate(after.values())))
+    fresh = Adam(make_model().parameters())
+    fresh.load_state_dict(opt.state_dict())
+    assert fresh.empty_steps.item() == 1
+
+
+def test_a_state_dict_saved_before_on_empty_loads_with_no_empty_steps() -> None:
+    model = make_model()
+    opt = Adam(model.parameters(), on_empty="skip")
+    opt.step()
+    state = opt.state_dict()
+    del state["provetrain"]["empty_steps"]
+    opt.load_state_dict(state)
+    assert opt.empty_steps.item() == 0
+
+
+def test_on_empty_is_checked() -> None:
+    with pytest.raises(ValueError, match=re.escape("on_empty='ignore' is not one of 'raise' (a step without")):
+        Adam(params_only(make_model()), on_empty="ignore")  # type: ignore[arg-type]
+
+
+def test_load_pre_hooks_run_before_the_loadability_check_and_once() -> None:
+    # A pre-hook can adapt a checkpoint the check would refuse: here torch's amsgrad state, its maximum dropped.
+    model = make_model()
+    torch_opt = torch.optim.Adam(model.parameters(), amsgrad=True)
+    train(model, torch_opt, make_batches(1))
+    calls = []
+
+    def drop_amsgrad(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> None:
+        calls.append(1)
+        for group in state_dict["param_groups"]:
+            group["amsgrad"] = False
+        for p_state in state_dict["state"].values():
+            del p_state["max_exp_avg_sq"]
+
+    opt = Adam(model.parameters())
+    opt.register_load_state_dict_pre_hook(drop_amsgrad)
+    opt.load_state_dict(torch_opt.state_dict())
+    assert len(calls) == 1
+    assert opt.state[model.fc1.weight]["step"].item() == 1
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_step_count_dtype_follows_torch_under_a_float64_default_dtype(path: dict[str, bool]) -> None:
+    # torch.optim.Adam counts in float64 under set_default_dtype(float64), except its fused path (float32);
+    # provetrain's fast paths are fused kernels too.
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        model = make_model(torch.float32)
+        opt = Adam(model.parameters(), **path)
+        train(model, opt, make_batches(2, torch.float32))
+        expected = torch.float64 if path == REFERENCE else torch.float32
+        assert {s["step"].dtype for s in opt.state.values()} == {expected}
+        again = Adam(model.parameters())  # a float64 count keeps its dtype and leads to the reference path
+        again.load_state_dict(opt.state_dict())
+        train(model, again, make_batches(1, torch.float32))
+        assert {s["step"].dtype for s in again.state.values()} == {expected}
+        assert all(s["step"].item() == 3 for s in again.state.values())
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def test_closure_and_loss_together_are_refused() -> None:
