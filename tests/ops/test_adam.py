@@ -442,7 +442,13 @@ BAD_ARGUMENTS: list[tuple[dict[str, Any], type[Exception], str]] = [
     ({"lr": -1e-3}, ContractViolation, r"`lr > 0\.0` violated: observed lr=-0\.001"),
     ({"lr": math.nan}, ContractViolation, r"`lr > 0\.0` violated: observed lr=nan"),
     ({"lr": math.inf}, ValueError, r"lr=inf must be finite"),
-    ({"lr": torch.tensor(1e-3)}, TypeError, r"lr=tensor\(0\.0010\) must be a float \(tensor learning rates"),
+    ({"lr": torch.tensor([1e-3, 1e-3])}, ValueError, r"Tensor lr must be 1-element, got shape \(2,\)"),
+    ({"lr": "0.1"}, TypeError, r"lr='0\.1' must be a float or a 1-element tensor"),
+    ({"betas": (0.9, torch.tensor(0.99))}, ValueError, r"betas must be either both floats or both Tensors"),
+    ({"amsgrad": True}, ValueError, r"amsgrad=True is not supported: provetrain's Adam keeps no running maximum"),
+    ({"capturable": True}, ValueError, r"capturable=True is not supported: .* not been tested under CUDA graph"),
+    ({"differentiable": True}, ValueError, r"differentiable=True is not supported: the step runs under torch\.no_grad"),
+    ({"amsgrad": 0}, TypeError, r"amsgrad=0 must be True or False"),
     ({"betas": (1.0, 0.999)}, ValueError, r"betas\[0\]=1\.0 is outside \[0, 1\)"),
     ({"betas": (0.9, -0.1)}, ValueError, r"betas\[1\]=-0\.1 is outside \[0, 1\)"),
     ({"betas": (0.9,)}, TypeError, r"betas=\(0\.9,\) must be a pair of floats"),
@@ -588,6 +594,27 @@ def test_step_count_dtype_follows_torch_under_a_float64_default_dtype(path: dict
         assert all(s["step"].item() == 3 for s in again.state.values())
     finally:
         torch.set_default_dtype(previous)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_tensor_lr_and_betas_and_torch_flags_at_their_defaults_step_as_floats(path: dict[str, bool]) -> None:
+    expected, got = make_model(), make_model()
+    # The tensors hold float32 values: the floats they are read as
+    lr, beta1, beta2 = (float(torch.tensor(x)) for x in (1e-2, 0.8, 0.99))
+    train(expected, Adam(expected.parameters(), lr=lr, betas=(beta1, beta2), **path), make_batches(3))
+    opt = Adam(
+        [{"params": got.fc1.parameters()}],
+        lr=torch.tensor(1e-2),
+        betas=(torch.tensor(0.8), torch.tensor(0.99)),
+        amsgrad=False,
+        capturable=False,
+        differentiable=False,
+        **path,
+    )
+    opt.add_param_group({"params": got.fc2.parameters(), "lr": torch.tensor(1e-2)})
+    assert all(type(g["lr"]) is float and type(g["betas"][0]) is float for g in opt.param_groups)
+    train(got, opt, make_batches(3))
+    assert_bitwise_equal(dict(expected.named_parameters()), dict(got.named_parameters()))
 
 
 def test_closure_and_loss_together_are_refused() -> None:

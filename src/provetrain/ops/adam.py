@@ -320,6 +320,14 @@ class Adam(Optimizer):
             tensors), ``False`` for the reference path, ``None`` to use the kernel whenever it is available
             and supports every tensor of the step.
         decoupled_weight_decay: AdamW's decay (Loshchilov & Hutter, 2019); prefer :class:`AdamW`.
+        amsgrad, capturable, differentiable: ``torch.optim.Adam``'s flags, accepted at their default
+            ``False``; ``True`` is refused with the reason (see the README's table of torch's keywords).
+
+    ``lr`` and ``betas`` may be 1-element tensors, as in torch; they are read once, as floats. ``fused``
+    and ``foreach`` name provetrain's paths, not torch's: ``fused=True`` is provetrain's C kernel
+    (contiguous float32 CPU tensors), ``foreach=True`` the multi-tensor path on torch's own fused Adam
+    kernel (``torch._fused_adam_``, any device), ``False`` for either excludes that path; every path takes
+    the same clip and guard.
 
     The state of each parameter is ``step`` (0-d float32 tensor on the parameter's device), ``exp_avg`` and
     ``exp_avg_sq`` (the parameter's dtype), the layout of ``torch.optim.Adam(capturable=True)``: state
@@ -353,7 +361,11 @@ class Adam(Optimizer):
         foreach: bool | None = None,
         decoupled_weight_decay: bool = False,
         on_empty: OnEmpty = "raise",
+        amsgrad: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
     ) -> None:
+        _check_torch_flags(amsgrad=amsgrad, capturable=capturable, differentiable=differentiable)
         # torch's order: the hyper-parameters first, then the parameters (params=None is a TypeError after).
         defaults = _check_hyperparameters(
             {
@@ -783,7 +795,10 @@ class Adam(Optimizer):
         for repeats (torch warns that a repeat will become an error; each would be updated once per listing)."""
         _check_no_repeats(param_group, where=f"param_groups[{len(self.param_groups)}]")
         merged = {**self.defaults, **param_group}
-        _check_hyperparameters(merged, where=f"param_groups[{len(self.param_groups)}]: ")
+        checked = _check_hyperparameters(merged, where=f"param_groups[{len(self.param_groups)}]: ")
+        for key in ("lr", "betas"):  # 1-element tensors are kept as the floats they were read as
+            if key in param_group:
+                param_group[key] = checked[key]
         super().add_param_group(param_group)
 
     def state_dict(self) -> dict[str, Any]:
@@ -915,6 +930,9 @@ class AdamW(Adam):
         fused: bool | None = None,
         foreach: bool | None = None,
         on_empty: OnEmpty = "raise",
+        amsgrad: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
     ) -> None:
         super().__init__(
             params,
@@ -929,6 +947,9 @@ class AdamW(Adam):
             foreach=foreach,
             decoupled_weight_decay=True,
             on_empty=on_empty,
+            amsgrad=amsgrad,
+            capturable=capturable,
+            differentiable=differentiable,
         )
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -1138,8 +1159,13 @@ def _check_update_stays_finite(batches: list[_GroupBatch], clip_value: float | N
 def _check_hyperparameters(values: dict[str, Any], *, where: str) -> dict[str, Any]:
     """Raise for the first invalid value, naming it, its valid range and a fix; return ``values``."""
     lr = values["lr"]
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1:
+            raise ValueError(f"{where}Tensor lr must be 1-element, got shape {tuple(lr.shape)}; e.g. lr=1e-3")
+        # Read once, here: the step's scalars are host floats on every path (see _step_scalars).
+        lr = values["lr"] = float(lr)
     if not _is_real(lr):
-        raise TypeError(f"{where}lr={lr!r} must be a float (tensor learning rates are not supported); e.g. lr=1e-3")
+        raise TypeError(f"{where}lr={lr!r} must be a float or a 1-element tensor, e.g. lr=1e-3")
     if not lr > 0.0:
         raise ArgumentViolation(
             "loss_decrease",
@@ -1150,6 +1176,12 @@ def _check_hyperparameters(values: dict[str, Any], *, where: str) -> dict[str, A
     if not math.isfinite(lr):
         raise ValueError(f"{where}lr={lr!r} must be finite; pass a positive learning rate, e.g. lr=1e-3")
     betas = values["betas"]
+    if isinstance(betas, (tuple, list)) and any(isinstance(b, Tensor) for b in betas):
+        if not all(isinstance(b, Tensor) for b in betas):
+            raise ValueError(f"{where}betas must be either both floats or both Tensors, got {betas!r}")
+        if any(b.numel() != 1 for b in betas):
+            raise ValueError(f"{where}Tensor betas must be 1-element each, e.g. betas=(0.9, 0.999)")
+        betas = tuple(float(b) for b in betas)
     if not isinstance(betas, (tuple, list)) or len(betas) != 2 or not all(_is_real(b) for b in betas):
         raise TypeError(f"{where}betas={betas!r} must be a pair of floats, e.g. betas=(0.9, 0.999)")
     for i, beta in enumerate(betas):
@@ -1219,6 +1251,27 @@ def _check_on_nonfinite(on_nonfinite: object) -> OnNonfinite:
             "or 'raise' (raise ContractViolation)"
         )
     return on_nonfinite  # type: ignore[return-value]
+
+
+_REFUSED_TORCH_FLAGS = {
+    "amsgrad": "provetrain's Adam keeps no running maximum of exp_avg_sq yet (its clip, guard and kernels "
+    "are written for Adam and AdamW); use torch.optim.Adam(amsgrad=True) with clip_grad_norm_",
+    "capturable": "provetrain's state already lives on the parameters' device and on_nonfinite='skip' makes "
+    "no host read on CUDA, but the step has not been tested under CUDA graph capture; construct without "
+    "capturable=True",
+    "differentiable": "the step runs under torch.no_grad(), in place, and its finite guard keeps the old "
+    "values by a data-dependent torch.where: there is no autograd graph through a guarded step to "
+    "differentiate; use torch.optim.Adam(differentiable=True) for meta-learning",
+}
+
+
+def _check_torch_flags(**flags: object) -> None:
+    """torch.optim.Adam's flags: False (torch's default) is accepted, True refused with the reason."""
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise TypeError(f"{name}={value!r} must be True or False")
+        if value:
+            raise ValueError(f"{name}=True is not supported: {_REFUSED_TORCH_FLAGS[name]}")
 
 
 def _check_on_empty(on_empty: object) -> OnEmpty:
