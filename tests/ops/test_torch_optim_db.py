@@ -20,6 +20,7 @@ import types
 import unittest
 from typing import Any
 
+import hypothesis
 import pytest
 import torch
 
@@ -31,11 +32,14 @@ if "expecttest" not in sys.modules:
         stand_in.TestCase = unittest.TestCase  # type: ignore[attr-defined]
         sys.modules["expecttest"] = stand_in
 
+# torch.testing._internal.common_utils, on import, freezes torch.backends' global flags and loads its own
+# Hypothesis profile (max_examples=10, no database): both are for torch's suite, not for the rest of ours.
 _flags_were_frozen = torch.backends.flags_frozen()
+hypothesis.settings.register_profile("provetrain-before-torch-testing", parent=hypothesis.settings.default)
 from torch.testing._internal import common_optimizers  # noqa: E402
 
+hypothesis.settings.load_profile("provetrain-before-torch-testing")
 if not _flags_were_frozen:
-    # common_utils freezes torch.backends' global flags on import, for torch's suite; not for the rest of ours.
     torch.backends.flags_frozen.__globals__["__allow_nonbracketed_mutation_flag"] = True
 
 from provetrain.ops.adam import Adam, AdamW  # noqa: E402
