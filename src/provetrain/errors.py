@@ -6,6 +6,10 @@ file, line and column where the YAML gives them, the offending key and what was 
 ``ContractViolation``: a clause of a valid contract did not hold at run time (or a caller broke a
 precondition). It carries the equation, the clause text exactly as written in the YAML, the step when known
 and the observed values, and its message says what to do.
+
+``ArgumentViolation``: a ``ContractViolation`` of a precondition on an argument (``lr > 0.0``,
+``!params.is_empty()``, ``clip_value > 0.0``), raised where the argument is given. It is also a
+``ValueError``, the type ``torch.optim`` raises for the same arguments, so code written for torch catches it.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ConfigError", "ContractError", "ContractViolation", "LocatedError"]
+__all__ = ["ArgumentViolation", "ConfigError", "ContractError", "ContractViolation", "LocatedError"]
 
 
 class LocatedError(ValueError):
@@ -134,3 +138,11 @@ class ContractViolation(RuntimeError):
         if self.hint:
             text += f". {self.hint}"
         return text
+
+
+class ArgumentViolation(ContractViolation, ValueError):
+    """A :class:`ContractViolation` of a precondition on an argument, raised where the argument is given.
+
+    Also a ``ValueError``: ``torch.optim.Adam(params, lr=-1.0)`` raises ``ValueError``, and a drop-in
+    replacement must be caught by the same ``except``. ``except ContractViolation`` catches it as before.
+    """

@@ -127,6 +127,24 @@ def test_nan_in_an_earlier_accumulated_micro_batch_skips_the_step(tmp_path: Path
     assert clause(cert, "loss.is_finite()", "postcondition")["first_violation_step"] == 1
 
 
+@pytest.mark.filterwarnings("ignore:`training_step` returned `None`:UserWarning")  # on purpose here
+def test_a_training_step_that_returns_none_changes_nothing_as_in_torch(tmp_path: Path) -> None:
+    # Lightning still calls optimizer.step(closure); with no gradient at all torch.optim does nothing, and so
+    # does provetrain's optimizer under the callback (on_empty="skip"), which counts it.
+    class NoneAtStep2(Regression):
+        def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
+            return None if self.global_step == 2 else super().training_step(batch, batch_idx)
+
+    recorder = Recorder()
+    trainer = fit(tmp_path, NoneAtStep2(), [ProvetrainCallback(), recorder])
+    w = recorder.weights
+    assert torch.equal(w[2], w[3]) and all(not torch.equal(w[i], w[i + 1]) for i in (0, 1, 3, 4))
+    assert trainer.optimizers[0].empty_steps.item() == 1
+    cert = json.loads((tmp_path / "certificate.json").read_text())
+    assert cert["outcome"] == "kept"
+    assert (cert["run"]["steps"], cert["run"]["skipped_steps"]) == (STEPS - 1, 0)
+
+
 def test_skip_budget_stops_the_fit_and_certifies_the_violation(tmp_path: Path) -> None:
     with pytest.raises(Exception, match=re.escape("Skip budget exhausted (max 1 in a row")):
         fit(tmp_path, Regression({1, 2}), [ProvetrainCallback(max_consecutive_skips=1)])

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from provetrain.errors import ContractViolation
+from provetrain.errors import ArgumentViolation, ContractViolation
 from provetrain.ops import adam as adam_module
 from provetrain.ops import fused
 from provetrain.ops import multi_tensor as multi_tensor_module
@@ -442,7 +442,13 @@ BAD_ARGUMENTS: list[tuple[dict[str, Any], type[Exception], str]] = [
     ({"lr": -1e-3}, ContractViolation, r"`lr > 0\.0` violated: observed lr=-0\.001"),
     ({"lr": math.nan}, ContractViolation, r"`lr > 0\.0` violated: observed lr=nan"),
     ({"lr": math.inf}, ValueError, r"lr=inf must be finite"),
-    ({"lr": torch.tensor(1e-3)}, TypeError, r"lr=tensor\(0\.0010\) must be a float \(tensor learning rates"),
+    ({"lr": torch.tensor([1e-3, 1e-3])}, ValueError, r"Tensor lr must be 1-element, got shape \(2,\)"),
+    ({"lr": "0.1"}, TypeError, r"lr='0\.1' must be a float or a 1-element tensor"),
+    ({"betas": (0.9, torch.tensor(0.99))}, ValueError, r"betas must be either both floats or both Tensors"),
+    ({"amsgrad": True}, ValueError, r"amsgrad=True is not supported: provetrain's Adam keeps no running maximum"),
+    ({"capturable": True}, ValueError, r"capturable=True is not supported: .* not been tested under CUDA graph"),
+    ({"differentiable": True}, ValueError, r"differentiable=True is not supported: the step runs under torch\.no_grad"),
+    ({"amsgrad": 0}, TypeError, r"amsgrad=0 must be True or False"),
     ({"betas": (1.0, 0.999)}, ValueError, r"betas\[0\]=1\.0 is outside \[0, 1\)"),
     ({"betas": (0.9, -0.1)}, ValueError, r"betas\[1\]=-0\.1 is outside \[0, 1\)"),
     ({"betas": (0.9,)}, TypeError, r"betas=\(0\.9,\) must be a pair of floats"),
@@ -495,6 +501,120 @@ def test_step_without_gradients_is_a_contract_violation() -> None:
     opt = Adam(make_model().parameters())
     with pytest.raises(ContractViolation, match=re.escape("`!gradients.is_empty()` violated")):
         opt.step()
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"lr": 0.0}, {"lr": -1e-3}, {"lr": math.nan}, {"clip_value": 0.0}, {"params": []}], ids=str
+)
+def test_argument_violations_are_also_the_value_errors_torch_raises(kwargs: dict[str, Any]) -> None:
+    kwargs = dict(kwargs)
+    params = kwargs.pop("params", params_only(make_model()))
+    with pytest.raises(ValueError) as caught:
+        Adam(params, **kwargs)
+    assert isinstance(caught.value, ContractViolation) and isinstance(caught.value, ArgumentViolation)
+
+
+def test_hyperparameters_are_checked_before_params_as_in_torch() -> None:
+    with pytest.raises(ArgumentViolation, match=re.escape("`lr > 0.0` violated: observed lr=-1.0")):
+        Adam(None, lr=-1.0)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="'NoneType' object is not iterable"):
+        Adam(None)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_on_empty_skip_counts_a_step_without_gradients_and_changes_nothing(path: dict[str, bool]) -> None:
+    model = make_model()
+    opt = Adam(model.parameters(), lr=1e-2, on_empty="skip", **path)
+    train(model, opt, make_batches(1))
+    opt.zero_grad()
+    before, counters = snapshot(model, opt), dict(opt.state_dict()["provetrain"])
+    assert opt.step(loss=1.5) == 1.5
+    assert opt.empty_steps.item() == 1 and opt.empty_steps.device.type == "cpu"
+    assert_bitwise_equal(before, snapshot(model, opt))
+    after = opt.state_dict()["provetrain"]
+    assert after.pop("empty_steps").item() == 1
+    assert_bitwise_equal(dict(enumerate(list(counters.values())[:3])), dict(enumerate(after.values())))
+    fresh = Adam(make_model().parameters())
+    fresh.load_state_dict(opt.state_dict())
+    assert fresh.empty_steps.item() == 1
+
+
+def test_a_state_dict_saved_before_on_empty_loads_with_no_empty_steps() -> None:
+    model = make_model()
+    opt = Adam(model.parameters(), on_empty="skip")
+    opt.step()
+    state = opt.state_dict()
+    del state["provetrain"]["empty_steps"]
+    opt.load_state_dict(state)
+    assert opt.empty_steps.item() == 0
+
+
+def test_on_empty_is_checked() -> None:
+    with pytest.raises(ValueError, match=re.escape("on_empty='ignore' is not one of 'raise' (a step without")):
+        Adam(params_only(make_model()), on_empty="ignore")  # type: ignore[arg-type]
+
+
+def test_load_pre_hooks_run_before_the_loadability_check_and_once() -> None:
+    # A pre-hook can adapt a checkpoint the check would refuse: here torch's amsgrad state, its maximum dropped.
+    model = make_model()
+    torch_opt = torch.optim.Adam(model.parameters(), amsgrad=True)
+    train(model, torch_opt, make_batches(1))
+    calls = []
+
+    def drop_amsgrad(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> None:
+        calls.append(1)
+        for group in state_dict["param_groups"]:
+            group["amsgrad"] = False
+        for p_state in state_dict["state"].values():
+            del p_state["max_exp_avg_sq"]
+
+    opt = Adam(model.parameters())
+    opt.register_load_state_dict_pre_hook(drop_amsgrad)
+    opt.load_state_dict(torch_opt.state_dict())
+    assert len(calls) == 1
+    assert opt.state[model.fc1.weight]["step"].item() == 1
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_step_count_dtype_follows_torch_under_a_float64_default_dtype(path: dict[str, bool]) -> None:
+    # torch.optim.Adam counts in float64 under set_default_dtype(float64), except its fused path (float32);
+    # provetrain's fast paths are fused kernels too.
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        model = make_model(torch.float32)
+        opt = Adam(model.parameters(), **path)
+        train(model, opt, make_batches(2, torch.float32))
+        expected = torch.float64 if path == REFERENCE else torch.float32
+        assert {s["step"].dtype for s in opt.state.values()} == {expected}
+        again = Adam(model.parameters())  # a float64 count keeps its dtype and leads to the reference path
+        again.load_state_dict(opt.state_dict())
+        train(model, again, make_batches(1, torch.float32))
+        assert {s["step"].dtype for s in again.state.values()} == {expected}
+        assert all(s["step"].item() == 3 for s in again.state.values())
+    finally:
+        torch.set_default_dtype(previous)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_tensor_lr_and_betas_and_torch_flags_at_their_defaults_step_as_floats(path: dict[str, bool]) -> None:
+    expected, got = make_model(), make_model()
+    # The tensors hold float32 values: the floats they are read as
+    lr, beta1, beta2 = (float(torch.tensor(x)) for x in (1e-2, 0.8, 0.99))
+    train(expected, Adam(expected.parameters(), lr=lr, betas=(beta1, beta2), **path), make_batches(3))
+    opt = Adam(
+        [{"params": got.fc1.parameters()}],
+        lr=torch.tensor(1e-2),
+        betas=(torch.tensor(0.8), torch.tensor(0.99)),
+        amsgrad=False,
+        capturable=False,
+        differentiable=False,
+        **path,
+    )
+    opt.add_param_group({"params": got.fc2.parameters(), "lr": torch.tensor(1e-2)})
+    assert all(type(g["lr"]) is float and type(g["betas"][0]) is float for g in opt.param_groups)
+    train(got, opt, make_batches(3))
+    assert_bitwise_equal(dict(expected.named_parameters()), dict(got.named_parameters()))
 
 
 def test_closure_and_loss_together_are_refused() -> None:
@@ -646,6 +766,32 @@ def test_moments_strided_unlike_their_parameter_never_reach_a_kernel() -> None:
     reloaded.step()  # neither the C kernel nor torch's fused kernel may walk these moments linearly
     assert reloaded.state[plain.weight]["step"].item() == 2
     assert torch.isfinite(plain.weight).all()
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_raise_mode_names_the_gradient_when_state_holds_a_non_parameter_key(path: dict[str, bool]) -> None:
+    # torch.optim's own hook tests store arbitrary values under non-parameter keys of optimizer.state.
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = Adam([p], on_nonfinite="raise", **path)
+    opt.state["x"] = True
+    p.grad = torch.tensor([math.nan, 0.0, 0.0])
+    with pytest.raises(ContractViolation, match=re.escape("holds 1 non-finite values out of 3")):
+        opt.step()
+    assert torch.equal(p, torch.zeros(3))
+
+
+@pytest.mark.parametrize("params", ["plain", "named", "added group"])
+def test_a_parameter_listed_twice_in_a_group_is_refused_at_construction(params: str) -> None:
+    p, q = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))
+    group = 1 if params == "added group" else 0
+    pattern = re.escape(f"param_groups[{group}]['params'][2] (shape (3,)) appears twice in the group: each listing")
+    with pytest.raises(ValueError, match=pattern):
+        if params == "plain":
+            Adam([p, q, p])
+        elif params == "named":
+            Adam([("p", p), ("q", q), ("p again", p)])
+        else:
+            Adam([torch.nn.Parameter(torch.ones(1))]).add_param_group({"params": [p, q, p]})
 
 
 @pytest.mark.parametrize("path", [p for p in PATHS if not p.values[0].get("fused")])  # float64: no C kernel

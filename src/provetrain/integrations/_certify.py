@@ -155,9 +155,13 @@ class StepCertifier:
         max_consecutive_skips, max_total_skips: the skip budget; past it :meth:`read_back` raises
             :class:`~provetrain.errors.ContractViolation` (skipping is only acceptable when bounded).
 
+    The optimizer is set to ``on_empty="skip"``: a step in which no parameter has a gradient changes
+    nothing, as in ``torch.optim``, and is counted as an action on ``!gradients.is_empty()``, not certified.
+
     Attributes:
         ledger: the per-clause counts.
         steps, skipped_steps: optimizer steps read back so far, and how many of them were skipped.
+        empty_steps: steps taken with no gradient at all (nothing changed; not in ``steps``).
         last_row: the last step read back (``step``, ``loss``, ``grad_norm``, ``grad_norm_clipped``,
             ``skipped``), or ``None``.
     """
@@ -181,6 +185,11 @@ class StepCertifier:
         self._loss: Tensor | None = None
         self._pending: list[_Pending] = []
         self._skips_before = optimizer.skipped_steps.clone()
+        # Frameworks call step() when no parameter has a gradient (a frozen phase; a Lightning training_step
+        # that returns None), where torch.optim does nothing: such a step changes nothing and is counted.
+        optimizer.on_empty = "skip"
+        self._empty_before = int(optimizer.empty_steps)  # a CPU counter: no synchronisation
+        self.empty_steps = 0
         # The optimizer's constructor refused empty parameters and a non-positive clip_value.
         self.ledger.check(LOSS, "precondition", "!params.is_empty()")
         if optimizer.clip_value is not None:
@@ -214,6 +223,14 @@ class StepCertifier:
         step that changes no weight, and the framework owns the schedule.
         """
         opt = self.optimizer
+        empty = int(opt.empty_steps)  # a CPU counter: no synchronisation
+        if empty != self._empty_before:
+            # No gradient at all: the optimizer changed nothing and left its counters; no row to certify.
+            self.ledger.act(GRAD, "precondition", "!gradients.is_empty()", "skip", empty - self._empty_before)
+            self.empty_steps += empty - self._empty_before
+            self._empty_before = empty
+            self._loss = None
+            return
         # Learning rates and the presence of gradients are host facts: checking them costs no sync.
         lr_positive = all(group["lr"] > 0.0 for group in opt.param_groups)
         self.ledger.check(

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import math
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
@@ -58,7 +59,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer
 
-from provetrain.errors import ContractViolation
+from provetrain.errors import ArgumentViolation, ContractViolation
 from provetrain.ops import fused, multi_tensor
 from provetrain.ops.clip import (
     _mul_pow2,
@@ -73,6 +74,7 @@ from provetrain.ops.clip import (
 __all__ = ["Adam", "AdamW", "adam_step_"]
 
 OnNonfinite = Literal["skip", "raise"]
+OnEmpty = Literal["raise", "skip"]
 
 _GRADIENTS_FINITE = "gradients.iter().all(|g| g.is_finite())"
 _STATE_KEYS = frozenset({"step", "exp_avg", "exp_avg_sq"})
@@ -82,6 +84,7 @@ _TORCH_ONLY_GROUP_KEYS = ("amsgrad", "foreach", "capturable", "differentiable", 
 # Where state_dict() keeps the counters; torch.optim ignores keys it does not know.
 _COUNTERS_KEY = "provetrain"
 _REDUCED_DTYPES = (torch.bfloat16, torch.float16)
+_FLOAT32_STEP = torch.zeros((), dtype=torch.float32)
 # Reading a CPU tensor costs no device synchronisation, so CPU steps use such reads: the step scalars from
 # the count (bit parity with torch's Python arithmetic) and the multi-tensor path's overflow check. Tests
 # turn them off to run, on CPU, exactly the device-side code that CUDA runs.
@@ -308,11 +311,23 @@ class Adam(Optimizer):
         clip_value: the bound on the global gradient norm (contract clause ``clip_value > 0.0``), or
             ``None`` for no clipping.
         on_nonfinite: ``"skip"`` or ``"raise"``, as above.
+        on_empty: a step in which no parameter has a gradient: ``"raise"`` (default), the contract's
+            precondition ``!gradients.is_empty()`` as a :class:`~provetrain.errors.ContractViolation`, or
+            ``"skip"``, which changes nothing, as ``torch.optim`` does, and counts it in ``empty_steps``
+            (frameworks with frozen phases, or a Lightning ``training_step`` that returns ``None``).
         maximize: ascend the objective instead of descending it.
         fused: ``True`` to require the C kernel of :mod:`provetrain.ops.fused` (contiguous float32 CPU
             tensors), ``False`` for the reference path, ``None`` to use the kernel whenever it is available
             and supports every tensor of the step.
         decoupled_weight_decay: AdamW's decay (Loshchilov & Hutter, 2019); prefer :class:`AdamW`.
+        amsgrad, capturable, differentiable: ``torch.optim.Adam``'s flags, accepted at their default
+            ``False``; ``True`` is refused with the reason (see the README's table of torch's keywords).
+
+    ``lr`` and ``betas`` may be 1-element tensors, as in torch; they are read once, as floats. ``fused``
+    and ``foreach`` name provetrain's paths, not torch's: ``fused=True`` is provetrain's C kernel
+    (contiguous float32 CPU tensors), ``foreach=True`` the multi-tensor path on torch's own fused Adam
+    kernel (``torch._fused_adam_``, any device), ``False`` for either excludes that path; every path takes
+    the same clip and guard.
 
     The state of each parameter is ``step`` (0-d float32 tensor on the parameter's device), ``exp_avg`` and
     ``exp_avg_sq`` (the parameter's dtype), the layout of ``torch.optim.Adam(capturable=True)``: state
@@ -345,13 +360,13 @@ class Adam(Optimizer):
         fused: bool | None = None,
         foreach: bool | None = None,
         decoupled_weight_decay: bool = False,
+        on_empty: OnEmpty = "raise",
+        amsgrad: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
     ) -> None:
-        if isinstance(params, Tensor):
-            raise TypeError(
-                "params must be an iterable of tensors, (name, tensor) pairs or parameter-group dicts, "
-                "got a single tensor; pass [tensor] or model.parameters()."
-            )
-        params = list(params)
+        _check_torch_flags(amsgrad=amsgrad, capturable=capturable, differentiable=differentiable)
+        # torch's order: the hyper-parameters first, then the parameters (params=None is a TypeError after).
         defaults = _check_hyperparameters(
             {
                 "lr": lr,
@@ -367,6 +382,13 @@ class Adam(Optimizer):
         self.on_nonfinite: OnNonfinite = _check_on_nonfinite(on_nonfinite)
         self.fused = _check_fused(fused)
         self.foreach = _check_foreach(foreach, self.fused)
+        self.on_empty: OnEmpty = _check_on_empty(on_empty)
+        if isinstance(params, Tensor):
+            raise TypeError(
+                "params must be an iterable of tensors, (name, tensor) pairs or parameter-group dicts, "
+                "got a single tensor; pass [tensor] or model.parameters()."
+            )
+        params = list(params)
         if not params:
             _raise_no_params()
         super().__init__(params, defaults)
@@ -374,6 +396,8 @@ class Adam(Optimizer):
         if first is None:
             _raise_no_params()
         self._counters = _fresh_counters(first.device)
+        # Steps without any gradient (on_empty="skip"): a host fact, so a CPU count, read without a sync.
+        self._empty_steps = torch.zeros((), dtype=torch.int64)
         # exp_avg tensors checked for the C kernel, by id with a weak reference (ids are reused after a free)
         self._kernel_ready_moments: dict[int, weakref.ref[Tensor]] = {}
 
@@ -383,6 +407,11 @@ class Adam(Optimizer):
     def skipped_steps(self) -> Tensor:
         """Steps skipped for a non-finite loss or gradient: 0-d int64 tensor (reading it may synchronise)."""
         return self._counters["skipped_steps"]
+
+    @property
+    def empty_steps(self) -> Tensor:
+        """Steps taken with no gradient at all under ``on_empty="skip"``: 0-d int64 CPU tensor (no sync)."""
+        return self._empty_steps
 
     @property
     def last_grad_norm(self) -> Tensor:
@@ -406,7 +435,8 @@ class Adam(Optimizer):
             loss: this step's loss, checked for finiteness with the gradients (not with ``closure``).
 
         Raises:
-            ContractViolation: ``!gradients.is_empty()`` when no parameter has a gradient; with
+            ContractViolation: ``!gradients.is_empty()`` when no parameter has a gradient (unless
+                ``on_empty="skip"``); with
                 ``on_nonfinite="raise"``, ``loss.is_finite()`` or ``gradients.iter().all(|g|
                 g.is_finite())`` when the loss or a gradient is non-finite (nothing is changed).
         """
@@ -420,6 +450,9 @@ class Adam(Optimizer):
         found_inf: Tensor | None = getattr(self, "found_inf", None)
         with torch.no_grad():
             batches = self._gather()
+            if not batches:  # on_empty="skip": nothing to clip or update, as in torch.optim
+                self._empty_steps.add_(1)
+                return loss
             _check_update_stays_finite(batches, self.clip_value)
             if self.clip_value is not None:
                 check_gradual_underflow({b.params[0].device for b in batches})
@@ -463,24 +496,28 @@ class Adam(Optimizer):
                 batch.grads.append(p.grad)
             if batch.params:
                 batches.append(batch)
-        if not batches:
+        if not batches and self.on_empty == "raise":
             raise ContractViolation(
                 "gradient_norm",
                 "!gradients.is_empty()",
                 observed={"parameters_with_grad": 0},
-                hint="No parameter has a gradient: call loss.backward() before step().",
+                hint="No parameter has a gradient: call loss.backward() before step(), or construct with "
+                "on_empty='skip' to count such steps (empty_steps) and change nothing, as torch.optim does.",
             )
         return batches
 
-    def _attach_state(self, batches: list[_GroupBatch]) -> None:
-        """Fetch each parameter's state, creating it (zeros, step 0) on first use, after the raise check."""
+    def _attach_state(self, batches: list[_GroupBatch], step_dtype: torch.dtype) -> None:
+        """Fetch each parameter's state, creating it (zeros, step 0) on first use, after the raise check.
+
+        A new count is float32 on the fast paths (their kernels read float32 counts, as torch's fused Adam
+        does) and otherwise float64 under ``torch.set_default_dtype(torch.float64)``, as in torch."""
         for b in batches:
             if b.exp_avgs:
                 continue  # attached already (a path that hands the step over to the reference path)
             for p in b.params:
                 state = self.state[p]
                 if not state:
-                    state.update(_fresh_state(p))
+                    state.update(_fresh_state(p, step_dtype))
                 b.exp_avgs.append(state["exp_avg"])
                 b.exp_avg_sqs.append(state["exp_avg_sq"])
                 b.steps.append(state["step"])
@@ -490,6 +527,8 @@ class Adam(Optimizer):
         for b in batches:
             # A parameter without state yet gets zeros_like(p) (same strides): p stands in for its moments.
             states = [self.state.get(p) or {"exp_avg": p, "exp_avg_sq": p} for p in b.params]
+            if any(s.get("step", _FLOAT32_STEP).dtype != torch.float32 for s in states):
+                return False  # a float64 count (torch's under a float64 default dtype): the kernel reads float32
             moments = [[s[key] for s in states] for key in ("exp_avg", "exp_avg_sq")]
             if not multi_tensor.fused_kernel_supports(b.params, b.grads, *moments):
                 return False
@@ -507,6 +546,14 @@ class Adam(Optimizer):
             state = self.state.get(p)
             if state and not _remembered(checked, state["exp_avg"]):
                 tensors += [state["exp_avg"], state["exp_avg_sq"]]
+            if state and state["step"].dtype != torch.float32:
+                if self.fused:
+                    raise ValueError(
+                        f"fused=True, but a step count is {state['step'].dtype} (a state made or loaded under "
+                        "torch.set_default_dtype(torch.float64)) and the fused kernel counts in float32; "
+                        "construct with fused=None to fall back to the reference path."
+                    )
+                return False
         if self.fused is None:
             if not fused.supports(tensors):
                 return False
@@ -539,7 +586,7 @@ class Adam(Optimizer):
         total_norm, divisor = multi_tensor.clip_divisor(
             sum_sq, exponent, self.clip_value, grad_scale=grad_scale, **_clip_metadata(grads)
         )
-        skip = self._guard(batches, sum_sq, total_norm, loss, found_inf)
+        skip = self._guard(batches, sum_sq, total_norm, loss, found_inf, step_dtype=torch.float32)
         # Pass 2: torch's fused kernel divides each gradient by the divisor, or does nothing when skipping.
         self._update_multi_tensor(batches, divisor, skip.to(torch.float32))
         # The clipped norm is N_hat sigma / D: no second pass over the gradients (ops.multi_tensor docstring).
@@ -553,6 +600,8 @@ class Adam(Optimizer):
         total_norm: Tensor,
         loss: Tensor | float | None,
         found_inf: Tensor | None,
+        *,
+        step_dtype: torch.dtype,
     ) -> Tensor:
         """The device-side skip flag (non-finite loss or gradient, GradScaler's overflow, or an update that
         would overflow); raise mode reads it, then every parameter gets its state."""
@@ -563,7 +612,7 @@ class Adam(Optimizer):
         # Host read of the device flag: the one synchronisation of raise mode; skip mode never reads it.
         if self.on_nonfinite == "raise" and bool(skip):
             self._raise_nonfinite(batches, loss, total_norm)
-        self._attach_state(batches)
+        self._attach_state(batches, step_dtype)
         return skip
 
     def _step_multi_tensor_on_host(
@@ -586,7 +635,7 @@ class Adam(Optimizer):
         skip = skip or bool(_update_overflow_flag(batches, total_norm, self.clip_value))
         if skip and self.on_nonfinite == "raise":
             self._raise_nonfinite(batches, loss, total_norm)
-        self._attach_state(batches)
+        self._attach_state(batches, torch.float32)
         if skip:
             self._record_on_host(True, total_norm, math.nan)
             return
@@ -626,7 +675,7 @@ class Adam(Optimizer):
         # The exponent goes in as a device tensor: a Python int would be copied to the device, a sync.
         max_norm = math.inf if self.clip_value is None else self.clip_value  # inf: measure, never clip
         total_norm, k_clip = clip_coefficient(sum_sq, max_norm, exponent=exponent, **_clip_metadata(grads))
-        skip = self._guard(batches, sum_sq, total_norm, loss, skip_scaled)
+        skip = self._guard(batches, sum_sq, total_norm, loss, skip_scaled, step_dtype=_default_step_dtype())
         k = None if self.clip_value is None else k_clip
         clipped_sums, clipped_exponents = [], []
         for b in batches:
@@ -655,7 +704,7 @@ class Adam(Optimizer):
         skip = skip or bool(_update_overflow_flag(batches, total_norm, self.clip_value))
         if skip and self.on_nonfinite == "raise":
             self._raise_nonfinite(batches, loss, total_norm)
-        self._attach_state(batches)
+        self._attach_state(batches, torch.float32)
         if skip:
             self._record_on_host(True, total_norm, math.nan)
             return  # pass 2 advances the moments: it must not run on a skipped step
@@ -727,7 +776,9 @@ class Adam(Optimizer):
 
     def _current_step(self) -> int:
         """1-based number of this step: the most advanced step count plus the skipped steps, plus one."""
-        steps = max((int(state["step"]) for state in self.state.values() if "step" in state), default=0)
+        # Other keys of self.state may hold anything (torch's own hook tests store a bool there).
+        counts = (state["step"] for state in self.state.values() if isinstance(state, Mapping) and "step" in state)
+        steps = max(map(int, counts), default=0)
         return steps + int(self.skipped_steps) + 1
 
     def __repr__(self) -> str:
@@ -740,24 +791,41 @@ class Adam(Optimizer):
     # -- parameter groups and state dicts ---------------------------------------------------------
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a parameter group, checking its hyper-parameters like the constructor's."""
+        """Add a parameter group, checking its hyper-parameters like the constructor's, and its parameters
+        for repeats (torch warns that a repeat will become an error; each would be updated once per listing)."""
+        _check_no_repeats(param_group, where=f"param_groups[{len(self.param_groups)}]")
         merged = {**self.defaults, **param_group}
-        _check_hyperparameters(merged, where=f"param_groups[{len(self.param_groups)}]: ")
+        checked = _check_hyperparameters(merged, where=f"param_groups[{len(self.param_groups)}]: ")
+        for key in ("lr", "betas"):  # 1-element tensors are kept as the floats they were read as
+            if key in param_group:
+                param_group[key] = checked[key]
         super().add_param_group(param_group)
 
     def state_dict(self) -> dict[str, Any]:
         """torch's state dict plus the counters under ``"provetrain"`` (copies, so later steps leave them)."""
         state = super().state_dict()
         state[_COUNTERS_KEY] = {name: value.clone() for name, value in self._counters.items()}
+        state[_COUNTERS_KEY]["empty_steps"] = self._empty_steps.clone()
         return state
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Load a state dict of this class or of ``torch.optim.Adam``/``AdamW`` (without ``amsgrad``).
 
-        A torch state dict has no counters: they restart (0 skipped, NaN norms).
+        A torch state dict has no counters: they restart (0 skipped, NaN norms). Load pre-hooks run first,
+        as in torch, so that one can adapt a checkpoint before it is checked.
         """
+        hooks = self._optimizer_load_state_dict_pre_hooks
+        if isinstance(state_dict, Mapping):
+            state_dict = dict(state_dict)  # a shallow copy, as torch's
+            for hook in hooks.values():
+                adapted = hook(self, state_dict)
+                state_dict = state_dict if adapted is None else adapted
         self._check_loadable(state_dict)
-        super().load_state_dict(dict(state_dict))
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()  # they ran above: not twice
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            self._optimizer_load_state_dict_pre_hooks = hooks
         saved = state_dict.get(_COUNTERS_KEY)
         fresh = _fresh_counters(self._counters["skipped_steps"].device)
         for name, counter in self._counters.items():
@@ -767,10 +835,15 @@ class Adam(Optimizer):
                     "dict saved by provetrain.ops.adam.Adam.state_dict()."
                 )
             counter.copy_(fresh[name] if saved is None else torch.as_tensor(saved[name]))
+        # State dicts from before on_empty have no empty_steps: none were taken.
+        self._empty_steps.fill_(0 if saved is None else int(saved.get("empty_steps", 0)))
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._kernel_ready_moments = {}  # loaded moments are checked afresh
+        # Pickles from before on_empty existed
+        self.__dict__.setdefault("on_empty", "raise")
+        self.__dict__.setdefault("_empty_steps", torch.zeros((), dtype=torch.int64))
         for group in self.param_groups:
             for key in _TORCH_ONLY_GROUP_KEYS:
                 group.pop(key, None)
@@ -780,11 +853,14 @@ class Adam(Optimizer):
                 p_state = self.state.get(p)
                 if p_state and "step" in p_state:
                     # torch.optim.Adam keeps its count on the CPU (capturable=False): move it to the device.
-                    p_state["step"] = torch.as_tensor(p_state["step"], dtype=torch.float32).to(p.device)
+                    # A float64 count (torch's under a float64 default dtype) stays float64, as in torch.
+                    step = torch.as_tensor(p_state["step"])
+                    dtype = step.dtype if step.dtype in (torch.float32, torch.float64) else torch.float32
+                    p_state["step"] = step.to(device=p.device, dtype=dtype)
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
-        for name in ("clip_value", "on_nonfinite", "fused", "foreach", "_counters"):
+        for name in ("clip_value", "on_nonfinite", "on_empty", "fused", "foreach", "_counters", "_empty_steps"):
             state[name] = self.__dict__[name]
         return state
 
@@ -853,6 +929,10 @@ class AdamW(Adam):
         maximize: bool = False,
         fused: bool | None = None,
         foreach: bool | None = None,
+        on_empty: OnEmpty = "raise",
+        amsgrad: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
     ) -> None:
         super().__init__(
             params,
@@ -866,6 +946,10 @@ class AdamW(Adam):
             fused=fused,
             foreach=foreach,
             decoupled_weight_decay=True,
+            on_empty=on_empty,
+            amsgrad=amsgrad,
+            capturable=capturable,
+            differentiable=differentiable,
         )
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -913,12 +997,17 @@ def _remembered(checked: dict[int, weakref.ref[Tensor]], t: Tensor) -> bool:
     return ref is not None and ref() is t
 
 
-def _fresh_state(p: Tensor) -> dict[str, Tensor]:
+def _fresh_state(p: Tensor, step_dtype: torch.dtype) -> dict[str, Tensor]:
     return {
-        "step": torch.zeros((), dtype=torch.float32, device=p.device),
+        "step": torch.zeros((), dtype=step_dtype, device=p.device),
         "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
         "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
     }
+
+
+def _default_step_dtype() -> torch.dtype:
+    """torch.optim.Adam's step count dtype off its fused path (torch.optim.optimizer._get_scalar_dtype)."""
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
 
 def _fresh_counters(device: torch.device) -> dict[str, Tensor]:
@@ -972,7 +1061,7 @@ def _param_label(group: Mapping[str, Any], group_index: int, position: int) -> s
 
 
 def _raise_no_params() -> NoReturn:
-    raise ContractViolation(
+    raise ArgumentViolation(
         "loss_decrease",
         "!params.is_empty()",
         observed={"params": 0},
@@ -1070,10 +1159,15 @@ def _check_update_stays_finite(batches: list[_GroupBatch], clip_value: float | N
 def _check_hyperparameters(values: dict[str, Any], *, where: str) -> dict[str, Any]:
     """Raise for the first invalid value, naming it, its valid range and a fix; return ``values``."""
     lr = values["lr"]
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1:
+            raise ValueError(f"{where}Tensor lr must be 1-element, got shape {tuple(lr.shape)}; e.g. lr=1e-3")
+        # Read once, here: the step's scalars are host floats on every path (see _step_scalars).
+        lr = values["lr"] = float(lr)
     if not _is_real(lr):
-        raise TypeError(f"{where}lr={lr!r} must be a float (tensor learning rates are not supported); e.g. lr=1e-3")
+        raise TypeError(f"{where}lr={lr!r} must be a float or a 1-element tensor, e.g. lr=1e-3")
     if not lr > 0.0:
-        raise ContractViolation(
+        raise ArgumentViolation(
             "loss_decrease",
             "lr > 0.0",
             observed={"lr": lr},
@@ -1082,6 +1176,12 @@ def _check_hyperparameters(values: dict[str, Any], *, where: str) -> dict[str, A
     if not math.isfinite(lr):
         raise ValueError(f"{where}lr={lr!r} must be finite; pass a positive learning rate, e.g. lr=1e-3")
     betas = values["betas"]
+    if isinstance(betas, (tuple, list)) and any(isinstance(b, Tensor) for b in betas):
+        if not all(isinstance(b, Tensor) for b in betas):
+            raise ValueError(f"{where}betas must be either both floats or both Tensors, got {betas!r}")
+        if any(b.numel() != 1 for b in betas):
+            raise ValueError(f"{where}Tensor betas must be 1-element each, e.g. betas=(0.9, 0.999)")
+        betas = tuple(float(b) for b in betas)
     if not isinstance(betas, (tuple, list)) or len(betas) != 2 or not all(_is_real(b) for b in betas):
         raise TypeError(f"{where}betas={betas!r} must be a pair of floats, e.g. betas=(0.9, 0.999)")
     for i, beta in enumerate(betas):
@@ -1107,13 +1207,33 @@ def _check_hyperparameters(values: dict[str, Any], *, where: str) -> dict[str, A
     return values
 
 
+def _check_no_repeats(param_group: dict[str, Any], *, where: str) -> None:
+    """Refuse a parameter listed twice in one group; ``param_group["params"]`` becomes a list."""
+    if not isinstance(param_group, dict) or isinstance(param_group.get("params"), set):
+        return  # torch's add_param_group names what is wrong
+    params = param_group["params"]
+    params = [params] if isinstance(params, Tensor) else list(params)
+    param_group["params"] = params
+    seen: set[int] = set()
+    for position, item in enumerate(params):
+        p = item[1] if isinstance(item, tuple) and len(item) == 2 else item
+        if id(p) in seen:
+            shape = f" (shape {tuple(p.shape)})" if isinstance(p, Tensor) else ""
+            raise ValueError(
+                f"{where}['params'][{position}]{shape} appears twice in the group: each "
+                "listing would take its own step, so list every parameter once (e.g. pass model.parameters() "
+                "of a model that shares weights: it yields a shared parameter once)"
+            )
+        seen.add(id(p))
+
+
 def _check_clip_value(clip_value: float | None) -> float | None:
     if clip_value is None:
         return None
     if not _is_real(clip_value):
         raise TypeError(f"clip_value={clip_value!r} must be a float or None (no clipping), e.g. clip_value=1.0")
     if not clip_value > 0.0:
-        raise ContractViolation(
+        raise ArgumentViolation(
             "gradient_norm",
             "clip_value > 0.0",
             observed={"clip_value": clip_value},
@@ -1131,6 +1251,36 @@ def _check_on_nonfinite(on_nonfinite: object) -> OnNonfinite:
             "or 'raise' (raise ContractViolation)"
         )
     return on_nonfinite  # type: ignore[return-value]
+
+
+_REFUSED_TORCH_FLAGS = {
+    "amsgrad": "provetrain's Adam keeps no running maximum of exp_avg_sq yet (its clip, guard and kernels "
+    "are written for Adam and AdamW); use torch.optim.Adam(amsgrad=True) with clip_grad_norm_",
+    "capturable": "provetrain's state already lives on the parameters' device and on_nonfinite='skip' makes "
+    "no host read on CUDA, but the step has not been tested under CUDA graph capture; construct without "
+    "capturable=True",
+    "differentiable": "the step runs under torch.no_grad(), in place, and its finite guard keeps the old "
+    "values by a data-dependent torch.where: there is no autograd graph through a guarded step to "
+    "differentiate; use torch.optim.Adam(differentiable=True) for meta-learning",
+}
+
+
+def _check_torch_flags(**flags: object) -> None:
+    """torch.optim.Adam's flags: False (torch's default) is accepted, True refused with the reason."""
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise TypeError(f"{name}={value!r} must be True or False")
+        if value:
+            raise ValueError(f"{name}=True is not supported: {_REFUSED_TORCH_FLAGS[name]}")
+
+
+def _check_on_empty(on_empty: object) -> OnEmpty:
+    if on_empty not in ("raise", "skip"):
+        raise ValueError(
+            f"on_empty={on_empty!r} is not one of 'raise' (a step without gradients violates the contract's "
+            "!gradients.is_empty()) or 'skip' (count it in empty_steps and change nothing)"
+        )
+    return on_empty  # type: ignore[return-value]
 
 
 def _check_foreach(value: object, fused_value: bool | None) -> bool | None:

@@ -17,7 +17,7 @@ import torch
 from rich.console import Console
 
 from provetrain.data.sources import ArgumentError, load_data
-from provetrain.errors import ConfigError
+from provetrain.errors import ConfigError, ContractViolation
 from provetrain.models.builtin import build_model
 from provetrain.train.config import TrainConfig, config_error, load_config, override
 from provetrain.train.trainer import Trainer, TrainResult
@@ -44,6 +44,8 @@ def prepare_trainer(config: TrainConfig, *, console: Console | None = None, **ov
         trainer = Trainer(model, data, config=config, console=console)
     except ConfigError as error:
         raise config_error(config, error.problem, key=error.key or "data", expected=error.expected) from None
+    except ContractViolation:  # some are also ValueErrors (errors.ArgumentViolation): the CLI reports them
+        raise
     except ValueError as error:  # e.g. device="cuda" without CUDA
         raise config_error(config, str(error), key="device") from None
     _check_first_batch(trainer, config)
