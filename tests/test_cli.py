@@ -208,3 +208,20 @@ def test_a_full_disk_exits_1_with_one_line_and_a_failed_certificate(tmp_path: Pa
     assert result.exit_code == 1, result.output
     assert result.stderr == "error: [Errno 28] No space left on device\n"
     assert json.loads((out / "certificate.json").read_text())["outcome"].startswith("failed: OSError: [Errno 28]")
+
+
+def test_console_script_imports_module_functions_from_the_current_directory(tmp_path: Path) -> None:
+    (tmp_path / "mymodel.py").write_text(
+        "import torch\n\ndef build():\n    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))\n"
+    )
+    (tmp_path / "cfg.yaml").write_text("model: mymodel:build\nsteps: 2\nbatch_size: 16\n")
+    script = Path(sys.executable).parent / "provetrain"
+    done = subprocess.run(
+        [str(script), "train", "cfg.yaml", "--output-dir", str(tmp_path / "run")],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+    assert (tmp_path / "run" / "certificate.json").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from enum import Enum
 from pathlib import Path
@@ -434,6 +435,10 @@ def verify(
 
 def main() -> None:
     """Console-script entry point."""
+    # `python -m provetrain` puts the current directory first on sys.path; the console script puts its own
+    # bin/ there instead. Do as -m does, so `model: mymodule:build` finds ./mymodule.py either way.
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
         app()
     except KeyboardInterrupt:
