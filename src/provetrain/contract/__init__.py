@@ -2,9 +2,14 @@
 
 from provetrain.contract.clauses import Clause as Clause
 from provetrain.contract.clauses import enumerate_clauses as enumerate_clauses
+from provetrain.contract.lint import ContractWarning as ContractWarning
+from provetrain.contract.load import LoadedContract as LoadedContract
+from provetrain.contract.load import bundled_contract_names as bundled_contract_names
 from provetrain.contract.load import bundled_contract_path as bundled_contract_path
 from provetrain.contract.load import load_contract as load_contract
+from provetrain.contract.load import load_contract_with_warnings as load_contract_with_warnings
 from provetrain.contract.load import parse_contract as parse_contract
+from provetrain.contract.load import parse_contract_with_warnings as parse_contract_with_warnings
 from provetrain.contract.registry import Binding as Binding
 from provetrain.contract.registry import ClauseStatus as ClauseStatus
 from provetrain.contract.registry import Evidence as Evidence
@@ -19,13 +24,18 @@ __all__ = [
     "Clause",
     "ClauseStatus",
     "Contract",
+    "ContractWarning",
     "Evidence",
+    "LoadedContract",
     "TheoremBinding",
     "TheoremStatus",
+    "bundled_contract_names",
     "bundled_contract_path",
     "clause_statuses",
     "enumerate_clauses",
     "load_contract",
+    "load_contract_with_warnings",
     "parse_contract",
+    "parse_contract_with_warnings",
     "theorem_statuses",
 ]
