@@ -13,8 +13,10 @@ from provetrain.contract.load import parse_contract_with_warnings as parse_contr
 from provetrain.contract.registry import Binding as Binding
 from provetrain.contract.registry import ClauseStatus as ClauseStatus
 from provetrain.contract.registry import Evidence as Evidence
+from provetrain.contract.registry import NotApplicable as NotApplicable
 from provetrain.contract.registry import TheoremBinding as TheoremBinding
 from provetrain.contract.registry import TheoremStatus as TheoremStatus
+from provetrain.contract.registry import bindings_for as bindings_for
 from provetrain.contract.registry import clause_statuses as clause_statuses
 from provetrain.contract.registry import theorem_statuses as theorem_statuses
 from provetrain.contract.schema import Contract as Contract
@@ -27,8 +29,10 @@ __all__ = [
     "ContractWarning",
     "Evidence",
     "LoadedContract",
+    "NotApplicable",
     "TheoremBinding",
     "TheoremStatus",
+    "bindings_for",
     "bundled_contract_names",
     "bundled_contract_path",
     "clause_statuses",
