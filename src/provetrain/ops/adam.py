@@ -400,6 +400,8 @@ class Adam(Optimizer):
         self._empty_steps = torch.zeros((), dtype=torch.int64)
         # exp_avg tensors checked for the C kernel, by id with a weak reference (ids are reused after a free)
         self._kernel_ready_moments: dict[int, weakref.ref[Tensor]] = {}
+        # observe_loss(): a 0-d bool device tensor, "a micro-step loss since the last step was non-finite"
+        self._observed_nonfinite: Tensor | None = None
 
     # -- counters ---------------------------------------------------------------------------------
 
@@ -425,6 +427,46 @@ class Adam(Optimizer):
 
     # -- the step ---------------------------------------------------------------------------------
 
+    def observe_loss(self, loss: Tensor | float) -> None:
+        """Hand the optimizer one gradient-accumulation micro-step's loss, for the next :meth:`step`'s guard.
+
+        ``step(loss=...)`` sees one loss; under accumulation an earlier micro-step's loss can be NaN while
+        every gradient stays finite (a NaN that the loss scaling or a masked term hid from backward). Call
+        this after each micro-step's forward pass: it ORs "this loss is non-finite" into a 0-d bool flag on
+        the device, **without a host read**, and the next :meth:`step` treats a set flag exactly as a
+        non-finite ``step(loss=...)``: the step is skipped and counted once in ``skipped_steps`` (or, with
+        ``on_nonfinite="raise"``, :class:`~provetrain.errors.ContractViolation` ``loss.is_finite()`` names
+        an observed micro-step loss). Every :meth:`step` consumes the flag (it starts clear again).
+
+        :meth:`zero_grad` does not clear it: the flag covers the accumulated step, whose micro-steps may
+        call ``zero_grad`` only before the first of them, or (in some loops) around each; only the step
+        that would apply the accumulated gradient decides on it.
+
+        Args:
+            loss: the micro-step's loss, a tensor (any shape; every element is checked) or a Python number.
+
+        Example:
+            >>> model = torch.nn.Linear(3, 1)
+            >>> opt = Adam(model.parameters(), clip_value=1.0)
+            >>> for x in torch.ones(4, 2, 3):  # 4 micro-steps, one optimizer step
+            ...     loss = model(x).sum() / 4
+            ...     opt.observe_loss(loss)
+            ...     loss.backward()
+            >>> opt.step()
+            >>> int(opt.skipped_steps)
+            0
+        """
+        if not isinstance(loss, Tensor) and not _is_real(loss):
+            raise TypeError(f"observe_loss(loss={loss!r}): loss must be a tensor or a real number")
+        flag = _loss_nonfinite_flag(loss, self._counters["skipped_steps"].device)
+        seen = self._observed_nonfinite
+        self._observed_nonfinite = flag if seen is None else seen | flag
+
+    def _take_observed(self) -> Tensor | None:
+        """The flag of :meth:`observe_loss` since the last step, cleared: every step consumes it."""
+        observed, self._observed_nonfinite = self._observed_nonfinite, None
+        return observed
+
     def step(  # type: ignore[override]
         self, closure: Callable[[], Any] | None = None, *, loss: Tensor | float | None = None
     ) -> Any:
@@ -448,6 +490,7 @@ class Adam(Optimizer):
         # Set by torch.amp.GradScaler.step() for optimizers with _step_supports_amp_scaling (and deleted after).
         grad_scale: Tensor | None = getattr(self, "grad_scale", None)
         found_inf: Tensor | None = getattr(self, "found_inf", None)
+        observed = self._take_observed()
         with torch.no_grad():
             batches = self._gather()
             if not batches:  # on_empty="skip": nothing to clip or update, as in torch.optim
@@ -458,16 +501,16 @@ class Adam(Optimizer):
                 check_gradual_underflow({b.params[0].device for b in batches})
             path = self._choose_path(batches)
             if path == "multi_tensor":
-                self._step_multi_tensor(batches, loss, grad_scale, found_inf)
+                self._step_multi_tensor(batches, loss, grad_scale, found_inf, observed)
                 return loss
             if grad_scale is not None:
                 # The other paths clip what is stored: unscale first, as GradScaler.unscale_ would.
                 torch._foreach_div_([g for b in batches for g in b.grads], grad_scale)
             skip_scaled = None if found_inf is None else found_inf > 0
             if path == "fused":
-                self._step_fused(batches, loss, skip_scaled)
+                self._step_fused(batches, loss, skip_scaled, observed)
             else:
-                self._step_reference(batches, loss, skip_scaled)
+                self._step_reference(batches, loss, skip_scaled, observed)
         return loss
 
     def _choose_path(self, batches: list[_GroupBatch]) -> Literal["fused", "multi_tensor", "reference"]:
@@ -576,17 +619,18 @@ class Adam(Optimizer):
         loss: Tensor | float | None,
         grad_scale: Tensor | None,
         found_inf: Tensor | None,
+        observed: Tensor | None = None,
     ) -> None:
         grads = [g for b in batches for g in b.grads]
         # Pass 1: s 4^e = sum of squares, O(1) launches per (device, dtype); finite iff every gradient is.
         sum_sq, exponent = multi_tensor.scaled_sum_of_squares_multi_tensor(grads)
         if sum_sq.is_cpu and _FREE_CPU_READS:
-            self._step_multi_tensor_on_host(batches, grads, sum_sq, exponent, loss, grad_scale, found_inf)
+            self._step_multi_tensor_on_host(batches, grads, sum_sq, exponent, loss, grad_scale, found_inf, observed)
             return
         total_norm, divisor = multi_tensor.clip_divisor(
             sum_sq, exponent, self.clip_value, grad_scale=grad_scale, **_clip_metadata(grads)
         )
-        skip = self._guard(batches, sum_sq, total_norm, loss, found_inf, step_dtype=torch.float32)
+        skip = self._guard(batches, sum_sq, total_norm, loss, found_inf, observed, step_dtype=torch.float32)
         # Pass 2: torch's fused kernel divides each gradient by the divisor, or does nothing when skipping.
         self._update_multi_tensor(batches, divisor, skip.to(torch.float32))
         # The clipped norm is N_hat sigma / D: no second pass over the gradients (ops.multi_tensor docstring).
@@ -600,18 +644,21 @@ class Adam(Optimizer):
         total_norm: Tensor,
         loss: Tensor | float | None,
         found_inf: Tensor | None,
+        observed: Tensor | None,
         *,
         step_dtype: torch.dtype,
     ) -> Tensor:
-        """The device-side skip flag (non-finite loss or gradient, GradScaler's overflow, or an update that
-        would overflow); raise mode reads it, then every parameter gets its state."""
+        """The device-side skip flag (non-finite loss, observed micro-step loss or gradient, GradScaler's
+        overflow, or an update that would overflow); raise mode reads it, then every parameter gets its state."""
         skip = _skip_flag(sum_sq, loss, found_inf)
+        if observed is not None:
+            skip = skip | observed.to(skip.device, non_blocking=True)
         overflow = _update_overflow_flag(batches, total_norm, self.clip_value)
         if overflow is not None:
             skip = skip | overflow
         # Host read of the device flag: the one synchronisation of raise mode; skip mode never reads it.
         if self.on_nonfinite == "raise" and bool(skip):
-            self._raise_nonfinite(batches, loss, total_norm)
+            self._raise_nonfinite(batches, loss, total_norm, observed)
         self._attach_state(batches, step_dtype)
         return skip
 
@@ -624,6 +671,7 @@ class Adam(Optimizer):
         loss: Tensor | float | None,
         grad_scale: Tensor | None,
         found_inf: Tensor | None,
+        observed: Tensor | None,
     ) -> None:
         """The multi-tensor step with the sum on the CPU: its scalar math in Python floats (free reads)."""
         s, e = float(sum_sq), int(exponent)
@@ -632,9 +680,9 @@ class Adam(Optimizer):
             s, e, self.clip_value, grad_scale=sigma, **_clip_metadata(grads)
         )
         skip = not (math.isfinite(s) and _loss_is_finite(loss)) or (found_inf is not None and bool(found_inf > 0))
-        skip = skip or bool(_update_overflow_flag(batches, total_norm, self.clip_value))
+        skip = skip or _is_set(observed) or bool(_update_overflow_flag(batches, total_norm, self.clip_value))
         if skip and self.on_nonfinite == "raise":
-            self._raise_nonfinite(batches, loss, total_norm)
+            self._raise_nonfinite(batches, loss, total_norm, observed)
         self._attach_state(batches, torch.float32)
         if skip:
             self._record_on_host(True, total_norm, math.nan)
@@ -667,7 +715,11 @@ class Adam(Optimizer):
                 )
 
     def _step_reference(
-        self, batches: list[_GroupBatch], loss: Tensor | float | None, skip_scaled: Tensor | None = None
+        self,
+        batches: list[_GroupBatch],
+        loss: Tensor | float | None,
+        skip_scaled: Tensor | None = None,
+        observed: Tensor | None = None,
     ) -> None:
         grads = [g for b in batches for g in b.grads]
         # Finite guard: S = s 4^e, and s is finite iff every gradient element is (any dtype).
@@ -675,7 +727,7 @@ class Adam(Optimizer):
         # The exponent goes in as a device tensor: a Python int would be copied to the device, a sync.
         max_norm = math.inf if self.clip_value is None else self.clip_value  # inf: measure, never clip
         total_norm, k_clip = clip_coefficient(sum_sq, max_norm, exponent=exponent, **_clip_metadata(grads))
-        skip = self._guard(batches, sum_sq, total_norm, loss, skip_scaled, step_dtype=_default_step_dtype())
+        skip = self._guard(batches, sum_sq, total_norm, loss, skip_scaled, observed, step_dtype=_default_step_dtype())
         k = None if self.clip_value is None else k_clip
         clipped_sums, clipped_exponents = [], []
         for b in batches:
@@ -693,17 +745,22 @@ class Adam(Optimizer):
         self._record(skip, total_norm, clipped_norm)
 
     def _step_fused(
-        self, batches: list[_GroupBatch], loss: Tensor | float | None, skip_scaled: Tensor | None = None
+        self,
+        batches: list[_GroupBatch],
+        loss: Tensor | float | None,
+        skip_scaled: Tensor | None = None,
+        observed: Tensor | None = None,
     ) -> None:
         # Everything here is on the CPU: reading a flag or a count costs no device synchronisation.
         grads = [g for b in batches for g in b.grads]
         sum_sq, grads_finite = fused.sum_sq_and_finite(grads, check=False)  # _use_fused checked them
         skip = not (grads_finite and _loss_is_finite(loss)) or (skip_scaled is not None and bool(skip_scaled))
+        skip = skip or _is_set(observed)
         max_norm = math.inf if skip or self.clip_value is None else self.clip_value
         total_norm, k = clip_coefficient_on_host(sum_sq, max_norm, **_clip_metadata(grads))
         skip = skip or bool(_update_overflow_flag(batches, total_norm, self.clip_value))
         if skip and self.on_nonfinite == "raise":
-            self._raise_nonfinite(batches, loss, total_norm)
+            self._raise_nonfinite(batches, loss, total_norm, observed)
         self._attach_state(batches, torch.float32)
         if skip:
             self._record_on_host(True, total_norm, math.nan)
@@ -733,13 +790,27 @@ class Adam(Optimizer):
         counters["last_clipped_grad_norm"].copy_(unused, non_blocking=True)
 
     def _raise_nonfinite(
-        self, batches: list[_GroupBatch], loss: Tensor | float | None, total_norm: Tensor | float | None = None
+        self,
+        batches: list[_GroupBatch],
+        loss: Tensor | float | None,
+        total_norm: Tensor | float | None = None,
+        observed: Tensor | None = None,
     ) -> NoReturn:
-        """Name the non-finite loss, the first non-finite gradient, or the update that would overflow; the
-        state is still untouched."""
+        """Name the non-finite loss (this step's or an observed micro-step's), the first non-finite gradient,
+        or the update that would overflow; the state is still untouched."""
         step = self._current_step()
         untouched = "Nothing was updated: parameters, moments and step counts are as before this step."
         remedy = "Check the batch and lower the learning rate, or construct with on_nonfinite='skip'."
+        if _is_set(observed):
+            raise ContractViolation(
+                "loss_decrease",
+                "loss.is_finite()",
+                kind="postcondition",
+                step=step,
+                observed={"observed_micro_step_loss": "non-finite"},
+                hint="A micro-step loss handed to observe_loss() since the last step was non-finite, so the "
+                f"accumulated gradient is not applied. {untouched} {remedy}",
+            )
         if not _loss_is_finite(loss):
             raise ContractViolation(
                 "loss_decrease",
@@ -783,8 +854,8 @@ class Adam(Optimizer):
 
     def __repr__(self) -> str:
         policy = (
-            f"clip_value={self.clip_value}, on_nonfinite={self.on_nonfinite!r}, fused={self.fused}, "
-            f"foreach={self.foreach}"
+            f"clip_value={self.clip_value}, on_nonfinite={self.on_nonfinite!r}, on_empty={self.on_empty!r}, "
+            f"fused={self.fused}, foreach={self.foreach}"
         )
         return super().__repr__().replace(" (", f" ({policy}", 1)
 
@@ -844,6 +915,7 @@ class Adam(Optimizer):
         # Pickles from before on_empty existed
         self.__dict__.setdefault("on_empty", "raise")
         self.__dict__.setdefault("_empty_steps", torch.zeros((), dtype=torch.int64))
+        self.__dict__.setdefault("_observed_nonfinite", None)
         for group in self.param_groups:
             for key in _TORCH_ONLY_GROUP_KEYS:
                 group.pop(key, None)
@@ -860,7 +932,16 @@ class Adam(Optimizer):
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
-        for name in ("clip_value", "on_nonfinite", "on_empty", "fused", "foreach", "_counters", "_empty_steps"):
+        for name in (
+            "clip_value",
+            "on_nonfinite",
+            "on_empty",
+            "fused",
+            "foreach",
+            "_counters",
+            "_empty_steps",
+            "_observed_nonfinite",
+        ):
             state[name] = self.__dict__[name]
         return state
 
@@ -1041,6 +1122,11 @@ def _loss_nonfinite_flag(loss: Tensor | float | None, device: torch.device) -> T
         return ~torch.isfinite(loss.detach()).all().to(device, non_blocking=True)
     # A Python number is already on the host: choosing the fill costs no synchronisation.
     return torch.full((), not math.isfinite(loss), dtype=torch.bool, device=device)
+
+
+def _is_set(flag: Tensor | None) -> bool:
+    """Host read of an optional 0-d bool flag (free on CPU; a synchronisation on a device)."""
+    return flag is not None and bool(flag)
 
 
 def _loss_is_finite(loss: Tensor | float | None) -> bool:
