@@ -861,3 +861,16 @@ def test_the_default_float32_cpu_path_skips_an_l2_update_that_would_overflow() -
     opt = Adam([p], lr=1e-3, weight_decay=1e30, fused=None)
     opt.step()
     assert opt.skipped_steps.item() == 1 and torch.equal(p, torch.ones(4))
+
+
+def test_repr_names_every_policy() -> None:
+    opt = Adam(make_model().parameters(), clip_value=1.0, on_empty="skip")
+    assert "clip_value=1.0, on_nonfinite='skip', on_empty='skip', fused=None, foreach=None" in repr(opt)
+
+
+def test_argument_violation_is_exported() -> None:
+    import provetrain
+
+    assert provetrain.ArgumentViolation is ArgumentViolation
+    with pytest.raises(provetrain.ArgumentViolation):
+        provetrain.Adam(make_model().parameters(), lr=-1.0)
