@@ -10,6 +10,7 @@ def test_public_api_is_pinned() -> None:
         [
             "Adam",
             "AdamW",
+            "ArgumentViolation",
             "Callback",
             "Clause",
             "ClauseStatus",

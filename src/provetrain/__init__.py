@@ -9,6 +9,7 @@ from provetrain.contract import Contract as Contract
 from provetrain.contract import clause_statuses as clause_statuses
 from provetrain.contract import load_contract as load_contract
 from provetrain.contract import parse_contract as parse_contract
+from provetrain.errors import ArgumentViolation as ArgumentViolation
 from provetrain.errors import ConfigError as ConfigError
 from provetrain.errors import ContractError as ContractError
 from provetrain.errors import ContractViolation as ContractViolation
@@ -28,6 +29,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Adam",
     "AdamW",
+    "ArgumentViolation",
     "Callback",
     "Clause",
     "ClauseStatus",

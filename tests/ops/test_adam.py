@@ -380,7 +380,7 @@ def test_torch_state_dicts_load_both_ways(ours: type[Adam], theirs: type) -> Non
     our_opt = ours(our_model.parameters(), lr=1.0, fused=False)
     our_opt.load_state_dict(roundtrip(torch_opt.state_dict()))
     assert our_opt.skipped_steps.item() == 0 and torch.isnan(our_opt.last_grad_norm)
-    assert "amsgrad" not in our_opt.param_groups[0]
+    assert our_opt.param_groups[0]["amsgrad"] is False and "foreach" not in our_opt.param_groups[0]
     train(torch_model, torch_opt, batches[5:])
     train(our_model, our_opt, batches[5:])
     assert_bitwise_equal(snapshot(our_model, our_opt), snapshot(torch_model, torch_opt))
@@ -400,14 +400,14 @@ def test_adamw_keeps_decoupled_decay_when_loading_an_adam_state_dict() -> None:
 
 def foreign_state_dict(kind: str) -> dict[str, Any]:
     model = make_model()
-    if kind == "amsgrad":
-        opt: torch.optim.Optimizer = torch.optim.Adam(model.parameters(), amsgrad=True)
-    elif kind == "sgd":
+    if kind == "sgd":
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     else:
         opt = torch.optim.Adam(model.parameters())
     train(model, opt, make_batches(1))
     state = opt.state_dict()
+    if kind == "differentiable":
+        state["param_groups"][0]["differentiable"] = True
     if kind == "shape":
         state["state"][0]["exp_avg"] = torch.zeros(2, 2)
     if kind == "counters":
@@ -418,7 +418,7 @@ def foreign_state_dict(kind: str) -> dict[str, Any]:
 @pytest.mark.parametrize(
     ("kind", "pattern"),
     [
-        ("amsgrad", r"param_groups\[0\] was saved with amsgrad=True, which provetrain's Adam does not implement"),
+        ("differentiable", r"param_groups\[0\] was saved with differentiable=True, which provetrain's Adam does"),
         ("sgd", r"holds keys \['momentum_buffer'\] for param_groups\[0\]\['params'\]\[0\] \(shape \(12, 6\)\)"),
         ("shape", r"exp_avg for .* has shape \(2, 2\) but the parameter has shape \(12, 6\)"),
         ("counters", r"state_dict\['provetrain'\] has no 'last_grad_norm'"),
@@ -445,9 +445,9 @@ BAD_ARGUMENTS: list[tuple[dict[str, Any], type[Exception], str]] = [
     ({"lr": torch.tensor([1e-3, 1e-3])}, ValueError, r"Tensor lr must be 1-element, got shape \(2,\)"),
     ({"lr": "0.1"}, TypeError, r"lr='0\.1' must be a float or a 1-element tensor"),
     ({"betas": (0.9, torch.tensor(0.99))}, ValueError, r"betas must be either both floats or both Tensors"),
-    ({"amsgrad": True}, ValueError, r"amsgrad=True is not supported: provetrain's Adam keeps no running maximum"),
-    ({"capturable": True}, ValueError, r"capturable=True is not supported: .* not been tested under CUDA graph"),
-    ({"differentiable": True}, ValueError, r"differentiable=True is not supported: the step runs under torch\.no_grad"),
+    ({"differentiable": True}, ValueError, r"differentiable=True is not supported: a guarded, clipped step is not"),
+    ({"fused": True, "amsgrad": True}, ValueError, r"fused=True with amsgrad=True: provetrain's C kernel keeps no"),
+    ({"capturable": 1}, TypeError, r"capturable=1 must be True or False"),
     ({"amsgrad": 0}, TypeError, r"amsgrad=0 must be True or False"),
     ({"betas": (1.0, 0.999)}, ValueError, r"betas\[0\]=1\.0 is outside \[0, 1\)"),
     ({"betas": (0.9, -0.1)}, ValueError, r"betas\[1\]=-0\.1 is outside \[0, 1\)"),
@@ -555,22 +555,22 @@ def test_on_empty_is_checked() -> None:
 
 
 def test_load_pre_hooks_run_before_the_loadability_check_and_once() -> None:
-    # A pre-hook can adapt a checkpoint the check would refuse: here torch's amsgrad state, its maximum dropped.
+    # A pre-hook can adapt a checkpoint the check would refuse: here one marked differentiable.
     model = make_model()
-    torch_opt = torch.optim.Adam(model.parameters(), amsgrad=True)
+    torch_opt = torch.optim.Adam(model.parameters())
     train(model, torch_opt, make_batches(1))
+    saved = torch_opt.state_dict()
+    saved["param_groups"][0]["differentiable"] = True
     calls = []
 
-    def drop_amsgrad(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> None:
+    def drop_differentiable(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> None:
         calls.append(1)
         for group in state_dict["param_groups"]:
-            group["amsgrad"] = False
-        for p_state in state_dict["state"].values():
-            del p_state["max_exp_avg_sq"]
+            group["differentiable"] = False
 
     opt = Adam(model.parameters())
-    opt.register_load_state_dict_pre_hook(drop_amsgrad)
-    opt.load_state_dict(torch_opt.state_dict())
+    opt.register_load_state_dict_pre_hook(drop_differentiable)
+    opt.load_state_dict(saved)
     assert len(calls) == 1
     assert opt.state[model.fc1.weight]["step"].item() == 1
 
@@ -594,27 +594,6 @@ def test_step_count_dtype_follows_torch_under_a_float64_default_dtype(path: dict
         assert all(s["step"].item() == 3 for s in again.state.values())
     finally:
         torch.set_default_dtype(previous)
-
-
-@pytest.mark.parametrize("path", PATHS)
-def test_tensor_lr_and_betas_and_torch_flags_at_their_defaults_step_as_floats(path: dict[str, bool]) -> None:
-    expected, got = make_model(), make_model()
-    # The tensors hold float32 values: the floats they are read as
-    lr, beta1, beta2 = (float(torch.tensor(x)) for x in (1e-2, 0.8, 0.99))
-    train(expected, Adam(expected.parameters(), lr=lr, betas=(beta1, beta2), **path), make_batches(3))
-    opt = Adam(
-        [{"params": got.fc1.parameters()}],
-        lr=torch.tensor(1e-2),
-        betas=(torch.tensor(0.8), torch.tensor(0.99)),
-        amsgrad=False,
-        capturable=False,
-        differentiable=False,
-        **path,
-    )
-    opt.add_param_group({"params": got.fc2.parameters(), "lr": torch.tensor(1e-2)})
-    assert all(type(g["lr"]) is float and type(g["betas"][0]) is float for g in opt.param_groups)
-    train(got, opt, make_batches(3))
-    assert_bitwise_equal(dict(expected.named_parameters()), dict(got.named_parameters()))
 
 
 def test_closure_and_loss_together_are_refused() -> None:
@@ -861,3 +840,16 @@ def test_the_default_float32_cpu_path_skips_an_l2_update_that_would_overflow() -
     opt = Adam([p], lr=1e-3, weight_decay=1e30, fused=None)
     opt.step()
     assert opt.skipped_steps.item() == 1 and torch.equal(p, torch.ones(4))
+
+
+def test_repr_names_every_policy() -> None:
+    opt = Adam(make_model().parameters(), clip_value=1.0, on_empty="skip")
+    assert "clip_value=1.0, on_nonfinite='skip', on_empty='skip', fused=None, foreach=None" in repr(opt)
+
+
+def test_argument_violation_is_exported() -> None:
+    import provetrain
+
+    assert provetrain.ArgumentViolation is ArgumentViolation
+    with pytest.raises(provetrain.ArgumentViolation):
+        provetrain.Adam(make_model().parameters(), lr=-1.0)

@@ -204,21 +204,16 @@ class StepCertifier:
         value = loss.detach().to(torch.float64).sum()
         self._loss = value if self._loss is None else self._loss + value
 
-    @torch.no_grad()
     def guard_loss_(self) -> None:
-        """Before ``optimizer.step()``: when the loss added so far is non-finite, set one gradient element to
-        NaN, so that the optimizer's finite guard skips the step on the device (no host read).
+        """Before ``optimizer.step()``: hand the loss added so far (every micro-batch's, summed) to
+        :meth:`~provetrain.ops.adam.Adam.observe_loss`, so that a non-finite one skips the step on the device
+        (no host read), as ``step(loss=...)`` would.
 
-        Frameworks that call ``step()`` without the loss would otherwise apply a step whose loss is NaN
-        while its gradients are finite. The gradients are discarded by the next ``zero_grad``.
+        Frameworks call ``step()`` without the loss: a step whose loss is NaN while its gradients are finite
+        would otherwise be applied.
         """
-        if self._loss is None:
-            return
-        grad = next((p.grad for g in self.optimizer.param_groups for p in g["params"] if _has_values(p.grad)), None)
-        if grad is None:
-            return  # the optimizer will refuse the step itself: no parameter has a gradient
-        bad = ~torch.isfinite(self._loss).to(grad.device, non_blocking=True)
-        grad[(0,) * grad.dim()].masked_fill_(bad, math.nan)
+        if self._loss is not None:
+            self.optimizer.observe_loss(self._loss)
 
     def record_step(self, step: int) -> None:
         """After ``optimizer.step()``: keep step ``step``'s loss and counters on the device until read back.
@@ -334,6 +329,3 @@ class StepCertifier:
         """Write :meth:`certificate` to ``path`` atomically (a crash leaves the previous file, never half)."""
         write_json(path, self.certificate(outcome=outcome, run=run))
 
-
-def _has_values(grad: Tensor | None) -> bool:
-    return grad is not None and grad.numel() > 0

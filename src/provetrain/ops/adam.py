@@ -78,9 +78,10 @@ OnEmpty = Literal["raise", "skip"]
 
 _GRADIENTS_FINITE = "gradients.iter().all(|g| g.is_finite())"
 _STATE_KEYS = frozenset({"step", "exp_avg", "exp_avg_sq"})
-# Keys torch.optim.Adam keeps in each parameter group that mean nothing here (amsgrad and differentiable
-# are refused on load when True).
-_TORCH_ONLY_GROUP_KEYS = ("amsgrad", "foreach", "capturable", "differentiable", "fused")
+_AMSGRAD_STATE_KEYS = _STATE_KEYS | {"max_exp_avg_sq"}
+# Keys torch.optim.Adam keeps in each parameter group that are optimizer-wide here (foreach and fused name
+# provetrain's paths) or refused (differentiable=True, on load).
+_TORCH_ONLY_GROUP_KEYS = ("foreach", "differentiable", "fused")
 # Where state_dict() keeps the counters; torch.optim ignores keys it does not know.
 _COUNTERS_KEY = "provetrain"
 _REDUCED_DTYPES = (torch.bfloat16, torch.float16)
@@ -100,13 +101,15 @@ def adam_step_(
     *,
     skip: Tensor | None = None,
     k: Tensor | None = None,
-    lr: float,
-    beta1: float,
-    beta2: float,
+    lr: float | Tensor,
+    beta1: float | Tensor,
+    beta2: float | Tensor,
     eps: float,
     weight_decay: float,
     decoupled_weight_decay: bool,
     maximize: bool,
+    max_exp_avg_sqs: Sequence[Tensor] | None = None,
+    capturable: bool = False,
 ) -> Tensor | None:
     r"""One clipped Adam (or AdamW) step, in place, unless ``skip``: the reference implementation.
 
@@ -122,6 +125,8 @@ def adam_step_(
 
     with ``maximize`` negating :math:`y` first, then L2 weight decay :math:`y \leftarrow y + \lambda\theta`,
     or with ``decoupled_weight_decay`` :math:`\theta \leftarrow \theta(1 - \eta\lambda)` before the update.
+    AMSGrad (Reddi et al., 2018; ``max_exp_avg_sqs`` given) keeps :math:`\hat v \leftarrow \max(\hat v, v)`
+    and divides by :math:`\sqrt{\hat v}` instead of :math:`\sqrt{v}`.
 
     Args:
         params, grads, exp_avgs, exp_avg_sqs: one tensor per parameter, each list in the same order; the
@@ -130,9 +135,14 @@ def adam_step_(
         skip: 0-d bool tensor on any device; where it holds, nothing changes (bit for bit). ``None`` steps.
         k: 0-d float64 clip coefficient from :func:`provetrain.ops.clip.clip_coefficient`, or ``None`` to
             use the gradients as they are.
-        lr, beta1, beta2, eps, weight_decay: :math:`\eta, \beta_1, \beta_2, \epsilon, \lambda`.
+        lr, beta1, beta2, eps, weight_decay: :math:`\eta, \beta_1, \beta_2, \epsilon, \lambda`; ``lr`` and
+            the betas may be 0-d tensors, used in tensor arithmetic exactly as ``torch.optim.Adam`` uses them.
         decoupled_weight_decay: AdamW's decay instead of Adam's L2 penalty.
         maximize: ascend instead of descend.
+        max_exp_avg_sqs: AMSGrad's running maxima of :math:`v` (the parameters' dtype), or ``None``.
+        capturable: the arithmetic of ``torch.optim.Adam(capturable=True)``: the bias corrections and the
+            step size are 0-d tensors computed from the step count on the device (no host read even on CPU),
+            and the update is ``theta + m / (sqrt(v) / (c2 * -s) + eps / -s)``, as torch forms it.
 
     Returns:
         With ``k``: ``(s, e)``, the sum of squares of the clipped gradients :math:`y` (before maximize and
@@ -157,15 +167,17 @@ def adam_step_(
             [ys[i] for i in indices],
             [exp_avgs[i] for i in indices],
             [exp_avg_sqs[i] for i in indices],
+            None if max_exp_avg_sqs is None else [max_exp_avg_sqs[i] for i in indices],
             [state_steps[i] for i in indices],
             skip=None if skip is None else skip.to(device, non_blocking=True),
-            lr=lr,
-            beta1=beta1,
-            beta2=beta2,
+            lr=_to_scalar(lr),
+            beta1=_to_scalar(beta1),
+            beta2=_to_scalar(beta2),
             eps=eps,
             weight_decay=weight_decay,
             decoupled_weight_decay=decoupled_weight_decay,
             maximize=maximize,
+            capturable=capturable,
         )
     return clipped_sum_sq
 
@@ -175,72 +187,151 @@ def _adam_group_(
     ys: list[Tensor],
     exp_avgs: list[Tensor],
     exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor] | None,
     steps: list[Tensor],
     *,
     skip: Tensor | None,
-    lr: float,
-    beta1: float,
-    beta2: float,
+    lr: float | Tensor,
+    beta1: float | Tensor,
+    beta2: float | Tensor,
     eps: float,
     weight_decay: float,
     decoupled_weight_decay: bool,
     maximize: bool,
+    capturable: bool,
 ) -> None:
-    """:func:`adam_step_` for tensors of one device and dtype, with foreach kernels where they help."""
+    """:func:`adam_step_` for tensors of one device and dtype, with foreach kernels where they help.
+
+    Each line performs the kernel ``torch.optim.Adam(foreach=False)`` performs, on the same operands (a
+    tensor hyper-parameter stays a tensor), out of place, so that the skip can keep the old bits."""
     # Adding 0.0 leaves a count bitwise unchanged: the step advances or not without a host branch.
     advance = torch.ones_like(steps[0]) if skip is None else (~skip).to(steps[0].dtype)
     torch._foreach_add_(steps, [advance] * len(steps))
-    neg_step_sizes, bias_correction2_sqrts = zip(*(_step_scalars(t, lr, beta1, beta2) for t in steps), strict=True)
 
     if maximize:
         ys = torch._foreach_neg(ys)
     start = params
     if weight_decay != 0:
         if decoupled_weight_decay:
-            start = torch._foreach_mul(params, 1 - lr * weight_decay)
+            start = _foreach_scale(params, 1 - lr * weight_decay)
         else:
-            ys = torch._foreach_add(ys, params, alpha=weight_decay)
+            ys = [_add_weight_decay(y, p, weight_decay) for y, p in zip(ys, params, strict=True)]
 
-    new_exp_avgs = torch._foreach_lerp(exp_avgs, ys, 1 - beta1)
-    new_exp_avg_sqs = torch._foreach_mul(exp_avg_sqs, beta2)
-    torch._foreach_addcmul_(new_exp_avg_sqs, ys, ys, value=1 - beta2)
-    denoms = torch._foreach_sqrt(new_exp_avg_sqs)
-    torch._foreach_div_(denoms, list(bias_correction2_sqrts))
-    torch._foreach_add_(denoms, eps)
-    # torch computes addcdiv(theta, m, denom, value=-step_size) as theta + (value * m) / denom, the product
-    # in float32 for reduced dtypes; a tensor step size cannot be `value`, so the product is formed first.
-    opmath = torch.float32 if params[0].dtype in _REDUCED_DTYPES else params[0].dtype
-    scaled = torch._foreach_mul([m.to(opmath) for m in new_exp_avgs], list(neg_step_sizes))
-    new_params = [torch.addcdiv(p, s, d).to(p.dtype) for p, s, d in zip(start, scaled, denoms, strict=True)]
+    if isinstance(beta1, Tensor):  # torch casts a tensor beta1 to the parameters' device and dtype first
+        weight = 1 - beta1.to(device=params[0].device, dtype=params[0].dtype, non_blocking=True)
+        new_exp_avgs = [torch.lerp(m, y, weight) for m, y in zip(exp_avgs, ys, strict=True)]
+    else:
+        new_exp_avgs = torch._foreach_lerp(exp_avgs, ys, 1 - beta1)
+    new_exp_avg_sqs = _foreach_scale(exp_avg_sqs, beta2)
+    # A tensor value is read as a Scalar, as torch's addcmul_(value=1 - beta2) reads it.
+    torch._foreach_addcmul_(new_exp_avg_sqs, ys, ys, value=float(1 - beta2))
+    new_maxima = None if max_exp_avg_sqs is None else torch._foreach_maximum(max_exp_avg_sqs, new_exp_avg_sqs)
+    second = new_exp_avg_sqs if new_maxima is None else new_maxima
 
-    for old, new in zip(
-        chain(params, exp_avgs, exp_avg_sqs), chain(new_params, new_exp_avgs, new_exp_avg_sqs), strict=True
-    ):
+    if capturable:
+        new_params = [
+            _capturable_update(p, m, v, t, lr, beta1, beta2, eps)
+            for p, m, v, t in zip(start, new_exp_avgs, second, steps, strict=True)
+        ]
+    else:
+        neg_step_sizes, bias_correction2_sqrts = zip(
+            *(_step_scalars(t, lr, beta1, beta2) for t in steps), strict=True
+        )
+        denoms = torch._foreach_sqrt(second)
+        torch._foreach_div_(denoms, list(bias_correction2_sqrts))
+        torch._foreach_add_(denoms, eps)
+        # torch computes addcdiv(theta, m, denom, value=-step_size) as theta + (value * m) / denom, the
+        # product in float32 for reduced dtypes; a tensor step size cannot be `value`, so it is formed first.
+        opmath = torch.float32 if params[0].dtype in _REDUCED_DTYPES else params[0].dtype
+        scaled = torch._foreach_mul([m.to(opmath) for m in new_exp_avgs], list(neg_step_sizes))
+        new_params = [torch.addcdiv(p, s, d).to(p.dtype) for p, s, d in zip(start, scaled, denoms, strict=True)]
+
+    olds = chain(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs or ())
+    news = chain(new_params, new_exp_avgs, new_exp_avg_sqs, new_maxima or ())
+    for old, new in zip(olds, news, strict=True):
         if skip is None:
             old.copy_(new)
         else:
             torch.where(skip, old, new, out=old)
 
 
-def _step_scalars(step: Tensor, lr: float, beta1: float, beta2: float) -> tuple[Tensor, Tensor]:
+def _add_weight_decay(y: Tensor, param: Tensor, weight_decay: float) -> Tensor:
+    """``y + weight_decay * param``; for the real view of a complex parameter, formed in complex arithmetic
+    as torch does it (before its ``view_as_real``): the complex kernel rounds the product before the sum."""
+    base = param._base
+    if base is not None and base.is_complex() and param.shape == (*base.shape, 2):
+        return torch.view_as_real(torch.view_as_complex(y).add(base, alpha=weight_decay))
+    return torch.add(y, param, alpha=weight_decay)
+
+
+def _foreach_scale(tensors: list[Tensor], factor: float | Tensor) -> list[Tensor]:
+    """``t * factor`` for each tensor: a float as a Scalar, a 0-d tensor as torch's ``mul_(tensor)`` takes it."""
+    if isinstance(factor, Tensor):
+        return [torch.mul(t, factor) for t in tensors]
+    return torch._foreach_mul(tensors, factor)
+
+
+def _capturable_update(
+    param: Tensor,
+    exp_avg: Tensor,
+    second: Tensor,
+    step: Tensor,
+    lr: float | Tensor,
+    beta1: float | Tensor,
+    beta2: float | Tensor,
+    eps: float,
+) -> Tensor:
+    r"""The new parameter as ``torch.optim.Adam(capturable=True)`` forms it, every scalar a device tensor:
+
+    .. math::
+        s = \eta / (1 - \beta_1^t), \qquad
+        \theta + m \,/\, \bigl(\sqrt{v} / (\sqrt{1 - \beta_2^t} \cdot (-s)) + \epsilon / (-s)\bigr)
+    """
+    bias_correction1 = 1 - beta1**step
+    bias_correction2 = 1 - beta2**step
+    step_size_neg = (lr / bias_correction1).neg()
+    bias_correction2_sqrt = bias_correction2.sqrt()
+    denom = (second.sqrt() / (bias_correction2_sqrt * step_size_neg)).add_(eps / step_size_neg)
+    return torch.addcdiv(param, exp_avg, denom)
+
+
+def _to_scalar(value: float | Tensor) -> float | Tensor:
+    """A 1-element tensor as a 0-d tensor (torch.optim.optimizer._to_scalar); anything else as it is."""
+    return value.squeeze() if isinstance(value, Tensor) and value.dim() != 0 else value
+
+
+def _step_scalars(
+    step: Tensor, lr: float | Tensor, beta1: float | Tensor, beta2: float | Tensor
+) -> tuple[Tensor, Tensor]:
     r"""``(-lr / (1 - beta1**t), sqrt(1 - beta2**t))`` as 0-d float64 tensors on the step's device.
 
     On CPU the count is read (no device synchronisation) and both are computed in Python floats exactly as
     ``torch.optim.Adam(foreach=False)`` computes them (``bias_correction2 ** 0.5``): torch's vectorised
     float64 ``sqrt`` is not always correctly rounded (measured at t = 38, beta2 = 0.999 on an AVX-512 CPU).
     Elsewhere they stay on the device; the division is a true division, not ``reciprocal() * lr``.
+    Tensor hyper-parameters enter torch's expressions as tensors, as in torch (a float32 ``lr`` gives a
+    float32 step size), and the results are widened to float64 exactly.
     """
     if step.device.type == "cpu" and _FREE_CPU_READS:
         t = max(float(step), 1.0)  # 0 only on a skipped first step, whose scalars are never used
+        neg_step_size = -(lr / (1 - beta1**t))
+        bias_correction2_sqrt = (1 - beta2**t) ** 0.5
         return (
-            torch.full((), -(lr / (1 - beta1**t)), dtype=torch.float64),
-            torch.full((), (1 - beta2**t) ** 0.5, dtype=torch.float64),
+            torch.as_tensor(neg_step_size, dtype=torch.float64).clone(),
+            torch.as_tensor(bias_correction2_sqrt, dtype=torch.float64).clone(),
         )
     t = step.to(torch.float64)
-    bias_correction1 = 1 - beta1**t
-    bias_correction2 = 1 - beta2**t
-    neg_step_size = torch.full_like(t, -lr).div_(bias_correction1)
-    return neg_step_size, bias_correction2.sqrt()
+    bias_correction1 = 1 - _on(beta1, t) ** t
+    bias_correction2 = 1 - _on(beta2, t) ** t
+    neg_step_size = (-_on(lr, t)).div(bias_correction1) if isinstance(lr, Tensor) else torch.full_like(t, -lr).div_(
+        bias_correction1
+    )
+    return neg_step_size.to(torch.float64), bias_correction2.sqrt().to(torch.float64)
+
+
+def _on(value: float | Tensor, like: Tensor) -> float | Tensor:
+    """A tensor hyper-parameter on ``like``'s device (float64), a float as it is."""
+    return value.to(device=like.device, dtype=torch.float64, non_blocking=True) if isinstance(value, Tensor) else value
 
 
 def _group_by_device_and_dtype(tensors: Sequence[Tensor]) -> dict[tuple[torch.device, torch.dtype], list[int]]:
@@ -257,11 +348,20 @@ class _GroupBatch:
     group_index: int
     group: dict[str, Any]
     positions: list[int] = field(default_factory=list)
+    # The parameters as the group holds them: the keys of Optimizer.state.
+    keys: list[Tensor] = field(default_factory=list)
+    # What the step works on: the parameters, their gradients and moments, a complex one as its real view
+    # (torch.view_as_real, as torch.optim.Adam does): a complex gradient's norm is the norm of its real view.
     params: list[Tensor] = field(default_factory=list)
     grads: list[Tensor] = field(default_factory=list)
     exp_avgs: list[Tensor] = field(default_factory=list)
     exp_avg_sqs: list[Tensor] = field(default_factory=list)
+    max_exp_avg_sqs: list[Tensor] = field(default_factory=list)  # AMSGrad groups only
     steps: list[Tensor] = field(default_factory=list)
+
+    @property
+    def amsgrad(self) -> bool:
+        return bool(self.group.get("amsgrad", False))
 
     def hyperparameters(self) -> dict[str, Any]:
         g = self.group
@@ -274,6 +374,14 @@ class _GroupBatch:
             "weight_decay": g["weight_decay"],
             "decoupled_weight_decay": g["decoupled_weight_decay"],
             "maximize": g["maximize"],
+        }
+
+    def reference_arguments(self) -> dict[str, Any]:
+        """The hyper-parameters and AMSGrad/capturable state as :func:`adam_step_` takes them."""
+        return {
+            **self.hyperparameters(),
+            "max_exp_avg_sqs": self.max_exp_avg_sqs if self.amsgrad else None,
+            "capturable": bool(self.group.get("capturable", False)),
         }
 
 
@@ -302,8 +410,10 @@ class Adam(Optimizer):
       ``clip_value`` (contract clause ``grad_norm <= clip_value``); NaN when the last step was skipped.
 
     Args:
-        params: tensors, ``model.named_parameters()`` (names then appear in errors), or parameter-group
-            dicts that may override ``lr``, ``betas``, ``eps``, ``weight_decay`` and ``maximize``.
+        params: tensors (real or complex), ``model.named_parameters()`` (names then appear in errors), or
+            parameter-group dicts that may override ``lr``, ``betas``, ``eps``, ``weight_decay``,
+            ``amsgrad``, ``capturable`` and ``maximize``. A complex parameter is stepped as its real view
+            (``torch.view_as_real``), as torch does: its gradient's norm is the norm of the real view.
         lr: learning rate :math:`\eta > 0` (contract clause ``lr > 0.0``).
         betas: :math:`(\beta_1, \beta_2)`, each in ``[0, 1)``.
         eps: :math:`\epsilon \ge 0`, added to the denominator.
@@ -320,18 +430,26 @@ class Adam(Optimizer):
             tensors), ``False`` for the reference path, ``None`` to use the kernel whenever it is available
             and supports every tensor of the step.
         decoupled_weight_decay: AdamW's decay (Loshchilov & Hutter, 2019); prefer :class:`AdamW`.
-        amsgrad, capturable, differentiable: ``torch.optim.Adam``'s flags, accepted at their default
-            ``False``; ``True`` is refused with the reason (see the README's table of torch's keywords).
+        amsgrad: AMSGrad (Reddi et al., 2018), torch's meaning: keep ``max_exp_avg_sq``, the running maximum
+            of ``exp_avg_sq``, and divide by its root; a skipped step keeps the maximum too. Runs on the
+            reference and multi-tensor paths (the C kernel has none).
+        capturable: torch's ``capturable=True`` arithmetic: the bias corrections and the step size are
+            device tensors computed from the count, so the step makes no host read and can be captured in
+            a CUDA graph (with ``on_nonfinite="skip"``). Unlike torch it also runs on CPU.
+        differentiable: ``False`` only; ``True`` is refused with the reason (a guarded, clipped step is not
+            differentiable).
 
-    ``lr`` and ``betas`` may be 1-element tensors, as in torch; they are read once, as floats. ``fused``
-    and ``foreach`` name provetrain's paths, not torch's: ``fused=True`` is provetrain's C kernel
-    (contiguous float32 CPU tensors), ``foreach=True`` the multi-tensor path on torch's own fused Adam
-    kernel (``torch._fused_adam_``, any device), ``False`` for either excludes that path; every path takes
-    the same clip and guard.
+    ``lr`` and ``betas`` may be 1-element tensors, as in torch (with torch's rules: both betas or neither,
+    and with ``foreach=True`` only when ``capturable``); they stay tensors and enter the arithmetic as
+    torch's does, so a scheduler may fill a tensor ``lr`` in place. ``fused`` and ``foreach`` name
+    provetrain's paths: ``fused=True`` is provetrain's C kernel (contiguous float32 CPU tensors),
+    ``foreach=True`` the multi-tensor path on torch's own fused Adam kernel (``torch._fused_adam_``, any
+    device), ``False`` for either excludes that path; every path takes the same clip and guard.
 
     The state of each parameter is ``step`` (0-d float32 tensor on the parameter's device), ``exp_avg`` and
-    ``exp_avg_sq`` (the parameter's dtype), the layout of ``torch.optim.Adam(capturable=True)``: state
-    dicts move both ways between this class and ``torch.optim.Adam``/``AdamW`` (without ``amsgrad``).
+    ``exp_avg_sq`` (and ``max_exp_avg_sq`` with amsgrad), in the parameter's dtype, the layout of
+    ``torch.optim.Adam(capturable=True)``: state dicts move both ways between this class and
+    ``torch.optim.Adam``/``AdamW``.
 
     Example:
         >>> model = torch.nn.Linear(3, 1)
@@ -365,7 +483,7 @@ class Adam(Optimizer):
         capturable: bool = False,
         differentiable: bool = False,
     ) -> None:
-        _check_torch_flags(amsgrad=amsgrad, capturable=capturable, differentiable=differentiable)
+        _check_differentiable(differentiable)
         # torch's order: the hyper-parameters first, then the parameters (params=None is a TypeError after).
         defaults = _check_hyperparameters(
             {
@@ -373,7 +491,9 @@ class Adam(Optimizer):
                 "betas": betas,
                 "eps": eps,
                 "weight_decay": weight_decay,
+                "amsgrad": amsgrad,
                 "maximize": maximize,
+                "capturable": capturable,
                 "decoupled_weight_decay": decoupled_weight_decay,
             },
             where="",
@@ -382,6 +502,12 @@ class Adam(Optimizer):
         self.on_nonfinite: OnNonfinite = _check_on_nonfinite(on_nonfinite)
         self.fused = _check_fused(fused)
         self.foreach = _check_foreach(foreach, self.fused)
+        _check_tensor_hyperparameters_with_foreach(defaults, self.foreach)
+        if self.fused is True and amsgrad:
+            raise ValueError(
+                "fused=True with amsgrad=True: provetrain's C kernel keeps no running maximum of exp_avg_sq; "
+                "pass fused=None (torch's fused kernel on the multi-tensor path takes amsgrad) or foreach=True"
+            )
         self.on_empty: OnEmpty = _check_on_empty(on_empty)
         if isinstance(params, Tensor):
             raise TypeError(
@@ -400,6 +526,8 @@ class Adam(Optimizer):
         self._empty_steps = torch.zeros((), dtype=torch.int64)
         # exp_avg tensors checked for the C kernel, by id with a weak reference (ids are reused after a free)
         self._kernel_ready_moments: dict[int, weakref.ref[Tensor]] = {}
+        # observe_loss(): a 0-d bool device tensor, "a micro-step loss since the last step was non-finite"
+        self._observed_nonfinite: Tensor | None = None
 
     # -- counters ---------------------------------------------------------------------------------
 
@@ -425,6 +553,46 @@ class Adam(Optimizer):
 
     # -- the step ---------------------------------------------------------------------------------
 
+    def observe_loss(self, loss: Tensor | float) -> None:
+        """Hand the optimizer one gradient-accumulation micro-step's loss, for the next :meth:`step`'s guard.
+
+        ``step(loss=...)`` sees one loss; under accumulation an earlier micro-step's loss can be NaN while
+        every gradient stays finite (a NaN that the loss scaling or a masked term hid from backward). Call
+        this after each micro-step's forward pass: it ORs "this loss is non-finite" into a 0-d bool flag on
+        the device, **without a host read**, and the next :meth:`step` treats a set flag exactly as a
+        non-finite ``step(loss=...)``: the step is skipped and counted once in ``skipped_steps`` (or, with
+        ``on_nonfinite="raise"``, :class:`~provetrain.errors.ContractViolation` ``loss.is_finite()`` names
+        an observed micro-step loss). Every :meth:`step` consumes the flag (it starts clear again).
+
+        :meth:`zero_grad` does not clear it: the flag covers the accumulated step, whose micro-steps may
+        call ``zero_grad`` only before the first of them, or (in some loops) around each; only the step
+        that would apply the accumulated gradient decides on it.
+
+        Args:
+            loss: the micro-step's loss, a tensor (any shape; every element is checked) or a Python number.
+
+        Example:
+            >>> model = torch.nn.Linear(3, 1)
+            >>> opt = Adam(model.parameters(), clip_value=1.0)
+            >>> for x in torch.ones(4, 2, 3):  # 4 micro-steps, one optimizer step
+            ...     loss = model(x).sum() / 4
+            ...     opt.observe_loss(loss)
+            ...     loss.backward()
+            >>> opt.step()
+            >>> int(opt.skipped_steps)
+            0
+        """
+        if not isinstance(loss, Tensor) and not _is_real(loss):
+            raise TypeError(f"observe_loss(loss={loss!r}): loss must be a tensor or a real number")
+        flag = _loss_nonfinite_flag(loss, self._counters["skipped_steps"].device)
+        seen = self._observed_nonfinite
+        self._observed_nonfinite = flag if seen is None else seen | flag
+
+    def _take_observed(self) -> Tensor | None:
+        """The flag of :meth:`observe_loss` since the last step, cleared: every step consumes it."""
+        observed, self._observed_nonfinite = self._observed_nonfinite, None
+        return observed
+
     def step(  # type: ignore[override]
         self, closure: Callable[[], Any] | None = None, *, loss: Tensor | float | None = None
     ) -> Any:
@@ -448,6 +616,7 @@ class Adam(Optimizer):
         # Set by torch.amp.GradScaler.step() for optimizers with _step_supports_amp_scaling (and deleted after).
         grad_scale: Tensor | None = getattr(self, "grad_scale", None)
         found_inf: Tensor | None = getattr(self, "found_inf", None)
+        observed = self._take_observed()
         with torch.no_grad():
             batches = self._gather()
             if not batches:  # on_empty="skip": nothing to clip or update, as in torch.optim
@@ -458,16 +627,16 @@ class Adam(Optimizer):
                 check_gradual_underflow({b.params[0].device for b in batches})
             path = self._choose_path(batches)
             if path == "multi_tensor":
-                self._step_multi_tensor(batches, loss, grad_scale, found_inf)
+                self._step_multi_tensor(batches, loss, grad_scale, found_inf, observed)
                 return loss
             if grad_scale is not None:
                 # The other paths clip what is stored: unscale first, as GradScaler.unscale_ would.
                 torch._foreach_div_([g for b in batches for g in b.grads], grad_scale)
             skip_scaled = None if found_inf is None else found_inf > 0
             if path == "fused":
-                self._step_fused(batches, loss, skip_scaled)
+                self._step_fused(batches, loss, skip_scaled, observed)
             else:
-                self._step_reference(batches, loss, skip_scaled)
+                self._step_reference(batches, loss, skip_scaled, observed)
         return loss
 
     def _choose_path(self, batches: list[_GroupBatch]) -> Literal["fused", "multi_tensor", "reference"]:
@@ -492,8 +661,9 @@ class Adam(Optimizer):
                         "does not support; use torch.optim.SparseAdam for it."
                     )
                 batch.positions.append(position)
-                batch.params.append(p)
-                batch.grads.append(p.grad)
+                batch.keys.append(p)
+                batch.params.append(_real(p))
+                batch.grads.append(_real(p.grad))
             if batch.params:
                 batches.append(batch)
         if not batches and self.on_empty == "raise":
@@ -514,22 +684,29 @@ class Adam(Optimizer):
         for b in batches:
             if b.exp_avgs:
                 continue  # attached already (a path that hands the step over to the reference path)
-            for p in b.params:
+            for p in b.keys:
                 state = self.state[p]
                 if not state:
                     state.update(_fresh_state(p, step_dtype))
-                b.exp_avgs.append(state["exp_avg"])
-                b.exp_avg_sqs.append(state["exp_avg_sq"])
+                b.exp_avgs.append(_real(state["exp_avg"]))
+                b.exp_avg_sqs.append(_real(state["exp_avg_sq"]))
+                if b.amsgrad:
+                    # Absent when amsgrad was switched on after steps without it: its maximum starts at 0,
+                    # as it does for a new parameter.
+                    if "max_exp_avg_sq" not in state:
+                        state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    b.max_exp_avg_sqs.append(_real(state["max_exp_avg_sq"]))
                 b.steps.append(state["step"])
 
     def _multi_tensor_fits(self, batches: list[_GroupBatch]) -> bool:
         """Whether torch's fused kernel takes every parameter, gradient and moment of the step."""
         for b in batches:
             # A parameter without state yet gets zeros_like(p) (same strides): p stands in for its moments.
-            states = [self.state.get(p) or {"exp_avg": p, "exp_avg_sq": p} for p in b.params]
+            keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if b.amsgrad else ("exp_avg", "exp_avg_sq")
+            states = [self.state.get(p) or dict.fromkeys(keys, p) for p in b.keys]
             if any(s.get("step", _FLOAT32_STEP).dtype != torch.float32 for s in states):
                 return False  # a float64 count (torch's under a float64 default dtype): the kernel reads float32
-            moments = [[s[key] for s in states] for key in ("exp_avg", "exp_avg_sq")]
+            moments = [[_real(s.get(key, p)) for s, p in zip(states, b.keys, strict=True)] for key in keys]
             if not multi_tensor.fused_kernel_supports(b.params, b.grads, *moments):
                 return False
         return True
@@ -538,14 +715,21 @@ class Adam(Optimizer):
         """Whether the C kernel takes this step; checked once here, so the kernel calls skip their checks."""
         if self.fused is False or (self.fused is None and not fused.fused_available()):
             return False
+        if any(b.amsgrad for b in batches):
+            if self.fused:
+                raise ValueError(
+                    "fused=True, but a parameter group has amsgrad=True and provetrain's C kernel keeps no "
+                    "running maximum of exp_avg_sq; construct with fused=None to use torch's fused kernel."
+                )
+            return False
         tensors = [t for b in batches for t in chain(b.params, b.grads)]
         # Moments are checked once each (a loaded state may be strided differently from its parameter);
         # load_state_dict forgets which were.
         checked = self._kernel_ready_moments
-        for p in (p for b in batches for p in b.params):
+        for p in (p for b in batches for p in b.keys):
             state = self.state.get(p)
             if state and not _remembered(checked, state["exp_avg"]):
-                tensors += [state["exp_avg"], state["exp_avg_sq"]]
+                tensors += [_real(state["exp_avg"]), _real(state["exp_avg_sq"])]
             if state and state["step"].dtype != torch.float32:
                 if self.fused:
                     raise ValueError(
@@ -566,7 +750,7 @@ class Adam(Optimizer):
                     "contiguous float32 CPU tensors only; construct with fused=None to fall back to the "
                     "reference path."
                 )
-        for p in (p for b in batches for p in b.params if self.state.get(p)):
+        for p in (p for b in batches for p in b.keys if self.state.get(p)):
             checked[id(self.state[p]["exp_avg"])] = weakref.ref(self.state[p]["exp_avg"])
         return True
 
@@ -576,17 +760,18 @@ class Adam(Optimizer):
         loss: Tensor | float | None,
         grad_scale: Tensor | None,
         found_inf: Tensor | None,
+        observed: Tensor | None = None,
     ) -> None:
         grads = [g for b in batches for g in b.grads]
         # Pass 1: s 4^e = sum of squares, O(1) launches per (device, dtype); finite iff every gradient is.
         sum_sq, exponent = multi_tensor.scaled_sum_of_squares_multi_tensor(grads)
         if sum_sq.is_cpu and _FREE_CPU_READS:
-            self._step_multi_tensor_on_host(batches, grads, sum_sq, exponent, loss, grad_scale, found_inf)
+            self._step_multi_tensor_on_host(batches, grads, sum_sq, exponent, loss, grad_scale, found_inf, observed)
             return
         total_norm, divisor = multi_tensor.clip_divisor(
             sum_sq, exponent, self.clip_value, grad_scale=grad_scale, **_clip_metadata(grads)
         )
-        skip = self._guard(batches, sum_sq, total_norm, loss, found_inf, step_dtype=torch.float32)
+        skip = self._guard(batches, sum_sq, total_norm, loss, found_inf, observed, step_dtype=torch.float32)
         # Pass 2: torch's fused kernel divides each gradient by the divisor, or does nothing when skipping.
         self._update_multi_tensor(batches, divisor, skip.to(torch.float32))
         # The clipped norm is N_hat sigma / D: no second pass over the gradients (ops.multi_tensor docstring).
@@ -600,18 +785,21 @@ class Adam(Optimizer):
         total_norm: Tensor,
         loss: Tensor | float | None,
         found_inf: Tensor | None,
+        observed: Tensor | None,
         *,
         step_dtype: torch.dtype,
     ) -> Tensor:
-        """The device-side skip flag (non-finite loss or gradient, GradScaler's overflow, or an update that
-        would overflow); raise mode reads it, then every parameter gets its state."""
+        """The device-side skip flag (non-finite loss, observed micro-step loss or gradient, GradScaler's
+        overflow, or an update that would overflow); raise mode reads it, then every parameter gets its state."""
         skip = _skip_flag(sum_sq, loss, found_inf)
+        if observed is not None:
+            skip = skip | observed.to(skip.device, non_blocking=True)
         overflow = _update_overflow_flag(batches, total_norm, self.clip_value)
         if overflow is not None:
             skip = skip | overflow
         # Host read of the device flag: the one synchronisation of raise mode; skip mode never reads it.
         if self.on_nonfinite == "raise" and bool(skip):
-            self._raise_nonfinite(batches, loss, total_norm)
+            self._raise_nonfinite(batches, loss, total_norm, observed)
         self._attach_state(batches, step_dtype)
         return skip
 
@@ -624,6 +812,7 @@ class Adam(Optimizer):
         loss: Tensor | float | None,
         grad_scale: Tensor | None,
         found_inf: Tensor | None,
+        observed: Tensor | None,
     ) -> None:
         """The multi-tensor step with the sum on the CPU: its scalar math in Python floats (free reads)."""
         s, e = float(sum_sq), int(exponent)
@@ -632,9 +821,9 @@ class Adam(Optimizer):
             s, e, self.clip_value, grad_scale=sigma, **_clip_metadata(grads)
         )
         skip = not (math.isfinite(s) and _loss_is_finite(loss)) or (found_inf is not None and bool(found_inf > 0))
-        skip = skip or bool(_update_overflow_flag(batches, total_norm, self.clip_value))
+        skip = skip or _is_set(observed) or bool(_update_overflow_flag(batches, total_norm, self.clip_value))
         if skip and self.on_nonfinite == "raise":
-            self._raise_nonfinite(batches, loss, total_norm)
+            self._raise_nonfinite(batches, loss, total_norm, observed)
         self._attach_state(batches, torch.float32)
         if skip:
             self._record_on_host(True, total_norm, math.nan)
@@ -663,11 +852,16 @@ class Adam(Optimizer):
                     [b.steps[i] for i in indices],
                     divisor=divisor,
                     found_inf=found,
+                    max_exp_avg_sqs=[b.max_exp_avg_sqs[i] for i in indices] if b.amsgrad else None,
                     **hyper,
                 )
 
     def _step_reference(
-        self, batches: list[_GroupBatch], loss: Tensor | float | None, skip_scaled: Tensor | None = None
+        self,
+        batches: list[_GroupBatch],
+        loss: Tensor | float | None,
+        skip_scaled: Tensor | None = None,
+        observed: Tensor | None = None,
     ) -> None:
         grads = [g for b in batches for g in b.grads]
         # Finite guard: S = s 4^e, and s is finite iff every gradient element is (any dtype).
@@ -675,12 +869,12 @@ class Adam(Optimizer):
         # The exponent goes in as a device tensor: a Python int would be copied to the device, a sync.
         max_norm = math.inf if self.clip_value is None else self.clip_value  # inf: measure, never clip
         total_norm, k_clip = clip_coefficient(sum_sq, max_norm, exponent=exponent, **_clip_metadata(grads))
-        skip = self._guard(batches, sum_sq, total_norm, loss, skip_scaled, step_dtype=_default_step_dtype())
+        skip = self._guard(batches, sum_sq, total_norm, loss, skip_scaled, observed, step_dtype=_default_step_dtype())
         k = None if self.clip_value is None else k_clip
         clipped_sums, clipped_exponents = [], []
         for b in batches:
             clipped = adam_step_(
-                b.params, b.grads, b.exp_avgs, b.exp_avg_sqs, b.steps, skip=skip, k=k, **b.hyperparameters()
+                b.params, b.grads, b.exp_avgs, b.exp_avg_sqs, b.steps, skip=skip, k=k, **b.reference_arguments()
             )
             if clipped is not None:
                 clipped_sums.append(clipped[0].to(sum_sq.device, non_blocking=True))
@@ -693,17 +887,22 @@ class Adam(Optimizer):
         self._record(skip, total_norm, clipped_norm)
 
     def _step_fused(
-        self, batches: list[_GroupBatch], loss: Tensor | float | None, skip_scaled: Tensor | None = None
+        self,
+        batches: list[_GroupBatch],
+        loss: Tensor | float | None,
+        skip_scaled: Tensor | None = None,
+        observed: Tensor | None = None,
     ) -> None:
         # Everything here is on the CPU: reading a flag or a count costs no device synchronisation.
         grads = [g for b in batches for g in b.grads]
         sum_sq, grads_finite = fused.sum_sq_and_finite(grads, check=False)  # _use_fused checked them
         skip = not (grads_finite and _loss_is_finite(loss)) or (skip_scaled is not None and bool(skip_scaled))
+        skip = skip or _is_set(observed)
         max_norm = math.inf if skip or self.clip_value is None else self.clip_value
         total_norm, k = clip_coefficient_on_host(sum_sq, max_norm, **_clip_metadata(grads))
         skip = skip or bool(_update_overflow_flag(batches, total_norm, self.clip_value))
         if skip and self.on_nonfinite == "raise":
-            self._raise_nonfinite(batches, loss, total_norm)
+            self._raise_nonfinite(batches, loss, total_norm, observed)
         self._attach_state(batches, torch.float32)
         if skip:
             self._record_on_host(True, total_norm, math.nan)
@@ -733,13 +932,27 @@ class Adam(Optimizer):
         counters["last_clipped_grad_norm"].copy_(unused, non_blocking=True)
 
     def _raise_nonfinite(
-        self, batches: list[_GroupBatch], loss: Tensor | float | None, total_norm: Tensor | float | None = None
+        self,
+        batches: list[_GroupBatch],
+        loss: Tensor | float | None,
+        total_norm: Tensor | float | None = None,
+        observed: Tensor | None = None,
     ) -> NoReturn:
-        """Name the non-finite loss, the first non-finite gradient, or the update that would overflow; the
-        state is still untouched."""
+        """Name the non-finite loss (this step's or an observed micro-step's), the first non-finite gradient,
+        or the update that would overflow; the state is still untouched."""
         step = self._current_step()
         untouched = "Nothing was updated: parameters, moments and step counts are as before this step."
         remedy = "Check the batch and lower the learning rate, or construct with on_nonfinite='skip'."
+        if _is_set(observed):
+            raise ContractViolation(
+                "loss_decrease",
+                "loss.is_finite()",
+                kind="postcondition",
+                step=step,
+                observed={"observed_micro_step_loss": "non-finite"},
+                hint="A micro-step loss handed to observe_loss() since the last step was non-finite, so the "
+                f"accumulated gradient is not applied. {untouched} {remedy}",
+            )
         if not _loss_is_finite(loss):
             raise ContractViolation(
                 "loss_decrease",
@@ -783,8 +996,8 @@ class Adam(Optimizer):
 
     def __repr__(self) -> str:
         policy = (
-            f"clip_value={self.clip_value}, on_nonfinite={self.on_nonfinite!r}, fused={self.fused}, "
-            f"foreach={self.foreach}"
+            f"clip_value={self.clip_value}, on_nonfinite={self.on_nonfinite!r}, on_empty={self.on_empty!r}, "
+            f"fused={self.fused}, foreach={self.foreach}"
         )
         return super().__repr__().replace(" (", f" ({policy}", 1)
 
@@ -809,7 +1022,7 @@ class Adam(Optimizer):
         return state
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Load a state dict of this class or of ``torch.optim.Adam``/``AdamW`` (without ``amsgrad``).
+        """Load a state dict of this class or of ``torch.optim.Adam``/``AdamW``.
 
         A torch state dict has no counters: they restart (0 skipped, NaN norms). Load pre-hooks run first,
         as in torch, so that one can adapt a checkpoint before it is checked.
@@ -844,11 +1057,14 @@ class Adam(Optimizer):
         # Pickles from before on_empty existed
         self.__dict__.setdefault("on_empty", "raise")
         self.__dict__.setdefault("_empty_steps", torch.zeros((), dtype=torch.int64))
+        self.__dict__.setdefault("_observed_nonfinite", None)
         for group in self.param_groups:
             for key in _TORCH_ONLY_GROUP_KEYS:
                 group.pop(key, None)
             group.setdefault("maximize", False)
             group.setdefault("decoupled_weight_decay", False)
+            group.setdefault("amsgrad", False)
+            group.setdefault("capturable", False)
             for p in group["params"]:
                 p_state = self.state.get(p)
                 if p_state and "step" in p_state:
@@ -860,7 +1076,16 @@ class Adam(Optimizer):
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
-        for name in ("clip_value", "on_nonfinite", "on_empty", "fused", "foreach", "_counters", "_empty_steps"):
+        for name in (
+            "clip_value",
+            "on_nonfinite",
+            "on_empty",
+            "fused",
+            "foreach",
+            "_counters",
+            "_empty_steps",
+            "_observed_nonfinite",
+        ):
             state[name] = self.__dict__[name]
         return state
 
@@ -873,12 +1098,12 @@ class Adam(Optimizer):
             )
         saved_groups = state_dict["param_groups"]
         for i, group in enumerate(saved_groups):
-            for flag in ("amsgrad", "differentiable"):
-                if group.get(flag):
-                    raise ValueError(
-                        f"state_dict param_groups[{i}] was saved with {flag}=True, which provetrain's Adam "
-                        f"does not implement; load it into torch.optim.Adam({flag}=True) instead."
-                    )
+            if group.get("differentiable"):
+                raise ValueError(
+                    f"state_dict param_groups[{i}] was saved with differentiable=True, which provetrain's Adam "
+                    "does not implement (a guarded, clipped step is not differentiable); load it into "
+                    "torch.optim.Adam(differentiable=True) instead."
+                )
         if len(saved_groups) != len(self.param_groups) or any(
             len(s["params"]) != len(g["params"]) for s, g in zip(saved_groups, self.param_groups, strict=True)
         ):
@@ -886,21 +1111,28 @@ class Adam(Optimizer):
         by_id = dict(
             zip(
                 chain.from_iterable(s["params"] for s in saved_groups),
-                ((g, gi, pi, p) for gi, g in enumerate(self.param_groups) for pi, p in enumerate(g["params"])),
+                (
+                    (g, gi, pi, p, bool(saved.get("amsgrad", False)))
+                    for gi, (g, saved) in enumerate(zip(self.param_groups, saved_groups, strict=True))
+                    for pi, p in enumerate(g["params"])
+                ),
                 strict=True,
             )
         )
         for param_id, p_state in state_dict["state"].items():
             if param_id not in by_id:
                 continue
-            group, gi, pi, p = by_id[param_id]
+            group, gi, pi, p, amsgrad = by_id[param_id]
             label = _param_label(group, gi, pi)
-            if set(p_state) != _STATE_KEYS:
+            # The loaded group's amsgrad decides (torch takes the saved hyper-parameters); a state saved
+            # with amsgrad and loaded into a group without it keeps its maximum, as torch's would.
+            expected = _AMSGRAD_STATE_KEYS if amsgrad else _STATE_KEYS
+            if not expected <= set(p_state) <= _AMSGRAD_STATE_KEYS:
                 raise ValueError(
-                    f"state_dict holds keys {sorted(p_state)} for {label}, expected {sorted(_STATE_KEYS)}: "
+                    f"state_dict holds keys {sorted(p_state)} for {label}, expected {sorted(expected)}: "
                     "it was not saved by Adam or AdamW (provetrain or torch.optim)."
                 )
-            for key in ("exp_avg", "exp_avg_sq"):
+            for key in sorted(set(p_state) - {"step"}):
                 if tuple(p_state[key].shape) != tuple(p.shape):
                     raise ValueError(
                         f"state_dict {key} for {label} has shape {tuple(p_state[key].shape)} but the parameter "
@@ -977,19 +1209,24 @@ def _fused_group_step_(batch: _GroupBatch, k: float) -> float:
             [batch.exp_avgs[i] for i in indices],
             [batch.exp_avg_sqs[i] for i in indices],
             k=k,
-            lr=h["lr"],
-            beta1=h["beta1"],
-            beta2=h["beta2"],
+            lr=float(h["lr"]),  # CPU tensors (the C kernel's tensors are on the CPU): no synchronisation
+            beta1=float(h["beta1"]),
+            beta2=float(h["beta2"]),
             eps=h["eps"],
             weight_decay=h["weight_decay"],
             decoupled=h["decoupled_weight_decay"],
             maximize=h["maximize"],
-            bias_correction1=1 - h["beta1"] ** t,
-            bias_correction2_sqrt=(1 - h["beta2"] ** t) ** 0.5,
+            bias_correction1=1 - float(h["beta1"]) ** t,
+            bias_correction2_sqrt=(1 - float(h["beta2"]) ** t) ** 0.5,
             check=False,  # Adam._use_fused checked every tensor of the step
         )
     fused.advance_step_counts_(batch.steps)
     return clipped_sum_sq
+
+
+def _real(t: Tensor) -> Tensor:
+    """A complex tensor as its real view (``torch.view_as_real``: a trailing dimension of 2), else itself."""
+    return torch.view_as_real(t) if t.is_complex() else t
 
 
 def _remembered(checked: dict[int, weakref.ref[Tensor]], t: Tensor) -> bool:
@@ -1041,6 +1278,11 @@ def _loss_nonfinite_flag(loss: Tensor | float | None, device: torch.device) -> T
         return ~torch.isfinite(loss.detach()).all().to(device, non_blocking=True)
     # A Python number is already on the host: choosing the fill costs no synchronisation.
     return torch.full((), not math.isfinite(loss), dtype=torch.bool, device=device)
+
+
+def _is_set(flag: Tensor | None) -> bool:
+    """Host read of an optional 0-d bool flag (free on CPU; a synchronisation on a device)."""
+    return flag is not None and bool(flag)
 
 
 def _loss_is_finite(loss: Tensor | float | None) -> bool:
@@ -1138,9 +1380,11 @@ def _check_update_stays_finite(batches: list[_GroupBatch], clip_value: float | N
     for b in batches:
         g = b.group
         label = f"param_groups[{b.group_index}]"
-        if g["decoupled_weight_decay"] and g["lr"] * g["weight_decay"] > 1:
+        # A device tensor lr (capturable) is not read: no synchronisation.
+        lr = _host_value(g["lr"]) if g["decoupled_weight_decay"] and g["weight_decay"] else None
+        if lr is not None and lr * g["weight_decay"] > 1:
             raise ValueError(
-                f"{label}: lr * weight_decay = {g['lr'] * g['weight_decay']:.3g} > 1: AdamW's decay "
+                f"{label}: lr * weight_decay = {lr * g['weight_decay']:.3g} > 1: AdamW's decay "
                 f"theta * (1 - lr * weight_decay) would flip and grow the parameters until they overflow; use "
                 "weight_decay <= 1 / lr (typically 0.01 to 0.1)"
             )
@@ -1162,8 +1406,8 @@ def _check_hyperparameters(values: dict[str, Any], *, where: str) -> dict[str, A
     if isinstance(lr, Tensor):
         if lr.numel() != 1:
             raise ValueError(f"{where}Tensor lr must be 1-element, got shape {tuple(lr.shape)}; e.g. lr=1e-3")
-        # Read once, here: the step's scalars are host floats on every path (see _step_scalars).
-        lr = values["lr"] = float(lr)
+        # Kept as the tensor it is (a scheduler fills it in place, as in torch); its value is checked here.
+        lr = float(lr)
     if not _is_real(lr):
         raise TypeError(f"{where}lr={lr!r} must be a float or a 1-element tensor, e.g. lr=1e-3")
     if not lr > 0.0:
@@ -1176,11 +1420,14 @@ def _check_hyperparameters(values: dict[str, Any], *, where: str) -> dict[str, A
     if not math.isfinite(lr):
         raise ValueError(f"{where}lr={lr!r} must be finite; pass a positive learning rate, e.g. lr=1e-3")
     betas = values["betas"]
-    if isinstance(betas, (tuple, list)) and any(isinstance(b, Tensor) for b in betas):
+    tensor_betas = isinstance(betas, (tuple, list)) and any(isinstance(b, Tensor) for b in betas)
+    if tensor_betas:
         if not all(isinstance(b, Tensor) for b in betas):
             raise ValueError(f"{where}betas must be either both floats or both Tensors, got {betas!r}")
-        if any(b.numel() != 1 for b in betas):
-            raise ValueError(f"{where}Tensor betas must be 1-element each, e.g. betas=(0.9, 0.999)")
+        for i, b in enumerate(betas):
+            if b.numel() != 1:
+                raise ValueError(f"{where}Tensor betas[{i}] must be 1-element, e.g. betas=(0.9, 0.999)")
+        stored = tuple(_to_scalar(b) for b in betas)  # torch keeps 0-d tensors
         betas = tuple(float(b) for b in betas)
     if not isinstance(betas, (tuple, list)) or len(betas) != 2 or not all(_is_real(b) for b in betas):
         raise TypeError(f"{where}betas={betas!r} must be a pair of floats, e.g. betas=(0.9, 0.999)")
@@ -1190,7 +1437,7 @@ def _check_hyperparameters(values: dict[str, Any], *, where: str) -> dict[str, A
                 f"{where}betas[{i}]={beta!r} is outside [0, 1): each moment decay rate must satisfy "
                 "0 <= beta < 1, e.g. betas=(0.9, 0.999)"
             )
-    values["betas"] = (float(betas[0]), float(betas[1]))
+    values["betas"] = stored if tensor_betas else (float(betas[0]), float(betas[1]))
     for name, typical in (("eps", "1e-8"), ("weight_decay", "0.0 or 1e-2")):
         value = values[name]
         if not _is_real(value):
@@ -1201,10 +1448,19 @@ def _check_hyperparameters(values: dict[str, Any], *, where: str) -> dict[str, A
         # m / (sqrt(v) + 0) is 0/0 = NaN wherever a gradient entry and its moments are exactly 0: a finite
         # loss and finite gradients would write NaN weights (the optimizer contract's `epsilon > 0.0`).
         raise ValueError(f"{where}eps=0.0 must be > 0: Adam divides by sqrt(v) + eps; pass e.g. eps=1e-8")
-    for name in ("maximize", "decoupled_weight_decay"):
-        if not isinstance(values[name], bool):
+    for name in ("maximize", "decoupled_weight_decay", "amsgrad", "capturable"):
+        if name in values and not isinstance(values[name], bool):
             raise TypeError(f"{where}{name}={values[name]!r} must be True or False")
+    if values.get("differentiable"):
+        raise ValueError(f"{where}differentiable=True is not supported: {_NOT_DIFFERENTIABLE}")
     return values
+
+
+def _host_value(value: float | Tensor) -> float | None:
+    """A hyper-parameter as a float when reading it is free (a float or a CPU tensor), else ``None``."""
+    if isinstance(value, Tensor):
+        return float(value) if value.device.type == "cpu" else None
+    return float(value)
 
 
 def _check_no_repeats(param_group: dict[str, Any], *, where: str) -> None:
@@ -1253,25 +1509,31 @@ def _check_on_nonfinite(on_nonfinite: object) -> OnNonfinite:
     return on_nonfinite  # type: ignore[return-value]
 
 
-_REFUSED_TORCH_FLAGS = {
-    "amsgrad": "provetrain's Adam keeps no running maximum of exp_avg_sq yet (its clip, guard and kernels "
-    "are written for Adam and AdamW); use torch.optim.Adam(amsgrad=True) with clip_grad_norm_",
-    "capturable": "provetrain's state already lives on the parameters' device and on_nonfinite='skip' makes "
-    "no host read on CUDA, but the step has not been tested under CUDA graph capture; construct without "
-    "capturable=True",
-    "differentiable": "the step runs under torch.no_grad(), in place, and its finite guard keeps the old "
-    "values by a data-dependent torch.where: there is no autograd graph through a guarded step to "
-    "differentiate; use torch.optim.Adam(differentiable=True) for meta-learning",
-}
+_NOT_DIFFERENTIABLE = (
+    "a guarded, clipped step is not differentiable: whether it is applied is a data-dependent decision "
+    "(the finite guard keeps the old values by torch.where on isfinite), and the clip coefficient is "
+    "rounded upward by float64 steps (nextafter) to keep the proven bound, a piecewise-constant function "
+    "with no useful derivative; the step also runs in place under torch.no_grad(). Use "
+    "torch.optim.Adam(differentiable=True) with torch's clip for meta-learning"
+)
 
 
-def _check_torch_flags(**flags: object) -> None:
-    """torch.optim.Adam's flags: False (torch's default) is accepted, True refused with the reason."""
-    for name, value in flags.items():
-        if not isinstance(value, bool):
-            raise TypeError(f"{name}={value!r} must be True or False")
-        if value:
-            raise ValueError(f"{name}=True is not supported: {_REFUSED_TORCH_FLAGS[name]}")
+def _check_differentiable(differentiable: object) -> None:
+    if not isinstance(differentiable, bool):
+        raise TypeError(f"differentiable={differentiable!r} must be True or False")
+    if differentiable:
+        raise ValueError(f"differentiable=True is not supported: {_NOT_DIFFERENTIABLE}")
+
+
+def _check_tensor_hyperparameters_with_foreach(defaults: Mapping[str, Any], foreach: bool | None) -> None:
+    """torch's rule: a Tensor lr or Tensor betas with ``foreach=True`` needs ``capturable=True``."""
+    if foreach is not True or defaults["capturable"]:
+        return
+    if isinstance(defaults["lr"], Tensor):
+        raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")
+    for i, beta in enumerate(defaults["betas"]):
+        if isinstance(beta, Tensor):
+            raise ValueError(f"betas[{i}] as a Tensor is not supported for capturable=False and foreach=True")
 
 
 def _check_on_empty(on_empty: object) -> OnEmpty:

@@ -336,38 +336,43 @@ def adam_update_multi_tensor_(
     *,
     divisor: Tensor,
     found_inf: Tensor,
-    lr: float,
-    beta1: float,
-    beta2: float,
+    lr: float | Tensor,
+    beta1: float | Tensor,
+    beta2: float | Tensor,
     eps: float,
     weight_decay: float,
     decoupled_weight_decay: bool,
     maximize: bool,
+    max_exp_avg_sqs: list[Tensor] | None = None,
 ) -> None:
     r"""One Adam (AdamW) step of one (device, dtype) group in torch's fused kernel, clipped by ``divisor``.
 
     Each gradient is divided by ``divisor`` in the kernel (and written back to ``.grad`` divided); nothing
     changes where ``found_inf`` is 1 (0-d float32). The tensors must satisfy :func:`fused_kernel_supports`.
-    ``steps`` are 0-d float32 counts on the parameters' device. No host read on CUDA.
+    ``steps`` are 0-d float32 counts on the parameters' device. No host read on CUDA (a tensor ``beta1`` or
+    ``beta2`` is read once as a float, as torch's fused Adam reads it). ``max_exp_avg_sqs``: AMSGrad's
+    maxima of ``v`` (the kernel's ``amsgrad=True``), laid out like the moments.
     """
     device = params[0].device
     divisor = divisor.to(device, non_blocking=True)
     found_inf = found_inf.to(device, non_blocking=True)
     kernel = torch._fused_adamw_ if decoupled_weight_decay else torch._fused_adam_
+    if isinstance(lr, Tensor):
+        lr = lr.squeeze() if lr.device.type == "cpu" else lr.to(device, non_blocking=True).squeeze()
     torch._foreach_add_(steps, 1.0)
     kernel(
         params,
         grads,
         exp_avgs,
         exp_avg_sqs,
-        [],
+        max_exp_avg_sqs or [],
         steps,
         lr=lr,
-        beta1=beta1,
-        beta2=beta2,
+        beta1=float(beta1),
+        beta2=float(beta2),
         weight_decay=weight_decay,
         eps=eps,
-        amsgrad=False,
+        amsgrad=max_exp_avg_sqs is not None,
         maximize=maximize,
         grad_scale=divisor,
         found_inf=found_inf,

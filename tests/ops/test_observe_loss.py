@@ -1,0 +1,127 @@
+"""Adam.observe_loss: a non-finite loss of any accumulation micro-step skips the accumulated step."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from provetrain.errors import ContractViolation
+from provetrain.ops import adam as adam_module
+from provetrain.ops.adam import Adam, AdamW
+
+from tests.ops.test_adam import PATHS, RecordHostReads, assert_bitwise_equal, make_batches, make_model, snapshot
+
+MICRO_STEPS = 4
+
+
+def accumulate(model, opt, *, nan_at: int | None, seed: int = 1, float_loss: bool = False) -> None:
+    """MICRO_STEPS micro-steps; micro-step ``nan_at``'s observed loss is NaN, every gradient stays finite."""
+    for i, (x, y) in enumerate(make_batches(MICRO_STEPS, seed=seed)):
+        loss = F.mse_loss(model(x), y) / MICRO_STEPS
+        observed = loss.detach() * math.nan if i == nan_at else loss.detach()  # a NaN the backward pass never sees
+        opt.observe_loss(observed.item() if float_loss else observed)
+        loss.backward()
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("ours", [Adam, AdamW])
+@pytest.mark.parametrize("float_loss", [False, True], ids=["tensor_loss", "float_loss"])
+def test_nan_loss_on_micro_step_1_of_4_skips_the_step_once(ours, path, float_loss) -> None:
+    model = make_model()
+    opt = ours(model.named_parameters(), lr=1e-2, clip_value=0.5, **path)
+    accumulate(model, opt, nan_at=None, seed=3)  # one applied step first: the moments are non-zero
+    opt.step()
+    opt.zero_grad()
+    before = snapshot(model, opt)
+    accumulate(model, opt, nan_at=1, float_loss=float_loss)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    opt.step()
+    assert_bitwise_equal(snapshot(model, opt), before)  # weights, both moments and step counts
+    assert int(opt.skipped_steps) == 1
+    assert math.isnan(float(opt.last_clipped_grad_norm))
+    # The flag was consumed: the next accumulated step with finite losses is applied.
+    opt.zero_grad()
+    accumulate(model, opt, nan_at=None)
+    opt.step()
+    assert int(opt.skipped_steps) == 1
+    assert not torch.equal(model.fc1.weight, before["fc1.weight"])
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_finite_observed_losses_change_nothing(path) -> None:
+    a, b = make_model(), make_model()
+    opt_a = Adam(a.parameters(), lr=1e-2, clip_value=0.5, **path)
+    opt_b = Adam(b.parameters(), lr=1e-2, clip_value=0.5, **path)
+    for _ in range(3):
+        opt_a.zero_grad()
+        opt_b.zero_grad()
+        accumulate(a, opt_a, nan_at=None)
+        for x, y in make_batches(MICRO_STEPS, seed=1):
+            (F.mse_loss(b(x), y) / MICRO_STEPS).backward()
+        opt_a.step()
+        opt_b.step()
+    assert_bitwise_equal(snapshot(a, opt_a), snapshot(b, opt_b))
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_raise_mode_names_the_observed_micro_step_loss(path) -> None:
+    model = make_model()
+    opt = Adam(model.parameters(), lr=1e-2, on_nonfinite="raise", **path)
+    accumulate(model, opt, nan_at=0)
+    before = snapshot(model, opt)
+    with pytest.raises(ContractViolation, match=re.escape("micro-step loss handed to observe_loss()")) as info:
+        opt.step()
+    assert info.value.clause == "loss.is_finite()"
+    assert_bitwise_equal(snapshot(model, opt), before)
+    opt.step()  # the raising step consumed the flag: the same (finite) gradients now apply
+    assert int(next(iter(opt.state.values()))["step"]) == 1
+
+
+def test_zero_grad_does_not_clear_the_flag() -> None:
+    # A loop that zeroes gradients around micro-steps still skips the step the NaN micro-step belongs to.
+    model = make_model()
+    opt = Adam(model.parameters(), lr=1e-2, fused=False)
+    x, y = make_batches(1)[0]
+    opt.observe_loss(torch.tensor(math.inf))
+    opt.zero_grad()
+    F.mse_loss(model(x), y).backward()
+    opt.step()
+    assert int(opt.skipped_steps) == 1
+
+
+def test_observed_flag_and_step_loss_count_one_skip_together() -> None:
+    model = make_model()
+    opt = Adam(model.parameters(), lr=1e-2, fused=False)
+    x, y = make_batches(1)[0]
+    loss = F.mse_loss(model(x), y)
+    loss.backward()
+    opt.observe_loss(loss * math.nan)
+    opt.step(loss=loss * math.nan)
+    assert int(opt.skipped_steps) == 1
+
+
+def test_observe_loss_reads_nothing_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The branch CUDA takes: observing and the skip-mode step read no flag on the host.
+    monkeypatch.setattr(adam_module, "_FREE_CPU_READS", False)
+    model = make_model()
+    opt = Adam(model.parameters(), lr=1e-2, clip_value=0.5, fused=False)
+    x, y = make_batches(1)[0]
+    loss = F.mse_loss(model(x), y)
+    with RecordHostReads() as reads:
+        opt.observe_loss(loss * math.nan)
+        opt.observe_loss(loss)
+    loss.backward()
+    with RecordHostReads() as step_reads:
+        opt.step()
+    assert reads.seen == [] and step_reads.seen == []
+    assert int(opt.skipped_steps) == 1
+
+
+def test_observe_loss_refuses_what_is_not_a_loss() -> None:
+    opt = Adam(make_model().parameters())
+    with pytest.raises(TypeError, match="loss must be a tensor or a real number"):
+        opt.observe_loss("nan")  # type: ignore[arg-type]
