@@ -74,9 +74,8 @@ def _sharded_run(rank: int, config: dict[str, Any]) -> dict[str, Any]:
         record["loss"].append(float(loss.detach()))
         passed = torch.tensor(NAN) if rank == 1 and step == NAN_LOSS_STEP else loss.detach()
         record["before"].append(full(p.grad for p in params))
-        optimizer.step(loss=passed)
+        record["skip"].append(_step_skipped(optimizer, passed))
         record["after"].append(full(p.grad for p in params))
-        record["skip"].append(_skipped(optimizer))
         record["weights"].append(full(params))
         moments = [optimizer.state[p][key].to_local() for p in params for key in ("exp_avg", "exp_avg_sq")]
         record["finite"].append(finite([p.to_local() for p in params] + moments))
@@ -85,10 +84,14 @@ def _sharded_run(rank: int, config: dict[str, Any]) -> dict[str, Any]:
     return record
 
 
-def _skipped(optimizer: Any) -> bool:
+def _step_skipped(optimizer: Any, loss: torch.Tensor) -> bool:
+    """Take the step; whether it was skipped."""
     if isinstance(optimizer, ShardedAdamForTests):
+        optimizer.step(loss=loss)
         return bool(optimizer.last.skip)
-    return int(optimizer.skipped_steps) > 0
+    before = int(optimizer.skipped_steps)
+    optimizer.step(loss=loss)
+    return int(optimizer.skipped_steps) > before
 
 
 def _raise_mode(rank: int) -> dict[str, Any]:
