@@ -44,6 +44,7 @@ with even ones its counters cannot mix them with plain tensors).
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 from collections.abc import Callable, Iterator, Sequence
@@ -67,7 +68,15 @@ from provetrain.ops.clip import (
     scaled_sum_of_squares,
 )
 
-__all__ = ["World", "clip_grad_norm_distributed_", "scaled_sum_of_squares_across_ranks", "torchrun_process_group"]
+__all__ = [
+    "PeerFailureError",
+    "World",
+    "clip_grad_norm_distributed_",
+    "failing_peers_stop",
+    "scaled_sum_of_squares_across_ranks",
+    "sums_and_maxima_across_ranks",
+    "torchrun_process_group",
+]
 
 T = TypeVar("T")
 
@@ -231,7 +240,7 @@ def _gather_rows(row: Tensor, group: dist.ProcessGroup | None = None) -> Tensor:
 
 # ------------------------------------------------------------------------------------ sharded gradients
 def scaled_sum_of_squares_across_ranks(
-    grads: Sequence[Tensor], *, group: dist.ProcessGroup | None = None
+    grads: Sequence[Tensor], *, group: dist.ProcessGroup | None = None, poison: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     r"""``(s, e)`` with :math:`s\,4^e = \sum g_i^2` over the gradient parts held by all ranks of ``group``.
 
@@ -239,6 +248,13 @@ def scaled_sum_of_squares_across_ranks(
     shard is used). Each rank's :func:`~provetrain.ops.clip.scaled_sum_of_squares` ``(s_r, e_r)`` is
     gathered and combined as :math:`s = \sum_r s_r 4^{e_r - e}`, :math:`e = \max_r e_r` over the ranks whose
     parts are not all zero, summed in rank order.
+
+    Args:
+        grads: this rank's parts, at least one (a part may have no elements).
+        group: the process group; ``None`` for the default group.
+        poison: an optional 0-d bool tensor; where it holds on any rank, ``s`` is NaN on every rank. This
+            carries a rank-local fact (a non-finite loss, a GradScaler overflow) in the same collective, so
+            that the decision taken on ``s`` is the same on every rank.
 
     Returns:
         0-d float64 ``s`` and int64 ``e``, the same bits on every rank. One collective, no host read.
@@ -250,19 +266,38 @@ def scaled_sum_of_squares_across_ranks(
         one absolute ``2^-1074`` per rank below it; as the rank attaining ``e`` has ``s_r >= 1/4``, that is a
         relative ``W 2^-1072``, inside the ``n 2^-1070`` slack that step already allows (if that rank holds
         no float64 part, ``s_r >= 2^-298`` and the relative ``W 2^-776`` is still far inside the margin of
-        step 2).
+        step 2). ``s`` is non-finite on every rank iff some part on some rank is, or ``poison`` holds.
     """
+    s, e, _ = sums_and_maxima_across_ranks(grads, group=group, poison=poison)
+    return s, e
+
+
+def sums_and_maxima_across_ranks(
+    grads: Sequence[Tensor],
+    *,
+    group: dist.ProcessGroup | None = None,
+    poison: Tensor | None = None,
+    maxima: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """:func:`scaled_sum_of_squares_across_ranks`, plus the across-ranks maximum of each entry of ``maxima``
+    (a 1-d float64 tensor, the same length on every rank), in the same single collective."""
     if not grads:
         raise ValueError("grads is empty; each rank passes at least one tensor (possibly with no elements)")
     s, e = scaled_sum_of_squares([_local_part(g) for g in grads])
+    if poison is not None:
+        s = torch.where(poison.to(s.device), math.nan, s)
     e = torch.where(s == 0, _NO_EXPONENT, e)
-    rows = _gather_rows(torch.stack([s, e.to(torch.float64)]), group)
+    columns = [s, e.to(torch.float64)]
+    extra = 0 if maxima is None else maxima.numel()
+    row = torch.stack(columns) if not extra else torch.cat([torch.stack(columns), maxima.to(s.device, torch.float64)])
+    rows = _gather_rows(row, group)
     sums, exponents = rows[:, 0], rows[:, 1].to(torch.int64)
     exponent = exponents.amax()
     # Below 4^-1022 a partial sum (< 2^40) is 0 in float64 either way; the clamp keeps _mul_pow2 in its range.
     shifts = (2 * (exponents - exponent)).clamp(min=-2044)
     total = _mul_pow2(sums, shifts).sum()
-    return total, torch.where(total == 0, 0, exponent)
+    global_maxima = rows[:, 2:].amax(dim=0) if extra else None
+    return total, torch.where(total == 0, 0, exponent), global_maxima
 
 
 def clip_grad_norm_distributed_(
@@ -363,6 +398,28 @@ def _refuse_sharded_parameters(model: nn.Module) -> None:
 
 
 # ------------------------------------------------------------------------------------ failures, launch
+class PeerFailureError(RuntimeError):
+    """A collective failed: another process of the run died, or froze past the collective timeout."""
+
+
+@contextmanager
+def failing_peers_stop(what: str) -> Iterator[None]:
+    """Turn the backend's error from a collective inside the block into a :class:`PeerFailureError` that
+    says what was being done, what it means and what to do (gloo reports a killed peer as a closed
+    connection at once, a frozen one after the collective timeout)."""
+    try:
+        yield
+    except PeerFailureError:
+        raise
+    except RuntimeError as error:
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        raise PeerFailureError(
+            f"{what} failed on rank {rank}: another process of the run stopped answering (it exited, was "
+            "killed, or froze for longer than the collective timeout, config key collective_timeout_minutes); "
+            f"this process stops too. Backend error: {error}. Restart the run from its last complete checkpoint."
+        ) from error
+
+
 def _portable(error: Exception) -> tuple[str, Any]:
     """``error`` in a form that survives pickling to the other ranks."""
     if isinstance(error, ContractViolation):  # its constructor takes keywords, which unpickling does not pass
