@@ -110,14 +110,11 @@ def decode_generator(text: str, generator: torch.Generator) -> None:
     generator.set_state(torch.from_numpy(state))
 
 
-def as_pair(item: Any, where: str) -> Batch:
-    """``item`` as ``(input, target)``; a DataError naming ``where`` when it is not a pair of tensors."""
+def check_item(item: Any, where: str) -> None:
+    """``item`` is an ``(input, target)`` pair (of anything ``default_collate`` stacks); else a DataError
+    naming ``where`` and describing what it is."""
     if isinstance(item, tuple | list) and len(item) == 2:
-        inputs, targets = item
-        if isinstance(inputs, Tensor) and isinstance(targets, Tensor):
-            return inputs, targets
-        kinds = f"({type(inputs).__name__}, {type(targets).__name__})"
-        raise DataError(f"{where} gives {kinds}; expected a pair of tensors (input, target)")
+        return
     if isinstance(item, dict):
         described = f"a dict with keys {sorted(map(str, item))}"
     elif isinstance(item, tuple | list):
@@ -127,11 +124,19 @@ def as_pair(item: Any, where: str) -> Batch:
     raise DataError(f"{where} gives {described}; expected (input, target) pairs")
 
 
+def as_pair(batch: Any, where: str) -> Batch:
+    """A batch as ``(inputs, targets)`` tensors; a DataError naming ``where`` when it is not such a pair."""
+    check_item(batch, where)
+    inputs, targets = batch
+    if not (isinstance(inputs, Tensor) and isinstance(targets, Tensor)):
+        kinds = f"({type(inputs).__name__}, {type(targets).__name__})"
+        raise DataError(f"{where} gives {kinds}; expected a pair of tensors (inputs, targets)")
+    return inputs, targets
+
+
 def collate(items: list[Any], where: str) -> Batch:
     """Items ``(input, target)`` stacked into one batch by torch's ``default_collate``."""
-    for item in items[:1]:
-        if not (isinstance(item, tuple | list) and len(item) == 2):
-            as_pair(item, where)  # raises, describing the item
+    check_item(items[0], where)
     try:
         return as_pair(default_collate(items), where)
     except (TypeError, RuntimeError) as error:
@@ -156,7 +161,7 @@ class MapBatches:
         self.batches_per_epoch: int | None = math.ceil(self.examples / batch_size)
         self._tensors = _tensor_pair(dataset)
         if self._tensors is None:
-            as_pair(dataset[0], f"{name} (a {type(dataset).__name__}): item 0")
+            check_item(dataset[0], f"{name} (a {type(dataset).__name__}): item 0")
         self.epoch, self.batch = 0, 0
         self._order: tuple[int, Tensor] | None = None  # (epoch, its permutation)
 
@@ -449,7 +454,7 @@ def make_batch_source(data: Any, batch_size: int, *, seed: int = 0, name: str = 
     if hasattr(data, "__getitem__") and hasattr(data, "__len__"):
         return MapBatches(data, batch_size, seed=seed, name=name)
     raise DataError(
-        f"{name} is a {type(data).__name__}; expected a torch Dataset, IterableDataset, DataLoader, a token "
+        f"{name} is of type {type(data).__name__}; expected a torch Dataset, IterableDataset, DataLoader, a token "
         "file (data: tokens) or a BatchSource"
     )
 
@@ -505,7 +510,7 @@ def evaluation_batches(data: Any, *, batch_size: int, count: int | None = None, 
             yield collate(chunk, f"{name} (an IterableDataset)")
         return
     if not (hasattr(data, "__getitem__") and hasattr(data, "__len__")):
-        raise DataError(f"{name} is a {type(data).__name__}; expected a torch Dataset, DataLoader or token file")
+        raise DataError(f"{name} is of type {type(data).__name__}; expected a torch Dataset, DataLoader or token file")
     examples = len(data)
     if examples == 0:
         raise DataError(f"{name} is empty: a {type(data).__name__} of 0 examples; pass None for no evaluation")

@@ -297,7 +297,7 @@ def load_tokens(
     train: str | Path,
     *,
     val: str | Path | None = None,
-    block_size: int = 256,
+    block_size: int,
     vocab_size: int | None = None,
     val_fraction: float = 0.1,
     seed: int = 0,
@@ -343,7 +343,8 @@ def _token_file(argument: str, path: Path, block_size: int, *, start: int = 0, s
     try:
         return TokenFile.open(path, block_size=block_size, start=start, stop=stop)
     except DataError as error:
-        what = " (its held-out tail is too short: lower val_fraction or give val)" if start else ""
+        held_out = start > 0 or stop is not None
+        what = " (what is left of train after holding out its tail for validation; give val)" if held_out else ""
         raise ArgumentError(argument, f"{error}{what}") from None
 
 
@@ -422,10 +423,10 @@ def as_splits(train: Any, test: Any | None = None) -> DataSplits:
     inputs, targets = first_batches(make_batch_source(train, 2), 1)[0]
     if test is not None and next(evaluation_batches(test, batch_size=2), None) is None:
         raise DataError("the held-out set is empty; pass None for no evaluation")
-    integer = not (inputs.dtype.is_floating_point or targets.dtype.is_floating_point)
-    language = integer and inputs.ndim >= 2 and inputs.shape == targets.shape
+    integer = not (targets.dtype.is_floating_point or targets.dtype.is_complex)
+    language = integer and not inputs.dtype.is_floating_point and inputs.ndim >= 2 and inputs.shape == targets.shape
     num_classes = 0
-    if not language and isinstance(train, TensorDataset) and isinstance(test, TensorDataset | None) and integer:
+    if not language and integer and isinstance(train, TensorDataset) and isinstance(test, TensorDataset | None):
         labels = [d.tensors[1] for d in (train, test) if d is not None and len(d.tensors) == 2]
         num_classes = int(max(int(t.max()) for t in labels)) + 1
     task: Task = "language-model" if language else "classification"
