@@ -78,5 +78,8 @@ def test_user_function_returning_datasets() -> None:
     data = load_data(f"{__name__}:make_pairs", {"n": 12})
     assert isinstance(data, DataSplits)
     assert (data.input_shape, data.num_classes, len(data.test)) == ((2,), 4, 4)
-    with pytest.raises(TypeError, match=r"returned int; expected DataSplits or \(train, test\)"):
+    with pytest.raises(
+        TypeError,
+        match=r"returned int; expected DataSplits, a Dataset, IterableDataset or DataLoader, or a \(train, test\) pair",
+    ):
         load_data(f"{__name__}:make_a_number", {"value": 1})

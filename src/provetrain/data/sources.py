@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import json
 import zipfile
 import zlib
 from collections.abc import Callable, Mapping
@@ -23,18 +24,29 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from torch.utils.data import TensorDataset
+from torch.utils.data import DataLoader, IterableDataset, TensorDataset
+
+from provetrain.data.batches import (
+    BatchSource,
+    DataError,
+    TokenFile,
+    evaluation_batches,
+    first_batches,
+    make_batch_source,
+)
 
 __all__ = [
     "ArgumentError",
     "DataFileError",
     "DataSplits",
+    "as_splits",
     "call_user_function",
     "check_arguments",
     "load_arrays",
     "load_data",
     "load_digits",
     "load_text",
+    "load_tokens",
     "resolve_function",
 ]
 
@@ -100,15 +112,17 @@ class DataSplits:
     """Training and evaluation data, with the facts a built-in model is sized from.
 
     Attributes:
-        train: the training set, ``(x, y)`` pairs.
-        test: the held-out set, or None.
+        train: the training data, ``(x, y)`` pairs: a ``TensorDataset`` or any map-style ``Dataset``, an
+            ``IterableDataset``, a ``DataLoader``, a :class:`~provetrain.data.batches.TokenFile` (random
+            windows of a token stream) or a :class:`~provetrain.data.batches.BatchSource`.
+        test: the held-out data, of the same kinds (a BatchSource excepted), or None.
         task: ``classification`` (``y`` is a class index) or ``language-model`` (``y`` is ``x`` shifted by one).
         input_shape: shape of one ``x``.
         num_classes: number of classes, or the vocabulary size for a language model.
     """
 
-    train: TensorDataset
-    test: TensorDataset | None
+    train: Any
+    test: Any | None
     task: Task
     input_shape: tuple[int, ...]
     num_classes: int
@@ -274,18 +288,95 @@ def load_text(path: str | Path, *, block_size: int = 64, seed: int = 0, test_fra
     return DataSplits(train, test, "language-model", (block_size,), len(vocabulary))
 
 
+# Tokens checked against vocab_size when a token file is opened: a bounded prefix, so that opening a corpus
+# larger than memory stays cheap (an id beyond the vocabulary later fails in the embedding, by name).
+VOCAB_CHECK_TOKENS = 2**24
+
+
+def load_tokens(
+    train: str | Path,
+    *,
+    val: str | Path | None = None,
+    block_size: int,
+    vocab_size: int | None = None,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+) -> DataSplits:
+    """A token stream for a language model: random windows of ``block_size + 1`` token ids, memory-mapped.
+
+    ``train`` (and ``val``) are ``.bin`` files of uint16 token ids, as nanoGPT's ``prepare.py`` writes them, or
+    ``.npy`` arrays of integer ids. Without ``val`` the last ``val_fraction`` of ``train`` is held out.
+    ``vocab_size`` defaults to the ``vocab_size`` of a ``meta.json`` beside ``train``. Training batches are
+    drawn at random offsets (:class:`~provetrain.data.batches.RandomWindows`); the run needs ``steps``.
+    """
+    del seed  # the windows are drawn from the run's seed by the Trainer's batch source
+    _check_count("block_size", block_size)
+    train_path = _token_path("train", train)
+    vocab_size = _vocab_size(vocab_size, train_path)
+    if val is None:
+        _check_fraction("val_fraction", val_fraction)
+        length = _token_file("train", train_path, block_size).length
+        cut = length - max(block_size + 1, round(length * val_fraction))
+        train_tokens = _token_file("train", train_path, block_size, stop=max(cut, 0))
+        val_tokens = _token_file("train", train_path, block_size, start=max(cut, 0))
+    else:
+        train_tokens = _token_file("train", train_path, block_size)
+        val_tokens = _token_file("val", _token_path("val", val), block_size)
+    for tokens in (train_tokens, val_tokens):
+        largest = int(tokens.read()[:VOCAB_CHECK_TOKENS].max())
+        if largest >= vocab_size:
+            raise ArgumentError(
+                "vocab_size",
+                f"{tokens.path} holds token id {largest}, not below vocab_size {vocab_size}; give the tokenizer's "
+                "vocabulary size",
+            )
+    return DataSplits(train_tokens, val_tokens, "language-model", (block_size,), vocab_size)
+
+
+def _token_path(argument: str, value: Any) -> Path:
+    if not isinstance(value, str | Path) or not str(value):
+        raise ArgumentError(argument, f"{argument} must be a token file name (.bin or .npy), got {value!r}")
+    return Path(value)
+
+
+def _token_file(argument: str, path: Path, block_size: int, *, start: int = 0, stop: int | None = None) -> TokenFile:
+    try:
+        return TokenFile.open(path, block_size=block_size, start=start, stop=stop)
+    except DataError as error:
+        held_out = start > 0 or stop is not None
+        what = " (what is left of train after holding out its tail for validation; give val)" if held_out else ""
+        raise ArgumentError(argument, f"{error}{what}") from None
+
+
+def _vocab_size(value: Any, train: Path) -> int:
+    if value is not None:
+        _check_count("vocab_size", value)
+        return int(value)
+    meta = train.parent / "meta.json"
+    try:
+        found = json.loads(meta.read_text(encoding="utf-8")).get("vocab_size")
+    except (OSError, ValueError, AttributeError):
+        found = None
+    if isinstance(found, bool) or not isinstance(found, int) or found < 1:
+        raise ArgumentError("vocab_size", f"give vocab_size (no meta.json with a vocab_size beside {train})")
+    return found
+
+
 BUILTIN_DATA: Mapping[str, Callable[..., DataSplits]] = {
     "digits": load_digits,
     "arrays": load_arrays,
     "text": load_text,
+    "tokens": load_tokens,
 }
 
 
 def load_data(spec: str, arguments: Mapping[str, Any] | None = None, *, seed: int = 0) -> DataSplits:
-    """Resolve a data spec: a built-in name (``digits``, ``arrays``, ``text``) or ``module:function``.
+    """Resolve a data spec: a built-in name (``digits``, ``arrays``, ``text``, ``tokens``) or ``module:function``.
 
-    A user function is called with ``arguments`` as keywords and must return a :class:`DataSplits`, or a
-    ``(train, test)`` pair of ``TensorDataset`` of ``(inputs, integer labels)`` for classification.
+    A user function is called with ``arguments`` as keywords and returns a :class:`DataSplits`; a
+    ``(train, test)`` pair of ``TensorDataset`` of ``(inputs, integer labels)`` for classification; or a
+    training set (a ``Dataset``, ``IterableDataset`` or ``DataLoader`` of ``(input, target)`` pairs), alone or
+    as a ``(train, test)`` pair (:func:`as_splits`: ``num_classes`` unknown, so the model must be the user's).
     """
     arguments = dict(arguments or {})
     if spec in BUILTIN_DATA:
@@ -300,7 +391,46 @@ def load_data(spec: str, arguments: Mapping[str, Any] | None = None, *, seed: in
             _check_pair_part(spec, name, dataset)
         labels = train.tensors[1] if test is None else torch.cat([train.tensors[1], test.tensors[1]])
         return DataSplits(train, test, "classification", tuple(train.tensors[0].shape[1:]), int(labels.max()) + 1)
-    raise TypeError(f"data function {spec!r} returned {type(result).__name__}; expected DataSplits or (train, test)")
+    if _is_data(result):
+        result = (result, None)
+    pair = isinstance(result, tuple) and len(result) == 2
+    if pair and _is_data(result[0]) and (result[1] is None or _is_data(result[1])):
+        try:
+            return as_splits(result[0], result[1])
+        except DataError as error:
+            raise DataError(f"data function {spec!r}: {error}") from None
+    raise TypeError(
+        f"data function {spec!r} returned {type(result).__name__}; expected DataSplits, a Dataset, "
+        "IterableDataset or DataLoader, or a (train, test) pair of them"
+    )
+
+
+def _is_data(value: Any) -> bool:
+    if isinstance(value, DataLoader | IterableDataset | BatchSource):
+        return True
+    sequence = isinstance(value, str | bytes | tuple | list | dict)
+    return hasattr(value, "__getitem__") and hasattr(value, "__len__") and not sequence
+
+
+def as_splits(train: Any, test: Any | None = None) -> DataSplits:
+    """:class:`DataSplits` for a training set and an optional held-out set of any kind, facts read from the
+    first training example: ``language-model`` when inputs and targets are integer tensors of one shape,
+    else ``classification``; ``num_classes`` is 0 (unknown) unless both are ``TensorDataset``.
+
+    Raises:
+        DataError: either set is empty or its items are not ``(input, target)`` pairs.
+    """
+    inputs, targets = first_batches(make_batch_source(train, 2), 1)[0]
+    if test is not None and next(evaluation_batches(test, batch_size=2), None) is None:
+        raise DataError("the held-out set is empty; pass None for no evaluation")
+    integer = not (targets.dtype.is_floating_point or targets.dtype.is_complex)
+    language = integer and not inputs.dtype.is_floating_point and inputs.ndim >= 2 and inputs.shape == targets.shape
+    num_classes = 0
+    if not language and integer and isinstance(train, TensorDataset) and isinstance(test, TensorDataset | None):
+        labels = [d.tensors[1] for d in (train, test) if d is not None and len(d.tensors) == 2]
+        num_classes = int(max(int(t.max()) for t in labels)) + 1
+    task: Task = "language-model" if language else "classification"
+    return DataSplits(train, test, task, tuple(inputs.shape[1:]), num_classes)
 
 
 def _check_pair_part(spec: str, name: str, dataset: Any) -> None:

@@ -126,6 +126,9 @@ class TrainConfig(BaseModel):
     log_every: Int = Field(default=10, ge=1)
     # Evaluate on the held-out set every N applied steps (and always at the end); None: only at the end.
     eval_every: Int | None = Field(default=None, ge=1)
+    # Evaluate on this many random held-out batches of batch_size (seeded by seed: the same batches at every
+    # evaluation) instead of the whole held-out set (None, default), as nanoGPT's estimate_loss does.
+    eval_batches: Int | None = Field(default=None, ge=1)
 
     # Non-finite loss or gradient: skip the batch, raise, or roll back to the last good state with a lower lr.
     on_nonfinite: NonFinitePolicy = "skip"

@@ -85,7 +85,10 @@ def _check_first_batch(trainer: Trainer, config: TrainConfig) -> None:
     """The model's forward and the loss on two training examples, so a model that does not fit the data
     fails here, named, before anything is written. Eval mode and no gradient: no buffer (BatchNorm's
     running statistics) and no random state changes."""
-    inputs, targets = (t[:2].to(trainer.device) for t in trainer.data.train.tensors[:2])
+    try:
+        inputs, targets = (t[:2] for t in trainer._first_batches(1)[0])
+    except (ValueError, TypeError) as error:  # DataError: items that are not pairs, an empty loader
+        raise config_error(config, str(error), key="data") from None
     was_training = trainer.model.training
     trainer.model.eval()
     try:

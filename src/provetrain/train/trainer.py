@@ -43,13 +43,21 @@ import torch
 import torch.nn.functional as F
 from rich.console import Console
 from torch import Tensor, nn
-from torch.utils.data import TensorDataset
+from torch.utils.data import DataLoader, Dataset
 
 from provetrain.contract.load import load_contract
 from provetrain.contract.predicates import PREDICATES
 from provetrain.contract.schema import Contract
-from provetrain.data.sources import DataSplits
-from provetrain.errors import ContractViolation
+from provetrain.data.batches import (
+    BatchSource,
+    DataError,
+    MapBatches,
+    evaluation_batches,
+    first_batches,
+    make_batch_source,
+)
+from provetrain.data.sources import DataSplits, as_splits
+from provetrain.errors import ConfigError, ContractViolation
 from provetrain.ops.adam import Adam, AdamW
 from provetrain.ops.clip import first_nonfinite_gradient
 from provetrain.train.certificate import (
@@ -225,9 +233,12 @@ class Trainer:
 
     Args:
         model: any ``torch.nn.Module``.
-        data: a :class:`~provetrain.data.sources.DataSplits` (train and test sets) or a ``TensorDataset``
-            of ``(x, y)`` for classification.
-        eval_data: a held-out ``TensorDataset`` when ``data`` is a plain dataset.
+        data: a :class:`~provetrain.data.sources.DataSplits` (train and test sets), or a training set of
+            ``(input, target)`` pairs: any map-style ``Dataset`` (a ``TensorDataset`` is indexed whole), an
+            ``IterableDataset``, a ``DataLoader`` you built, or a
+            :class:`~provetrain.data.batches.BatchSource` (see :mod:`provetrain.data.batches` for how each
+            is batched and resumed).
+        eval_data: the held-out set when ``data`` is a plain training set (any of the same kinds).
         loss_fn: ``loss_fn(outputs, targets) -> scalar``; default cross-entropy (per token for a language model).
         config: a :class:`TrainConfig`; keyword ``overrides`` replace its fields (``lr=1e-3, steps=500``...).
         callbacks: :class:`Callback` objects.
@@ -246,9 +257,9 @@ class Trainer:
     def __init__(
         self,
         model: nn.Module,
-        data: DataSplits | TensorDataset,
+        data: DataSplits | Dataset | DataLoader | BatchSource,
         *,
-        eval_data: TensorDataset | None = None,
+        eval_data: Dataset | DataLoader | None = None,
         loss_fn: LossFn | None = None,
         config: TrainConfig | None = None,
         callbacks: Sequence[Callback] = (),
@@ -258,12 +269,11 @@ class Trainer:
     ) -> None:
         base = config.model_dump() if config is not None else {}
         self.config = make_config({**base, **overrides})
-        if isinstance(data, TensorDataset):
-            data = DataSplits(data, eval_data, "classification", tuple(data.tensors[0].shape[1:]), 0)
-        self.data = data
+        self.data = data = self._splits_of(data, eval_data)
+        self.batches = self._batch_source(data)
         self.world = World.current()
         self.world.set_collective_timeout(self.config.collective_timeout_minutes)
-        self.world.check_batches(len(data.train), self.config.batch_size)
+        self.world.check_batches(getattr(self.batches, "examples", self.config.batch_size), self.config.batch_size)
         self.device = self.world.local_device(_resolve_device(self.config.device))
         self.model = model.to(self.device)
         self.loss_fn = loss_fn or _default_loss(data.task)
@@ -271,8 +281,8 @@ class Trainer:
         self.contract = contract or load_contract()
         self.console = console if self.world.is_main else None
         self.ledger = ClauseLedger(self.contract, contracts=config_contracts(self.config))
-        self.steps_per_epoch = math.ceil(len(data.train) / self.config.batch_size)
-        self.total_steps = self.config.steps or self.config.epochs * self.steps_per_epoch  # type: ignore[operator]
+        self.steps_per_epoch = self.batches.batches_per_epoch
+        self.total_steps = self.config.steps or self.config.epochs * self._epoch_length()  # type: ignore[operator]
         self.schedule = Schedule(
             self.config.lr,
             self.total_steps,
@@ -301,6 +311,34 @@ class Trainer:
         # an overflow is the optimizer's skip (one decision, counted once, no host read).
         self._scaler = torch.amp.GradScaler(self.device.type) if self.config.precision == "fp16-amp" else None
         self.outputs: RunOutputs | None = None  # rank 0's run files, from fit() on
+
+    # ------------------------------------------------------------------------------------------------ data
+    @staticmethod
+    def _splits_of(data: Any, eval_data: Any) -> DataSplits:
+        """``data`` as DataSplits: as it is, or a training set (any Dataset, IterableDataset, DataLoader) with
+        ``eval_data`` as its held-out set. Bad data is a ConfigError at ``data``, raised before anything runs."""
+        if isinstance(data, DataSplits):
+            return data
+        try:
+            return as_splits(data, eval_data)
+        except DataError as error:
+            raise ConfigError(str(error), key="data") from None
+
+    def _batch_source(self, data: DataSplits) -> BatchSource:
+        try:
+            return make_batch_source(data.train, self.config.batch_size, seed=self.config.seed)
+        except DataError as error:
+            raise ConfigError(str(error), key="data") from None
+
+    def _epoch_length(self) -> int:
+        if self.steps_per_epoch is None:
+            raise ConfigError(
+                f"epochs cannot be counted: the training data ({type(self.data.train).__name__}) has no length, "
+                "or, for a token stream, no epochs (batches are random windows)",
+                key="steps",
+                expected="steps: the number of training steps",
+            )
+        return self.steps_per_epoch
 
     # ----------------------------------------------------------------------------------------------- setup
     def _build_optimizer(self) -> Adam:
@@ -351,12 +389,16 @@ class Trainer:
 
     @torch.no_grad()
     def _preflight_eval(self) -> None:
-        """The held-out forward and loss on two examples, so that an evaluation that cannot run fails before
-        anything is written (eval mode: no buffer is written, no random number drawn)."""
-        if self.data.test is None or len(self.data.test) == 0:
+        """The held-out forward and loss on two examples, so that an evaluation that cannot run (an empty
+        held-out set, items that are not pairs, a model that does not fit them) fails before anything is
+        written (eval mode: no buffer is written; no global random number drawn)."""
+        if self.data.test is None:
             return
+        first = next(self._evaluation_batches(), None)
+        if first is None:
+            raise ConfigError("the held-out set is empty; give no held-out set for no evaluation", key="data")
         self.model.eval()
-        inputs, targets = (t[:2].to(self.device) for t in self.data.test.tensors)
+        inputs, targets = (t[:2].to(self.device) for t in first)
         self.loss_fn(self.model(inputs), targets)
 
     # ------------------------------------------------------------------------------------------------ loop
@@ -435,11 +477,9 @@ class Trainer:
         self._check_lr(lr, step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        # 2. this step's batch (a fixed function of the step, so a resumed run sees the same data); under
-        #    torch.distributed, this rank's share of it
-        indices = self._batch_indices(step)
-        local = self.world.shard(indices)
-        inputs, targets = self._examples(local)
+        # 2. the next batch of the data source (its position is checkpointed, so a resumed run sees the same
+        #    data); under torch.distributed, this rank's share of it
+        inputs, targets = self._next_batch()
         # 3. forward, loss, backward; under DDP the backward averages the gradients over the ranks, and the
         #    weight (1.0 for equal shares) makes that average the gradient of the global batch's mean loss
         self._train_module.train()
@@ -447,13 +487,13 @@ class Trainer:
         self._buffers.save_()  # the forward may write buffers before the step is known to be good
         with self._autocast():
             loss = self.loss_fn(self._train_module(inputs), targets)
-        weight = self.world.size * len(local) / len(indices)
+        weight = self.world.size * self.batch_share
         scaled = loss if weight == 1.0 else loss * weight
         (scaled if self._scaler is None else self._scaler.scale(scaled)).backward()
         self._check_gradients_present(step)
         # 4. the global batch's mean loss: the same on every rank, and non-finite on all when it is on one,
         #    so that every rank skips the same steps (in one process, the loss itself)
-        loss = self.world.mean_loss(loss.detach(), share=len(local) / len(indices))
+        loss = self.world.mean_loss(loss.detach(), share=self.batch_share)
         # 5. clip + finite guard + update; a non-finite loss or gradient skips it on the device. Under DDP
         #    every rank holds the whole averaged gradient, so the optimizer's norm is already the global one.
         skipped_before = self.optimizer.skipped_steps.clone()
@@ -505,20 +545,29 @@ class Trainer:
                 hint="loss.backward() produced no gradient: is the loss connected to the model's parameters?",
             )
 
-    def _batch_indices(self, step: int) -> Tensor:
-        """The training examples of the global batch of ``step``: every rank draws the same ones."""
-        epoch, index = divmod(step, self.steps_per_epoch)
-        generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
-        order = torch.randperm(len(self.data.train), generator=generator)
-        return order[index * self.config.batch_size : (index + 1) * self.config.batch_size]
+    def _next_batch(self) -> tuple[Tensor, Tensor]:
+        """The next training batch of the data source: this rank's share of the global batch, on the device.
 
-    def _examples(self, indices: Tensor) -> tuple[Tensor, Tensor]:
-        inputs, targets = (t[indices] for t in self.data.train.tensors)
+        Every call advances the source (every rank draws the same global batch and keeps its contiguous
+        share); ``self.batch_share`` is then that share's fraction of the global batch (1.0 in one process).
+        """
+        inputs, targets = self.batches.next_batch()
+        examples = len(inputs)
+        inputs, targets = self.world.shard(inputs), self.world.shard(targets)
+        self.batch_share = len(inputs) / examples
+        # Pinned host memory (a DataLoader with pin_memory=True) lets these copies overlap the compute.
         return inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
 
+    def _first_batches(self, count: int) -> list[tuple[Tensor, Tensor]]:
+        """The next ``count`` whole global batches (not a rank's share), on the device; the data source is
+        left where it was."""
+        batches = first_batches(self.batches, count)
+        return [(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)) for x, y in batches]
+
     def _batch(self, step: int) -> tuple[Tensor, Tensor]:
-        """The whole global batch of ``step`` (not a rank's share)."""
-        return self._examples(self._batch_indices(step))
+        """The whole global batch ``step`` batches ahead of the source's position (the run's batch ``step``
+        before training starts); the source does not move."""
+        return self._first_batches(step + 1)[step]
 
     # ------------------------------------------------------------------------------------------ read-back
     def _read_back(self) -> None:
@@ -678,7 +727,7 @@ class Trainer:
         # Its forwards run in training mode and write buffers (BatchNorm statistics): they are put back after.
         buffers = {name: b.clone() for name, b in self.model.named_buffers()}
         try:
-            loaded = [self._batch(i) for i in range(min(batches, self.steps_per_epoch))]
+            loaded = self._first_batches(min(batches, self.steps_per_epoch or batches))
             params = [p for p in self.model.parameters() if p.requires_grad]
             losses = [lambda x=x, y=y: self.loss_fn(self.model(x), y) for x, y in loaded]
             preconditioner = preconditioner_from_batches(losses, params, eps=self.config.eps)
@@ -732,6 +781,7 @@ class Trainer:
             "rng": capture_rng_state(),
             "config": self.config.model_dump(mode="json"),
             "grad_scaler": None if self._scaler is None else self._scaler.state_dict(),
+            "data": self.batches.state_dict(),  # the data source's position (and its generator, if any)
         }
         save_checkpoint(
             self._checkpoint_dir(),
@@ -776,6 +826,7 @@ class Trainer:
                 self.ledger.load_state_dict(state["ledger"])
             if self._scaler is not None and state.get("grad_scaler"):
                 self._scaler.load_state_dict(state["grad_scaler"])
+            self._restore_data_position(state.get("data"), next_step)
         except ResumeError:
             raise
         except (OSError, ValueError, KeyError, TypeError, RuntimeError) as error:
@@ -792,6 +843,17 @@ class Trainer:
         self.lr_max_estimate = None if saved_estimate is None else LrMaxEstimate.from_dict(saved_estimate)
         restore_rng_state(state["rng"])
         return next_step
+
+    def _restore_data_position(self, saved: dict[str, Any] | None, next_step: int) -> None:
+        """The data source continues where the checkpoint left it. A checkpoint from before data sources
+        were saved (no ``data``) drew batch ``step`` as a function of the step, which a map-style dataset
+        reproduces; other sources cannot resume from it."""
+        if saved is not None:
+            self.batches.load_state_dict(saved)
+        elif isinstance(self.batches, MapBatches):
+            self.batches.seek(next_step)
+        else:
+            raise ResumeError("the checkpoint has no data position (it predates data sources); start a new run")
 
     @staticmethod
     def _load_resume_checkpoint(path: Path) -> Checkpoint:
@@ -837,20 +899,30 @@ class Trainer:
             )
         return next_step
 
+    def _evaluation_batches(self) -> Iterator[tuple[Tensor, Tensor]]:
+        """The held-out batches: the whole set, or ``eval_batches`` random ones (the same at every evaluation)."""
+        return evaluation_batches(
+            self.data.test, batch_size=self.config.batch_size, count=self.config.eval_batches, seed=self.config.seed
+        )
+
     @torch.no_grad()
     def _evaluate(self, step: int) -> dict[str, float] | None:
-        test = self.data.test
-        if test is None:
+        """Mean loss per example and accuracy per target over the held-out batches (eval mode)."""
+        if self.data.test is None:
             return None
         self.model.eval()
-        total_loss, correct, count = 0.0, 0, 0
-        for start in range(0, len(test), 1024):
-            inputs, targets = (t[start : start + 1024].to(self.device) for t in test.tensors)
+        # Summed on the device in float64 (each batch's mean loss times its size), read once at the end.
+        total_loss = torch.zeros((), dtype=torch.float64, device=self.device)
+        correct = torch.zeros((), dtype=torch.int64, device=self.device)
+        examples, targets_seen = 0, 0
+        for inputs, targets in self._evaluation_batches():
+            inputs, targets = inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
             outputs = self.model(inputs)
-            total_loss += float(self.loss_fn(outputs, targets)) * len(inputs)
-            correct += int((outputs.argmax(-1) == targets).sum())
-            count += targets.numel()
-        evaluation = {"loss": total_loss / len(test), "accuracy": correct / count}
+            total_loss += self.loss_fn(outputs, targets).detach().double() * len(inputs)
+            correct += (outputs.argmax(-1) == targets).sum()
+            examples, targets_seen = examples + len(inputs), targets_seen + targets.numel()
+        loss, right = torch.stack([total_loss, correct.double()]).tolist()  # the evaluation's one host read
+        evaluation = {"loss": loss / examples, "accuracy": right / targets_seen}
         row = {"step": step, "eval": evaluation}
         self._log(row)
         for callback in self.callbacks:
