@@ -4,7 +4,6 @@ violation undone by its policy; any exception ends ``failed: ...`` with the last
 from __future__ import annotations
 
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -110,7 +109,9 @@ def test_a_finished_run_with_an_unremedied_violation_is_certified_violated(tmp_p
             self.calls += self.training
             return (self.w + 0.2 * self.calls * torch.tensor([1.0, -1.0])).expand(len(x), 2)  # ever more wrong on 1
 
-    result = Trainer(Rising(), blobs(), steps=20, monitor_window=5, monitor_alpha=0.2, output_dir=str(tmp_path), lr=1e-6).fit()
+    result = Trainer(
+        Rising(), blobs(), steps=20, monitor_window=5, monitor_alpha=0.2, output_dir=str(tmp_path), lr=1e-6
+    ).fit()
     assert result.certificate["outcome"].startswith("violated: loss_decrease invariant")
     assert certificate_of(tmp_path)["outcome"] == result.certificate["outcome"]
 
@@ -134,7 +135,9 @@ def test_the_cli_reports_a_models_error_in_one_paragraph_and_exits_1(tmp_path: P
         "    return Bad()\n"
     )
     out = tmp_path / "run"
-    (tmp_path / "cfg.yaml").write_text(f"model: badmodel:build\nsteps: 6\nbatch_size: 16\ncheckpoint_every: 2\noutput_dir: {out}\n")
+    (tmp_path / "cfg.yaml").write_text(
+        f"model: badmodel:build\nsteps: 6\nbatch_size: 16\ncheckpoint_every: 2\noutput_dir: {out}\n"
+    )
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
     result = CliRunner().invoke(app, ["train", "cfg.yaml", "--quiet"])

@@ -33,7 +33,7 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -214,9 +214,7 @@ def no_decay_names(model: nn.Module, patterns: Sequence[str] | None) -> set[str]
     named = dict(model.named_parameters())
     if patterns is not None:
         return {n for n in named if any(fnmatch.fnmatchcase(n, pattern) for pattern in patterns)}
-    embeddings = {
-        id(module.weight) for module in model.modules() if isinstance(module, nn.Embedding | nn.EmbeddingBag)
-    }
+    embeddings = {id(module.weight) for module in model.modules() if isinstance(module, nn.Embedding | nn.EmbeddingBag)}
     return {n for n, p in named.items() if p.dim() < 2 or id(p) in embeddings}
 
 
