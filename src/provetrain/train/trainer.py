@@ -958,9 +958,11 @@ class Trainer:
             inputs, targets = (t[start : start + 1024].to(self.device) for t in test.tensors)
             outputs = self.model(inputs)
             total_loss += float(self.loss_fn(outputs, targets)) * len(inputs)
-            correct += int((outputs.argmax(-1) == targets).sum())
-            count += targets.numel()
-        evaluation = {"loss": total_loss / len(test), "accuracy": correct / count}
+            predicted = self.select_output(outputs)  # no accuracy for an output that is not a tensor of logits
+            if isinstance(predicted, Tensor):
+                correct += int((predicted.argmax(-1) == targets).sum())
+                count += targets.numel()
+        evaluation = {"loss": total_loss / len(test)} | ({"accuracy": correct / count} if count else {})
         row = {"step": step, "eval": evaluation}
         self._log(row)
         for callback in self.callbacks:
