@@ -290,9 +290,11 @@ class Trainer:
         self.world.set_collective_timeout(self.config.collective_timeout_minutes)
         self.world.check_batches(len(data.train), self.config.batch_size)
         self.device = self.world.local_device(_resolve_device(self.config.device))
-        # The module that is trained, checkpointed and measured; a compiled one is unwrapped (its
-        # parameters are the same tensors), and compile: true compiles it again for the training forward.
+        # The module that is trained, checkpointed and measured; a compiled one is unwrapped (its parameters
+        # are the same tensors) and trained compiled, as under compile: true.
         self.model = _uncompiled(model).to(self.device)
+        self._user_compiled = model if self.model is not model else None
+        self._compile = self.config.compile or self._user_compiled is not None
         # The loss on the model's output: the part at output_key, then loss_fn (default cross-entropy).
         self.loss_fn: LossFn = loss_on_output(loss_fn or self._configured_loss(data.task), self.config.output_key)
         self.callbacks = list(callbacks)
@@ -352,7 +354,7 @@ class Trainer:
         return select_output(output, self.config.output_key)
 
     def _check_compile_backend(self) -> None:
-        if not self.config.compile or self.config.compile_backend is None:
+        if not self._compile or self.config.compile_backend is None:
             return
         from torch._dynamo import list_backends
 
@@ -367,8 +369,10 @@ class Trainer:
 
     def _compiled(self, module: nn.Module) -> nn.Module:
         """``torch.compile(module)`` under ``compile: true``; it compiles on the first forward."""
-        if not self.config.compile:
+        if not self._compile:
             return module
+        if self._user_compiled is not None and module is self.model:  # one process: the user's own compile
+            return self._user_compiled
         backend = self.config.compile_backend or "inductor"
         return torch.compile(module, backend=backend)  # type: ignore[return-value]
 
@@ -564,11 +568,29 @@ class Trainer:
         inner = not last and isinstance(self._ddp, DistributedDataParallel)
         with self._ddp.no_sync() if inner else contextlib.nullcontext():  # type: ignore[operator]
             with self._autocast():
-                loss = self.loss_fn(self._train_module(inputs), targets)
+                loss = self.loss_fn(self._forward(inputs, step), targets)
             weight = self.world.size * share / self.accumulation
             scaled = loss if weight == 1.0 else loss * weight
             (scaled if self._scaler is None else self._scaler.scale(scaled)).backward()
         return loss.detach().reshape(()).to(torch.float64) * share
+
+    def _forward(self, inputs: Tensor, step: int) -> Any:
+        """The training forward; under ``compile`` a failure of torch.compile is a ConfigError at ``compile``."""
+        if not self._compile:
+            return self._train_module(inputs)
+        from torch._dynamo.exc import TorchDynamoException
+
+        try:
+            return self._train_module(inputs)
+        except TorchDynamoException as error:
+            backend = self.config.compile_backend or "inductor"
+            detail = str(error).strip().splitlines()
+            problem = (
+                f"torch.compile (backend {backend!r}) failed on the model's training forward at step {step}: "
+                f"{type(error).__name__}: {' '.join(detail[:2])}"
+            )
+            expected = "compile: false to train the model uncompiled, or compile_backend: eager to tell a graph-capture problem from a backend one"
+            raise config_error(self.config, problem, key="compile", expected=expected) from error
 
     def _micro_batch(self, index: int) -> tuple[Tensor, Tensor, float]:
         """Micro-batch ``index`` of the run: this rank's inputs and targets, on the device, and the share of
