@@ -589,7 +589,10 @@ class Trainer:
                 f"torch.compile (backend {backend!r}) failed on the model's training forward at step {step}: "
                 f"{type(error).__name__}: {' '.join(detail[:2])}"
             )
-            expected = "compile: false to train the model uncompiled, or compile_backend: eager to tell a graph-capture problem from a backend one"
+            expected = (
+                "compile: false to train the model uncompiled, or compile_backend: eager to tell a graph-capture "
+                "problem from a backend one"
+            )
             raise config_error(self.config, problem, key="compile", expected=expected) from error
 
     def _micro_batch(self, index: int) -> tuple[Tensor, Tensor, float]:
