@@ -282,6 +282,7 @@ def train(
 
     device_name = device.value if device is not None else None
     overrides = {"output_dir": output_dir, "steps": steps, "device": device_name, "seed": seed}
+    trainer = None
     try:
         settings = load_config(default_config_path() if config is None else config)
         timeout = settings.collective_timeout_minutes
@@ -297,14 +298,51 @@ def train(
         _exit_with_error(error, code=1)
     except RuntimeError as error:
         if not launched_by_torchrun():
-            raise
+            _exit_with_run_failure(error, trainer)
         # gloo reports a peer that timed out or died as a plain RuntimeError
         _exit_with_error(RuntimeError(f"this process's run ended: {error}"), code=1)
     except Terminated:
         stderr.print("terminated by SIGTERM; the run's certificate says failed", highlight=False)
         raise typer.Exit(143) from None
+    except Exception as error:  # the model's, the loss's or a DataLoader worker's own error
+        _exit_with_run_failure(error, trainer)
     if rank == 0:
         _print_run_summary(result, quiet=quiet)
+        outcome = result.certificate["outcome"]
+        if outcome != "kept":  # the run finished, but a violation was counted that no policy undid
+            stderr.print(Text.assemble(("contract violated:", "bold red"), " ", outcome), highlight=False)
+            raise typer.Exit(1)
+
+
+def _raised_at(error: BaseException) -> str:
+    """``file:line in function`` of the innermost frame outside torch and provetrain (the user's code), else
+    of the innermost frame."""
+    import traceback
+
+    import torch
+
+    frames = traceback.extract_tb(error.__traceback__)
+    if not frames:
+        return ""
+    library = (str(Path(torch.__file__).parent), str(Path(__file__).parent))
+    user = [f for f in frames if not f.filename.startswith(library)]
+    frame = (user or frames)[-1]
+    return f"{frame.filename}:{frame.lineno} in {frame.name}"
+
+
+def _exit_with_run_failure(error: BaseException, trainer: Any) -> NoReturn:
+    """One paragraph for an error raised by the user's code (the model, the loss, the data) during a run:
+    what, where, and where the certificate and the last checkpoint are; exit 1, no traceback."""
+    where = _raised_at(error)
+    message = f"the run failed: {type(error).__name__}: {error}" + (f" (raised at {where})" if where else "")
+    outputs = getattr(trainer, "outputs", None)
+    if outputs is not None:
+        message += f"; {outputs.certificate_path} says failed"
+        checkpoints = outputs.directory / "checkpoints"
+        if checkpoints.is_dir() and any(p.name.startswith("step-") for p in checkpoints.iterdir()):
+            message += f", and --resume {checkpoints} continues from its last checkpoint"
+    stderr.print(Text.assemble(("error:", "bold red"), " ", message), highlight=False)
+    raise typer.Exit(1) from None
 
 
 @app.command("lr-max")

@@ -39,6 +39,7 @@ from provetrain.errors import ContractError, ContractViolation
 from provetrain.train.config import TrainConfig, config_error
 
 __all__ = [
+    "REMEDIES",
     "ClauseLedger",
     "ClauseRecord",
     "ContractSpec",
@@ -99,6 +100,13 @@ GRADS_FINITE = "gradients.iter().all(|g| g.is_finite())"
 NORM_BOUND = "grad_norm <= clip_value"
 LOSS_TREND = "Loss monotonically non-increasing (in expectation)"
 NORM_INVARIANT = "Gradient norm bounded by clip_value"
+
+REMEDIES = frozenset({"skip", "rollback"})
+"""Policy actions that keep a violation out of the trained weights: a skipped step is never applied, a
+rollback undoes the steps since the last good state. ``warn`` and ``reduce_lr`` leave the steps applied."""
+
+# A NaN loss breaks both loss postconditions; the policy acts once, on `loss.is_finite()`.
+_REMEDIED_WITH = {(LOSS, "postcondition", LOSS_NOT_NAN): (LOSS, "postcondition", LOSS_FINITE)}
 
 
 @dataclass
@@ -182,8 +190,42 @@ class ClauseLedger:
             )
         self.records.update(records)
 
+    def unremedied(self) -> list[tuple[Clause, ClauseRecord, int]]:
+        """The clauses with violations that no :data:`REMEDIES` action met, each with how many were not met."""
+        found = []
+        for status in self._statuses:
+            record = self.records[status.clause.key]
+            remedied_by = self.records.get(_REMEDIED_WITH.get(status.clause.key, status.clause.key), record)
+            remedied = sum(count for action, count in remedied_by.actions.items() if action in REMEDIES)
+            if record.violations > remedied:
+                found.append((status.clause, record, record.violations - remedied))
+        return found
+
+    def finished_outcome(self) -> str:
+        """The outcome of a run that finished: ``kept`` when every clause held at every check, or each
+        violation was met by a policy that kept it out of the weights (a skip, a rollback); otherwise
+        ``violated: ...`` naming each clause whose violations were only counted (``lr > 0.0`` at a warmup
+        starting from 0, a loss-trend alarm under ``warn`` or ``reduce_lr``), with its counts."""
+        unmet = self.unremedied()
+        if not unmet:
+            return "kept"
+        parts = []
+        for clause, record, count in unmet:
+            first = "" if record.first_violation_step is None else f", first at step {record.first_violation_step}"
+            actions = ", ".join(f"{a} x{n}" for a, n in record.actions.items() if n) or "none"
+            parts.append(
+                f"{clause.owner} {clause.kind} `{clause.text}`: {count} of {record.checks} checks violated and "
+                f"not undone{first} (policy actions: {actions})"
+            )
+        return "violated: " + "; ".join(parts)
+
     def certificate(self, *, run: dict[str, Any], outcome: str) -> dict[str, Any]:
-        """The JSON-ready certificate: the contract, the run, and each clause with counts and evidence."""
+        """The JSON-ready certificate: the contract, the run, and each clause with counts and evidence.
+
+        An ``outcome`` of ``kept`` is checked against the counts: a finished run with a violation no policy
+        undid is certified ``violated: ...`` instead (:meth:`finished_outcome`)."""
+        if outcome == "kept":
+            outcome = self.finished_outcome()
         clauses = []
         for status in self._statuses:
             record = self.records[status.clause.key]
@@ -272,9 +314,10 @@ def _section_clause(status: ClauseStatus, record: ClauseRecord | None) -> dict[s
 
 
 def outcome_of(error: BaseException | None) -> str:
-    """The certificate's ``outcome``: ``kept`` when the run finished (every violation met by its declared
-    policy, as counted under ``actions``), ``violated: <clause>`` when a contract clause ended it, and
-    ``failed: <exception>`` for any other end (an error, Ctrl-C, SIGTERM, a full disk, a lost peer)."""
+    """The certificate's ``outcome`` for how the run ended: ``kept`` when it finished (which
+    :meth:`ClauseLedger.certificate` turns into ``violated: ...`` if a violation was counted and not undone),
+    ``violated: <clause>`` when a contract clause ended it, and ``failed: <exception>`` for any other end
+    (an error, Ctrl-C, SIGTERM, a full disk, a lost peer, a crashed DataLoader worker)."""
     if error is None:
         return "kept"
     if isinstance(error, ContractViolation):

@@ -23,6 +23,7 @@ from pydantic import (
     Field,
     PrivateAttr,
     Strict,
+    StrictBool,
     ValidationError,
     model_validator,
 )
@@ -34,6 +35,7 @@ from provetrain.yaml_schema import KeyPositions, read_yaml_text, validate_yaml_l
 
 __all__ = [
     "ConfigSource",
+    "LrMaxBudget",
     "NonFinitePolicy",
     "TrainConfig",
     "TrendPolicy",
@@ -78,6 +80,19 @@ class ConfigSource:
     overridden: frozenset[str] = frozenset()
 
 
+class LrMaxBudget(BaseModel):
+    """What ``lr_max: auto`` may spend; the estimate stops at whichever limit comes first and says so."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # Hessian-vector products of the power iteration (the preconditioner's gradients are not counted).
+    hvp: Int = Field(default=20, ge=1)
+    # Wall-clock seconds for the whole estimate (None: no time limit).
+    seconds: Float | None = Field(default=60.0, gt=0, allow_inf_nan=False)
+    # Batches averaged for Adam's preconditioner; the curvature is measured on the first of them.
+    batches: Int = Field(default=4, ge=1)
+
+
 class TrainConfig(BaseModel):
     """Everything a training run needs besides the model and the data objects themselves."""
 
@@ -94,33 +109,58 @@ class TrainConfig(BaseModel):
     # of the bundled ones (training-loop-v1, optimizer-v1, backward-pass-v1, checkpoint-v1, batch-v1, ...).
     contracts: list[Annotated[str, BeforeValidator(_path_text)]] = Field(default=["training-loop-v1"], min_length=1)
 
-    # Optimizer: provetrain's guarded Adam or AdamW (decoupled weight decay).
-    optimizer: Literal["adam", "adamw"] = "adamw"
+    # Optimizer: provetrain's guarded Adam or AdamW (decoupled weight decay); "sgd" once provetrain.SGD exists.
+    optimizer: Literal["adam", "adamw", "sgd"] = "adamw"
     lr: Float = Field(default=1e-3, gt=0, allow_inf_nan=False)
     # The contract's lr_max, which the contract itself does not define: a number is the bound that the
     # precondition `lr < lr_max` enforces (before training for the whole schedule, then every step); None
-    # (default) declares no bound, and the clause is reported as unchecked; "auto" estimates Adam's edge of
-    # stability from curvature before training and reports it, with its convergence, in the certificate and
-    # the summary, without enforcing it (a local estimate: rates above it often train, see README).
+    # (default) declares no bound, and the clause is reported as unchecked; "auto" (opt-in) estimates Adam's
+    # edge of stability from curvature before training, within lr_max_budget, and reports it, with its
+    # convergence, in the certificate and the summary, without enforcing it (a local estimate: rates above it
+    # often train, see README).
     lr_max: Annotated[float | Literal["auto"] | None, BeforeValidator(_no_bool)] = None
+    # What lr_max: auto may spend: Hessian-vector products (each about 2-3 training steps of compute) and
+    # seconds, whichever runs out first, and how many batches (of at most batch_size examples) it uses.
+    lr_max_budget: LrMaxBudget = Field(default_factory=lambda: LrMaxBudget())
     betas: tuple[Float, Float] = (0.9, 0.999)
     eps: Float = Field(default=1e-8, gt=0, allow_inf_nan=False)
     weight_decay: Float = Field(default=1e-2, ge=0, allow_inf_nan=False)
+    # Parameters that get no weight decay, as shell-style patterns of their names (`*.bias`, `ln_*`); None
+    # (default): nanoGPT's rule, every parameter with fewer than 2 dimensions (biases, norm weights) and
+    # every nn.Embedding's weight; [] decays every parameter.
+    no_weight_decay: list[str] | None = None
     # Global gradient-norm bound (the contract's clip_value); None turns clipping off.
     clip_value: Float | None = Field(default=1.0, gt=0, allow_inf_nan=False)
     # Arithmetic of the forward and backward: full float32, bfloat16 autocast, or float16 autocast with a
     # GradScaler (an overflow is the contract's skip, counted against the skip budget like any other).
     precision: Literal["fp32", "bf16-autocast", "fp16-amp"] = "fp32"
 
-    # Schedule over applied steps (skipped steps do not advance it).
+    # Schedule over applied optimizer steps (skipped steps do not advance it): warmup, then a decay to the
+    # floor min_lr (or min_lr_ratio * lr) over decay_steps steps and flat at the floor after; without
+    # decay_steps, over the rest of the run.
     schedule: ScheduleName = "cosine"
     warmup_steps: Int = Field(default=0, ge=0)
     min_lr_ratio: Float = Field(default=0.0, ge=0, lt=1)
+    decay_steps: Int | None = Field(default=None, ge=1)
+    min_lr: Float | None = Field(default=None, ge=0, allow_inf_nan=False)
 
-    # Length: one of steps or epochs (neither: DEFAULT_EPOCHS epochs).
+    # Length: one of steps or epochs (neither: DEFAULT_EPOCHS epochs); steps count optimizer steps.
     steps: Int | None = Field(default=None, ge=1)
     epochs: Int | None = Field(default=None, ge=1)
+    # Examples per micro-batch; each optimizer step sums the gradients of gradient_accumulation_steps
+    # micro-batches, each loss scaled by 1/gradient_accumulation_steps (one step sees k * batch_size examples).
     batch_size: Int = Field(default=64, ge=1)
+    gradient_accumulation_steps: Int = Field(default=1, ge=1)
+
+    # What the loss is computed from: the model's output, or the part of it at output_key (an index of a
+    # tuple/list, a key of a dict or of a Hugging Face ModelOutput); loss_fn(output, targets) as
+    # "module:function" (default: cross-entropy, per token for a language model).
+    output_key: Annotated[int, Strict()] | str | None = None
+    loss_fn: str | None = None
+    # torch.compile the model for training (checkpoints and lr_max use the uncompiled module); the backend
+    # torch.compile uses (None: torch's default, "inductor"; "eager" checks the graph capture only).
+    compile: StrictBool = False
+    compile_backend: str | None = None
 
     # How often device values are read on the host (metrics, policies); every step on CPU where it is free.
     log_every: Int = Field(default=10, ge=1)
@@ -173,6 +213,14 @@ class TrainConfig(BaseModel):
                 raise ValueError(f"betas must each be in [0, 1), got {self.betas}")
         if isinstance(self.lr_max, float) and not (self.lr_max > 0 and math.isfinite(self.lr_max)):
             raise ValueError(f"lr_max must be a finite number > 0, 'auto' or null, got {self.lr_max}")
+        if self.min_lr is not None and self.min_lr_ratio:
+            raise ValueError(
+                f"give only one of min_lr ({self.min_lr}) or min_lr_ratio ({self.min_lr_ratio}): both set the floor"
+            )
+        if self.min_lr is not None and self.min_lr >= self.lr:
+            raise ValueError(f"min_lr ({self.min_lr}) must be below lr ({self.lr}): it is where the decay ends")
+        if self.loss_fn is not None and self.loss_fn.count(":") != 1:
+            raise ValueError(f"loss_fn must be 'module:function', got {self.loss_fn!r}")
         return self
 
 

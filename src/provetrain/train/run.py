@@ -20,6 +20,7 @@ from provetrain.data.sources import ArgumentError, load_data
 from provetrain.errors import ConfigError, ContractViolation
 from provetrain.models.builtin import build_model
 from provetrain.train.config import TrainConfig, config_error, load_config, override
+from provetrain.train.model_output import ModelOutputError
 from provetrain.train.trainer import Trainer, TrainResult
 
 __all__ = ["default_config_path", "prepare_trainer", "train_from_config"]
@@ -93,6 +94,8 @@ def _check_first_batch(trainer: Trainer, config: TrainConfig) -> None:
     trainer.model.eval()
     try:
         loss = trainer.loss_fn(trainer.model(inputs), targets)
+    except ModelOutputError as error:  # a tuple without output_key, a key the output does not have
+        raise config_error(config, str(error), key=error.key) from None
     except Exception as error:
         shape = tuple(inputs.shape[1:])
         problem = (

@@ -33,16 +33,16 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from rich.console import Console
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
 from provetrain.contract.load import load_contract
@@ -56,7 +56,7 @@ from provetrain.data.batches import (
     first_batches,
     make_batch_source,
 )
-from provetrain.data.sources import DataSplits, as_splits
+from provetrain.data.sources import DataSplits, as_splits, resolve_function
 from provetrain.errors import ConfigError, ContractViolation
 from provetrain.ops.adam import Adam, AdamW
 from provetrain.ops.clip import first_nonfinite_gradient
@@ -79,18 +79,16 @@ from provetrain.train.checkpoint import (
     save_checkpoint,
     unflatten_state,
 )
-from provetrain.train.config import TrainConfig, make_config
+from provetrain.train.config import TrainConfig, config_error, make_config, override
 from provetrain.train.distributed import World
 from provetrain.train.lr_max import LrMaxEstimate, estimate_lr_max, preconditioner_from_batches
+from provetrain.train.model_output import LossFn, default_loss, loss_on_output, select_output
 from provetrain.train.monitor import LossTrendMonitor
 from provetrain.train.outputs import RunOutputs, check_output_dir
 from provetrain.train.policies import SkipBudget, nonfinite_clause
 from provetrain.train.schedule import Schedule
 
 __all__ = ["Callback", "Terminated", "TrainResult", "Trainer"]
-
-
-LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
 class Terminated(KeyboardInterrupt):
@@ -214,10 +212,40 @@ class _Snapshot:
     applied_steps: int
 
 
-def _default_loss(task: str) -> LossFn:
-    if task == "language-model":
-        return lambda logits, targets: F.cross_entropy(logits.flatten(0, 1), targets.flatten())
-    return F.cross_entropy
+def no_decay_names(model: nn.Module, patterns: Sequence[str] | None) -> set[str]:
+    """The names of ``model``'s parameters that get no weight decay.
+
+    ``patterns=None``: nanoGPT's ``configure_optimizers`` rule, every parameter with fewer than 2 dimensions
+    (biases, LayerNorm/RMSNorm weights) and the weight of every ``nn.Embedding``; otherwise the parameters
+    whose name matches one of the shell-style ``patterns`` (``fnmatch``: ``*.bias``, ``*norm*``)."""
+    import fnmatch
+
+    named = dict(model.named_parameters())
+    if patterns is not None:
+        return {n for n in named if any(fnmatch.fnmatchcase(n, pattern) for pattern in patterns)}
+    embeddings = {id(module.weight) for module in model.modules() if isinstance(module, nn.Embedding | nn.EmbeddingBag)}
+    return {n for n, p in named.items() if p.dim() < 2 or id(p) in embeddings}
+
+
+def _optimizer_class(name: str) -> type[Adam]:
+    """The optimizer class ``optimizer`` names; ``sgd`` when provetrain has a guarded SGD."""
+    if name == "sgd":
+        import provetrain
+
+        sgd = getattr(provetrain, "SGD", None)
+        if sgd is None:
+            raise ConfigError(
+                "optimizer 'sgd' is not available yet: provetrain has no guarded SGD in this version",
+                key="optimizer",
+                expected="'adam' or 'adamw'",
+            )
+        return sgd  # type: ignore[no-any-return]
+    return AdamW if name == "adamw" else Adam
+
+
+def _uncompiled(module: nn.Module) -> nn.Module:
+    """The module ``torch.compile`` wrapped (its parameters and state dict are the model's), or ``module``."""
+    return getattr(module, "_orig_mod", module)
 
 
 def _resolve_device(name: str) -> torch.device:
@@ -267,29 +295,41 @@ class Trainer:
         console: Console | None = None,
         **overrides: Any,
     ) -> None:
-        base = config.model_dump() if config is not None else {}
-        self.config = make_config({**base, **overrides})
+        # A config read from a file keeps its key positions, so later errors still name the file and line.
+        self.config = override(config, overrides) if config is not None else make_config(overrides)
         self.data = data = self._splits_of(data, eval_data)
         self.batches = self._batch_source(data)
         self.world = World.current()
         self.world.set_collective_timeout(self.config.collective_timeout_minutes)
         self.world.check_batches(getattr(self.batches, "examples", self.config.batch_size), self.config.batch_size)
         self.device = self.world.local_device(_resolve_device(self.config.device))
-        self.model = model.to(self.device)
-        self.loss_fn = loss_fn or _default_loss(data.task)
+        # The module that is trained, checkpointed and measured; a compiled one is unwrapped (its parameters
+        # are the same tensors) and trained compiled, as under compile: true.
+        self.model = _uncompiled(model).to(self.device)
+        self._user_compiled = model if self.model is not model else None
+        self._compile = self.config.compile or self._user_compiled is not None
+        # The loss on the model's output: the part at output_key, then loss_fn (default cross-entropy).
+        self.loss_fn: LossFn = loss_on_output(loss_fn or self._configured_loss(data.task), self.config.output_key)
         self.callbacks = list(callbacks)
         self.contract = contract or load_contract()
         self.console = console if self.world.is_main else None
         self.ledger = ClauseLedger(self.contract, contracts=config_contracts(self.config))
-        self.steps_per_epoch = self.batches.batches_per_epoch
-        self.total_steps = self.config.steps or self.config.epochs * self._epoch_length()  # type: ignore[operator]
+        self.steps_per_epoch = self.batches.batches_per_epoch  # micro-batches per epoch (None: no epochs)
+        # Optimizer steps: each takes gradient_accumulation_steps micro-batches.
+        self.accumulation = self.config.gradient_accumulation_steps
+        self.total_steps = self.config.steps or math.ceil(
+            self.config.epochs * self._epoch_length() / self.accumulation  # type: ignore[operator]
+        )
         self.schedule = Schedule(
             self.config.lr,
             self.total_steps,
             self.config.schedule,
             self.config.warmup_steps,
             self.config.min_lr_ratio,
+            self.config.decay_steps,
+            self.config.min_lr,
         )
+        self._check_compile_backend()
         # On CPU a host read costs nothing, so every step is checked as it happens.
         self.read_every = 1 if self.device.type == "cpu" else self.config.log_every
         # The bound `lr < lr_max` enforces is the user's declared number (the contract does not define
@@ -341,8 +381,53 @@ class Trainer:
         return self.steps_per_epoch
 
     # ----------------------------------------------------------------------------------------------- setup
+    def _configured_loss(self, task: str) -> LossFn:
+        """``loss_fn: module:function`` from the config, or the default loss for ``task``."""
+        if self.config.loss_fn is None:
+            return default_loss(task)
+        try:
+            return resolve_function(self.config.loss_fn, "loss_fn")
+        except ValueError as error:
+            raise config_error(self.config, str(error), key="loss_fn", expected="'module:function'") from None
+
+    def select_output(self, output: Any) -> Any:
+        """The part of a model's output the loss is computed from (``output_key``; the output itself if unset)."""
+        return select_output(output, self.config.output_key)
+
+    def _check_compile_backend(self) -> None:
+        if not self._compile or self.config.compile_backend is None:
+            return
+        from torch._dynamo import list_backends
+
+        backend = self.config.compile_backend
+        if backend not in list_backends(exclude_tags=()):
+            raise config_error(
+                self.config,
+                f"compile_backend {backend!r} is not a torch.compile backend",
+                key="compile_backend",
+                expected=f"null (torch's default) or one of {', '.join(sorted(list_backends(exclude_tags=())))}",
+            )
+
+    def _compiled(self, module: nn.Module) -> nn.Module:
+        """``torch.compile(module)`` under ``compile: true``; it compiles on the first forward."""
+        if not self._compile:
+            return module
+        if self._user_compiled is not None and module is self.model:  # one process: the user's own compile
+            return self._user_compiled
+        backend = self.config.compile_backend or "inductor"
+        return torch.compile(module, backend=backend)  # type: ignore[return-value]
+
+    def _param_groups(self, named: list[tuple[str, nn.Parameter]]) -> list[dict[str, Any]]:
+        """Two groups: decayed with ``weight_decay``, and :func:`no_decay_names` with none (empty ones dropped)."""
+        exempt = no_decay_names(self.model, self.config.no_weight_decay)
+        groups = [
+            {"params": [(n, p) for n, p in named if n not in exempt], "weight_decay": self.config.weight_decay},
+            {"params": [(n, p) for n, p in named if n in exempt], "weight_decay": 0.0},
+        ]
+        return [g for g in groups if g["params"]]
+
     def _build_optimizer(self) -> Adam:
-        cls = AdamW if self.config.optimizer == "adamw" else Adam
+        cls = _optimizer_class(self.config.optimizer)
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         if not PREDICATES["!params.is_empty()"](params=[p for _, p in named]):
             raise ContractViolation(
@@ -354,14 +439,13 @@ class Trainer:
         self.ledger.check(LOSS, "precondition", "!params.is_empty()")
         if self.config.clip_value is not None:
             self.ledger.check(GRAD, "precondition", "clip_value > 0.0")
+        hyper = {"betas": self.config.betas, "eps": self.config.eps} if issubclass(cls, Adam) else {}
         return cls(
-            named,
+            self._param_groups(named),
             lr=self.config.lr,
-            betas=self.config.betas,
-            eps=self.config.eps,
-            weight_decay=self.config.weight_decay,
             clip_value=self.config.clip_value,
             on_nonfinite="skip",
+            **hyper,
         )
 
     def _preflight_lr(self) -> None:
@@ -412,8 +496,10 @@ class Trainer:
         """
         torch.manual_seed(self.config.seed)
         self.optimizer = self._build_optimizer()
-        # The module the training forward runs through: DDP around the model under torch.distributed.
-        self._train_module = self.world.wrap(self.model, self.device)
+        # The module the training forward runs through: DDP around the model under torch.distributed, and
+        # compiled under compile: true (torch.compile of DDP, as torch recommends; DDP's no_sync stays reachable).
+        self._ddp = self.world.wrap(self.model, self.device)
+        self._train_module = self._compiled(self._ddp)
         self._resumed_from = None if resume_from is None else Path(resume_from)
         first_step = 0
         if self._resumed_from is not None:
@@ -477,23 +563,20 @@ class Trainer:
         self._check_lr(lr, step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        # 2. the next batch of the data source (its position is checkpointed, so a resumed run sees the same
-        #    data); under torch.distributed, this rank's share of it
-        inputs, targets = self._next_batch()
-        # 3. forward, loss, backward; under DDP the backward averages the gradients over the ranks, and the
-        #    weight (1.0 for equal shares) makes that average the gradient of the global batch's mean loss
         self._train_module.train()
         self.optimizer.zero_grad(set_to_none=True)
-        self._buffers.save_()  # the forward may write buffers before the step is known to be good
-        with self._autocast():
-            loss = self.loss_fn(self._train_module(inputs), targets)
-        weight = self.world.size * self.batch_share
-        scaled = loss if weight == 1.0 else loss * weight
-        (scaled if self._scaler is None else self._scaler.scale(scaled)).backward()
+        self._buffers.save_()  # the forwards may write buffers before the step is known to be good
+        # 2-3. gradient_accumulation_steps micro-batches: forward, loss / k, backward; the gradients add up
+        #    to those of the mean loss over the k micro-batches. Their losses add up on the device, in
+        #    float64: one non-finite micro-batch loss makes the sum non-finite, and the step is skipped whole.
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        for micro in range(self.accumulation):
+            total = total + self._micro_step(step, micro)
         self._check_gradients_present(step)
-        # 4. the global batch's mean loss: the same on every rank, and non-finite on all when it is on one,
-        #    so that every rank skips the same steps (in one process, the loss itself)
-        loss = self.world.mean_loss(loss.detach(), share=self.batch_share)
+        # 4. the optimizer step's mean loss over its micro-batches (under torch.distributed, over every
+        #    rank's shares, in one collective): the same on every rank, and non-finite on all when one of its
+        #    terms is, so that every rank skips the same steps
+        loss = self.world.mean_loss(total / self.accumulation, share=1.0)
         # 5. clip + finite guard + update; a non-finite loss or gradient skips it on the device. Under DDP
         #    every rank holds the whole averaged gradient, so the optimizer's norm is already the global one.
         skipped_before = self.optimizer.skipped_steps.clone()
@@ -517,6 +600,46 @@ class Trainer:
                 skipped,
             )
         )
+
+    def _micro_step(self, step: int, micro: int) -> Tensor:
+        """Forward and backward of micro-batch ``micro`` of optimizer step ``step``; returns this rank's share
+        of its mean loss (``share * loss``, float64, on the device: no host read).
+
+        Under DDP the backward averages the gradients over the ranks, on the last micro-batch only (the
+        others run under ``no_sync``: the gradients accumulate locally and are averaged once). The weight
+        ``W * share / k`` (``1 / k`` for equal shares) makes the sum the gradient of the step's mean loss."""
+        inputs, targets = self._next_batch()
+        share = self.batch_share
+        last = micro == self.accumulation - 1
+        inner = not last and isinstance(self._ddp, DistributedDataParallel)
+        with self._ddp.no_sync() if inner else contextlib.nullcontext():  # type: ignore[operator]
+            with self._autocast():
+                loss = self.loss_fn(self._forward(inputs, step), targets)
+            weight = self.world.size * share / self.accumulation
+            scaled = loss if weight == 1.0 else loss * weight
+            (scaled if self._scaler is None else self._scaler.scale(scaled)).backward()
+        return loss.detach().reshape(()).to(torch.float64) * share
+
+    def _forward(self, inputs: Tensor, step: int) -> Any:
+        """The training forward; under ``compile`` a failure of torch.compile is a ConfigError at ``compile``."""
+        if not self._compile:
+            return self._train_module(inputs)
+        from torch._dynamo.exc import TorchDynamoException
+
+        try:
+            return self._train_module(inputs)
+        except TorchDynamoException as error:
+            backend = self.config.compile_backend or "inductor"
+            detail = str(error).strip().splitlines()
+            problem = (
+                f"torch.compile (backend {backend!r}) failed on the model's training forward at step {step}: "
+                f"{type(error).__name__}: {' '.join(detail[:2])}"
+            )
+            expected = (
+                "compile: false to train the model uncompiled, or compile_backend: eager to tell a graph-capture "
+                "problem from a backend one"
+            )
+            raise config_error(self.config, problem, key="compile", expected=expected) from error
 
     def _autocast(self) -> Any:
         """The training forward's autocast context (``precision``); a no-op for fp32."""
@@ -748,7 +871,16 @@ class Trainer:
                         buffer.copy_(buffers[name])
 
     # --------------------------------------------------------------------------------------- checkpoints
-    _RESUME_INVARIANT_KEYS = ("data", "data_args", "model", "model_args", "optimizer", "batch_size", "seed")
+    _RESUME_INVARIANT_KEYS = (
+        "data",
+        "data_args",
+        "model",
+        "model_args",
+        "optimizer",
+        "batch_size",
+        "gradient_accumulation_steps",
+        "seed",
+    )
 
     def _checkpoint_dir(self) -> Path:
         return self.output_dir / "checkpoints"
@@ -919,10 +1051,13 @@ class Trainer:
             inputs, targets = inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
             outputs = self.model(inputs)
             total_loss += self.loss_fn(outputs, targets).detach().double() * len(inputs)
-            correct += (outputs.argmax(-1) == targets).sum()
-            examples, targets_seen = examples + len(inputs), targets_seen + targets.numel()
+            predicted = self.select_output(outputs)  # no accuracy for an output that is not a tensor of logits
+            if isinstance(predicted, Tensor):
+                correct += (predicted.argmax(-1) == targets).sum()
+                targets_seen += targets.numel()
+            examples += len(inputs)
         loss, right = torch.stack([total_loss, correct.double()]).tolist()  # the evaluation's one host read
-        evaluation = {"loss": loss / examples, "accuracy": right / targets_seen}
+        evaluation = {"loss": loss / examples} | ({"accuracy": right / targets_seen} if targets_seen else {})
         row = {"step": step, "eval": evaluation}
         self._log(row)
         for callback in self.callbacks:
