@@ -19,9 +19,10 @@ Several contracts. Each contract has its own table, chosen by its name (the file
 empty table), any other name the seed's table (a user's edited copy of the seed keeps its bindings; another
 contract matches it only where an owner, equation or section, and a clause text are the seed's own). An entry
 is a binding or :class:`~provetrain.contract.sibling_bindings.NotApplicable` with its reason: a clause with no
-meaning here, shown as such, distinct from a gap. A clause with no entry takes, by its exact text, the seed's binding for
-one of :data:`~provetrain.contract.bindings.CARRIED_TEXTS` (``lr > 0.0``, ``!params.is_empty()``...): the
-same code checks those wherever they are quoted. Nothing else carries from one contract to another.
+meaning here, shown as such, distinct from a gap. A clause with no entry takes, by its exact text, the seed's
+binding for one of :data:`~provetrain.contract.bindings.CARRIED_TEXTS` (``lr > 0.0``,
+``!params.is_empty()``...): the same code checks those wherever they are quoted. Nothing else carries from one
+contract to another.
 """
 
 from __future__ import annotations
