@@ -16,6 +16,8 @@ from typing import Any
 import pytest
 import torch.distributed as dist
 
+from provetrain.errors import ContractViolation
+from provetrain.train.distributed import PeerFailureError, failing_peers_stop
 from provetrain.train.sharded_checkpoint import save_sharded_checkpoint, training_tensors
 from tests.distributed._ranks import ShardedAdamForTests, loss_on, rank_rows, run_ranks, shard, tiny_lm
 
@@ -50,3 +52,22 @@ def test_a_rank_killed_mid_step_makes_the_other_stop_with_a_clear_error(tmp_path
     assert error.startswith("PeerFailureError: the global gradient norm's all-gather failed on rank 0: "), error
     assert "another process of the run stopped answering" in error and "collective_timeout_minutes" in error
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step-2"]
+
+
+@pytest.mark.parametrize(
+    ("raised", "expected"),
+    [
+        (RuntimeError("[gloo] Connection closed by peer"), PeerFailureError),
+        (dist.DistBackendError("NCCL watchdog timeout"), PeerFailureError),
+        (ContractViolation("loss_decrease", "loss.is_finite()"), ContractViolation),  # a decision, not a peer
+        (ValueError("bad argument"), ValueError),
+    ],
+)
+def test_only_backend_errors_become_peer_failures(raised: Exception, expected: type[Exception]) -> None:
+    with pytest.raises(expected) as caught, failing_peers_stop("the test's collective"):
+        raise raised
+    if expected is PeerFailureError:
+        assert str(caught.value).startswith("the test's collective failed on rank 0: another process")
+        assert caught.value.__cause__ is raised
+    else:
+        assert caught.value is raised

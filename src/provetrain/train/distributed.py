@@ -477,9 +477,11 @@ def failing_peers_stop(what: str) -> Iterator[None]:
     connection at once, a frozen one after the collective timeout)."""
     try:
         yield
-    except PeerFailureError:
-        raise
     except RuntimeError as error:
+        # gloo and NCCL raise plain RuntimeErrors (or torch's DistError); subclasses such as
+        # ContractViolation are the library's own decisions and pass through.
+        if not (type(error) is RuntimeError or isinstance(error, dist.DistError)):
+            raise
         rank = dist.get_rank() if dist.is_initialized() else 0
         raise PeerFailureError(
             f"{what} failed on rank {rank}: another process of the run stopped answering (it exited, was "
