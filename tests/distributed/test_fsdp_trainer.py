@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,22 @@ class Blocks(nn.Module):
         return self.head(x)
 
 
+class NanOnRankOne(Blocks):
+    """Blocks whose training output is NaN at one call on rank 1 only (a NaN loss and gradient there)."""
+
+    def __init__(self, rank: int, bad_call: int) -> None:
+        super().__init__()
+        self.rank, self.bad_call, self.calls = rank, bad_call, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x)
+        if self.training:
+            self.calls += 1
+            if self.rank == 1 and self.calls - 1 == self.bad_call:
+                return out * math.nan
+        return out
+
+
 def losses(run: Path) -> list[float]:
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     return [r["loss"] for r in rows if "loss" in r]
@@ -68,6 +85,15 @@ def _runs(rank: int, directory: Path) -> dict[str, Any]:
     out["resumed-weights"] = full(resumed.model.parameters())
     training_tensors(resumed.model)  # reshards: after the final evaluation the root is left unsharded
     out["sharded"] = all(hasattr(p, "to_local") for p in resumed.model.parameters())
+    rollback = {**RUN, "on_nonfinite": "rollback", "log_every": 2, "checkpoint_every": None}
+    for strategy in ("ddp", "fsdp"):
+        output = str(directory / f"rollback-{strategy}")
+        trainer = Trainer(NanOnRankOne(rank, 3), blobs(), strategy=strategy, output_dir=output, **rollback)
+        result = trainer.fit()
+        out[f"rollback-{strategy}"] = (result.applied_steps, result.skipped_steps, result.rollbacks)
+        out[f"rollback-{strategy}-weights"] = full(trainer.model.parameters())
+        snapshot = trainer._snapshot.model.values()  # the last rollback snapshot: sharded under fsdp?
+        out[f"rollback-{strategy}-snapshot-sharded"] = all(hasattr(v, "to_local") for v in snapshot)
     return out
 
 
@@ -90,6 +116,17 @@ def test_fsdp_trainer_follows_the_ddp_run_and_resumes_exactly(ranks: tuple[list[
     assert losses(directory / "resumed") == losses(directory / "fsdp")[3:]
     step_dir = directory / "fsdp" / "checkpoints" / "step-6"
     assert len(list(step_dir.glob("*.safetensors"))) == 2 and (step_dir / "manifest.json").exists()
+
+
+def test_a_nan_on_one_rank_rolls_every_rank_back_to_the_sharded_snapshot(
+    ranks: tuple[list[dict[str, Any]], Path],
+) -> None:
+    (first, second), _ = ranks
+    assert first["rollback-fsdp"] == second["rollback-fsdp"] == first["rollback-ddp"]
+    assert first["rollback-fsdp"][2] == 1  # one rollback happened
+    assert first["rollback-fsdp-snapshot-sharded"] and not first["rollback-ddp-snapshot-sharded"]
+    for a, b in zip(first["rollback-fsdp-weights"], first["rollback-ddp-weights"], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_settings_fsdp_cannot_honour_are_refused_by_name(ranks: tuple[list[dict[str, Any]], Path]) -> None:

@@ -218,8 +218,6 @@ class World:
         refused = {
             "lr_max": (config.lr_max == "auto", "lr_max: auto runs forwards on rank 0 alone, which FSDP2 cannot"),
             "precision": (config.precision == "fp16-amp", "fp16-amp's GradScaler does not take FSDP2's shards"),
-            "on_nonfinite": (config.on_nonfinite == "rollback", "rollback snapshots are not sharded yet"),
-            "on_loss_increase": (config.on_loss_increase == "rollback", "rollback snapshots are not sharded yet"),
         }
         for key, (bad, why) in refused.items():
             if bad:
