@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import pickle
+import traceback
 from collections.abc import Callable, Iterable
 from datetime import timedelta
 from pathlib import Path
@@ -39,7 +40,7 @@ def _rank_main(
     try:
         result = worker(rank, directory, *args)
     except Exception as error:  # the assertions run in the pytest process, on what each rank reports
-        result = {"error": f"{type(error).__name__}: {error}"}
+        result = {"error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()}
         (directory / f"rank{rank}.pkl").write_bytes(pickle.dumps(result))
         os._exit(0)  # the peer may be gone: no barrier, no teardown
     (directory / f"rank{rank}.pkl").write_bytes(pickle.dumps(result))
@@ -79,7 +80,7 @@ def run_ranks(
 
 
 class TinyLM(nn.Module):
-    """Embedding, two post-norm transformer layers (no dropout), a head: about 1,400 parameters."""
+    """Embedding, two post-norm transformer layers (no dropout), a head, a temperature: ~1,400 parameters."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -88,12 +89,13 @@ class TinyLM(nn.Module):
             nn.TransformerEncoderLayer(WIDTH, 2, FEEDFORWARD, dropout=0.0, batch_first=True) for _ in range(LAYERS)
         )
         self.head = nn.Linear(WIDTH, VOCAB)
+        self.temperature = nn.Parameter(torch.ones(1))  # one row: rank 1's shard is empty
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         x = self.embed(tokens)
         for layer in self.layers:
             x = layer(x)
-        return self.head(x)
+        return self.head(x) * self.temperature
 
 
 def tiny_lm() -> TinyLM:

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from provetrain.errors import ContractViolation
 from provetrain.train.checkpoint import CheckpointCorruptError, ResumeError
 from provetrain.train.sharded_checkpoint import (
     load_sharded_checkpoint,
@@ -184,6 +185,6 @@ def test_an_altered_or_unlisted_shard_file_is_refused(runs: dict[str, Any], tmp_
 def test_non_tensors_and_nonfinite_tensors_are_refused_before_anything_is_written(tmp_path: Path) -> None:
     with pytest.raises(TypeError, match=r"tensors\['lr'\] is a float, not a tensor: DCP would pickle it"):
         save_sharded_checkpoint(tmp_path, step=1, tensors={"lr": 0.1}, state={})  # type: ignore[dict-item]
-    with pytest.raises(Exception, match=r"loss.is_finite\(\)"):
+    with pytest.raises(ContractViolation, match=r"loss.is_finite\(\)"):
         save_sharded_checkpoint(tmp_path, step=1, tensors={"w": torch.tensor([1.0, float("nan")])}, state={})
     assert not (tmp_path / "step-1").exists()

@@ -101,7 +101,7 @@ def _raise_mode(rank: int) -> dict[str, Any]:
     optimizer = ShardedAdamForTests(params, lr=LR, clip_value=CLIP, on_nonfinite="raise")
     loss_on(model, 0, rank_rows(rank)).backward()
     if rank == 1:
-        params[0].grad.to_local()[0, 0] = NAN
+        params[1].grad.to_local()[0, 0] = NAN  # embed.weight (params[0] is the temperature)
     before = full(params)
     try:
         optimizer.step()
@@ -169,6 +169,7 @@ def test_shards_are_even_and_uneven(ranks: list[dict[str, Any]]) -> None:
     assert [a + b for a, b in zip(first, second, strict=True)] == rows
     assert any(a == b for a, b in zip(first, second, strict=True))
     assert any(a != b for a, b in zip(first, second, strict=True))
+    assert first[0] == 1 and second[0] == 0  # the temperature: an empty shard on rank 1
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))

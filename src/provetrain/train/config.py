@@ -191,6 +191,9 @@ class TrainConfig(BaseModel):
     # Under torch.distributed: how long a collective may wait for a frozen or dead process before the run
     # ends with an error on every process still alive (torch's gloo default is 30).
     collective_timeout_minutes: float = Field(default=10.0, gt=0, allow_inf_nan=False)
+    # Under torch.distributed: ddp (every rank holds the whole model) or fsdp (FSDP2: parameters, gradients
+    # and Adam state sharded over the ranks, checkpoints written shard by shard); no effect in one process.
+    strategy: Literal["ddp", "fsdp"] = "ddp"
     # Run outputs; None: runs/<data>-<model>-<timestamp>.
     output_dir: str | None = None
 

@@ -36,10 +36,13 @@ Guarantees (W processes, DDP):
 :func:`clip_grad_norm_distributed_` clips a gradient that is *sharded* (each rank holds a disjoint part,
 as FSDP2 holds it): the float64 sums of squares of the parts are gathered and combined, then
 :func:`~provetrain.ops.clip.clip_coefficient` and :func:`~provetrain.ops.clip.scale_gradient` apply, with
-the proven bound of :mod:`provetrain.ops.clip`. FSDP2 itself (``fully_shard``) runs with gloo on CPU in
-torch 2.13 and this clip is tested on its DTensor gradients, but the Trainer refuses DTensor parameters:
-provetrain's Adam does not step them yet (with uneven shards its sum of squares cannot flatten them, and
-with even ones its counters cannot mix them with plain tensors).
+the proven bound of :mod:`provetrain.ops.clip`.
+
+With ``strategy: fsdp`` (:func:`shard_fully_`) the model is sharded by FSDP2 instead of wrapped in DDP:
+parameters, gradients and Adam state are DTensor shards, the guarded Adam step is
+:mod:`provetrain.ops.sharded` (one collective for the global norm and the skip decision), and checkpoints
+are :mod:`provetrain.train.sharded_checkpoint`'s, written by every rank. A collective that fails because a
+peer died or froze past the timeout raises :class:`PeerFailureError` saying what was being done.
 """
 
 from __future__ import annotations
@@ -74,6 +77,7 @@ __all__ = [
     "clip_grad_norm_distributed_",
     "failing_peers_stop",
     "scaled_sum_of_squares_across_ranks",
+    "shard_fully_",
     "sums_and_maxima_across_ranks",
     "torchrun_process_group",
 ]
@@ -141,12 +145,17 @@ class World:
         """This rank's contiguous share of a global batch (shares differ in size by at most one)."""
         return torch.tensor_split(indices, self.size)[self.rank]
 
-    def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
-        """The module the training forward runs through: ``model`` itself, or DDP around it.
+    def wrap(
+        self, model: nn.Module, device: torch.device, *, strategy: str = "ddp", precision: str = "fp32"
+    ) -> nn.Module:
+        """The module the training forward runs through: ``model`` itself, DDP around it, or ``model``
+        sharded in place by FSDP2 (``strategy="fsdp"``, :func:`shard_fully_`).
 
-        Wrapping copies rank 0's parameters and buffers to every rank; from then on DDP averages the
-        gradients in every backward.
+        DDP copies rank 0's parameters and buffers to every rank and averages the gradients in every
+        backward. FSDP2 replaces the parameters with DTensor shards: build the optimizer after wrapping.
         """
+        if strategy == "fsdp" and self.size > 1:
+            return shard_fully_(model, device, precision=precision, group=self.group)
         _refuse_sharded_parameters(model)
         if isinstance(model, DistributedDataParallel):
             raise TypeError(
@@ -201,6 +210,22 @@ class World:
             from torch.distributed.distributed_c10d import _set_pg_timeout
 
             _set_pg_timeout(timedelta(minutes=minutes), self.group)
+
+    def check_strategy(self, config: Any) -> None:
+        """Refuse, before anything runs, what the Trainer does not do under ``strategy: fsdp``."""
+        if config.strategy != "fsdp" or self.size == 1:
+            return
+        refused = {
+            "lr_max": (config.lr_max == "auto", "lr_max: auto runs forwards on rank 0 alone, which FSDP2 cannot"),
+            "precision": (config.precision == "fp16-amp", "fp16-amp's GradScaler does not take FSDP2's shards"),
+        }
+        for key, (bad, why) in refused.items():
+            if bad:
+                raise ConfigError(
+                    f"{key}={getattr(config, key)!r} is not supported with strategy: fsdp ({why}); use "
+                    "strategy: ddp, or another value of it",
+                    key=key,
+                )
 
     def barrier(self) -> None:
         """Wait until every rank is here (nothing in one process)."""
@@ -387,13 +412,54 @@ def _is_dtensor(value: object) -> bool:
     return isinstance(value, DTensor)
 
 
+def shard_fully_(
+    model: nn.Module, device: torch.device, *, precision: str = "fp32", group: dist.ProcessGroup | None = None
+) -> nn.Module:
+    """FSDP2 on ``model``, in place: ``fully_shard`` on every block (each child of a ``ModuleList``, as a
+    transformer's layers), then on the root; each parameter becomes a DTensor ``Shard(0)`` over ``group``.
+
+    With ``precision="bf16-autocast"`` the policy is ``MixedPrecisionPolicy(param_dtype=bfloat16,
+    reduce_dtype=float32)``: the unsharded parameters of the forward and backward are bfloat16, the
+    gradients are reduced in float32 and the shards, the Adam state and the update stay float32. Every
+    rank starts from rank 0's parameters and buffers (broadcast first, as DDP does). A model that already
+    holds DTensor parameters (sharded by the caller) is returned as it is.
+    """
+    if any(_is_dtensor(p) for p in model.parameters()):
+        return model
+    from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    if precision == "fp16-amp":
+        raise ConfigError("precision='fp16-amp' is not supported with strategy: fsdp", key="precision")
+    mesh = (
+        init_device_mesh(device.type, (dist.get_world_size(),))
+        if group is None
+        else DeviceMesh.from_group(group, device.type)
+    )
+    policy = (
+        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        if precision == "bf16-autocast"
+        else MixedPrecisionPolicy()
+    )
+    # As DDP does: every rank starts from rank 0's parameters and buffers (fully_shard keeps each rank's).
+    source = 0 if group is None else dist.get_global_rank(group, 0)
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            dist.broadcast(tensor.data, src=source, group=group)
+    blocks = [child for module in model.modules() if isinstance(module, nn.ModuleList) for child in module]
+    for block in blocks:
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    return model
+
+
 def _refuse_sharded_parameters(model: nn.Module) -> None:
     sharded = next((name for name, p in model.named_parameters() if _is_dtensor(p)), None)
     if sharded is not None:
         raise TypeError(
             f"parameter {sharded!r} is a DTensor (the model was sharded with fully_shard / FSDP2 or tensor "
-            "parallelism): the Trainer supports DistributedDataParallel only, since provetrain's Adam does "
-            "not yet step sharded parameters; pass the unsharded model and start the run under torchrun"
+            "parallelism) but the strategy is ddp: pass the unsharded model, or set strategy: fsdp (the "
+            "Trainer then applies fully_shard itself)"
         )
 
 
@@ -409,9 +475,11 @@ def failing_peers_stop(what: str) -> Iterator[None]:
     connection at once, a frozen one after the collective timeout)."""
     try:
         yield
-    except PeerFailureError:
-        raise
     except RuntimeError as error:
+        # gloo and NCCL raise plain RuntimeErrors (or torch's DistError); subclasses such as
+        # ContractViolation are the library's own decisions and pass through.
+        if not (type(error) is RuntimeError or isinstance(error, dist.DistError)):
+            raise
         rank = dist.get_rank() if dist.is_initialized() else 0
         raise PeerFailureError(
             f"{what} failed on rank {rank}: another process of the run stopped answering (it exited, was "

@@ -111,8 +111,10 @@ def training_tensors(model: nn.Module, optimizer: torch.optim.Optimizer | None =
     load writes into them), ``optimizer/<parameter name>/<key>`` for every tensor of the optimizer's
     per-parameter state, and ``optimizer/counters/<name>`` for provetrain's Adam counters. A parameter
     without state yet gets Adam's zero state (``step`` 0, zero moments sharded like it): what a first step
-    would create, so that a fresh optimizer can be loaded into.
+    would create, so that a fresh optimizer can be loaded into. FSDP2 modules are resharded first (after
+    an evaluation the root's parameters are left unsharded).
     """
+    _reshard_(model)
     tensors: dict[str, Tensor] = {}
     names = {}
     for name, p in model.named_parameters():
@@ -224,6 +226,18 @@ def load_sharded_checkpoint(
         )
     state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
     return ShardedCheckpoint(manifest["step"], state, path, manifest["world_size"])
+
+
+def _reshard_(model: nn.Module) -> None:
+    """FSDP2 leaves the root's parameters unsharded (plain tensors) after a forward without backward (an
+    evaluation): put every module back in its sharded state, so that its parameters are the DTensors."""
+    if not dist.is_available():
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 # --- save --------------------------------------------------------------------------------------------

@@ -87,6 +87,7 @@ from provetrain.train.monitor import LossTrendMonitor
 from provetrain.train.outputs import RunOutputs, check_output_dir
 from provetrain.train.policies import SkipBudget, nonfinite_clause
 from provetrain.train.schedule import Schedule
+from provetrain.train.sharded_checkpoint import load_sharded_checkpoint, save_sharded_checkpoint, training_tensors
 
 __all__ = ["Callback", "Terminated", "TrainResult", "Trainer"]
 
@@ -301,6 +302,7 @@ class Trainer:
         self.batches = self._batch_source(data)
         self.world = World.current()
         self.world.set_collective_timeout(self.config.collective_timeout_minutes)
+        self.world.check_strategy(self.config)
         self.world.check_batches(getattr(self.batches, "examples", self.config.batch_size), self.config.batch_size)
         self.device = self.world.local_device(_resolve_device(self.config.device))
         # The module that is trained, checkpointed and measured; a compiled one is unwrapped (its parameters
@@ -495,11 +497,14 @@ class Trainer:
                 exactly as the uninterrupted one would have. Outputs go to this run's own ``output_dir``.
         """
         torch.manual_seed(self.config.seed)
-        self.optimizer = self._build_optimizer()
-        # The module the training forward runs through: DDP around the model under torch.distributed, and
-        # compiled under compile: true (torch.compile of DDP, as torch recommends; DDP's no_sync stays reachable).
-        self._ddp = self.world.wrap(self.model, self.device)
+        # The module the training forward runs through: DDP around the model under torch.distributed, or
+        # the model sharded in place by FSDP2, whose DTensor parameters the optimizer must then take; compiled
+        # under compile: true (torch.compile of DDP, as torch recommends; DDP's no_sync stays reachable).
+        self._ddp = self.world.wrap(
+            self.model, self.device, strategy=self.config.strategy, precision=self.config.precision
+        )
         self._train_module = self._compiled(self._ddp)
+        self.optimizer = self._build_optimizer()
         self._resumed_from = None if resume_from is None else Path(resume_from)
         first_step = 0
         if self._resumed_from is not None:
@@ -892,29 +897,30 @@ class Trainer:
         until it is written (or raise rank 0's error)."""
         if self._pending:  # the policies see every step before its state is saved (a host read, rare)
             self._read_back()
+        if self._sharded:  # FSDP2: every rank writes its own shards, rank 0 commits (sharded_checkpoint)
+            save_sharded_checkpoint(
+                self._checkpoint_dir(),
+                step=next_step,
+                tensors=self._sharded_tensors(),
+                state=self._run_state(next_step),
+                keep_last=self.config.keep_checkpoints,
+            )
+            return
         self.world.run_on_main(lambda: self._write_checkpoint(next_step))
+
+    @property
+    def _sharded(self) -> bool:
+        return self.config.strategy == "fsdp" and self.world.size > 1
+
+    def _sharded_tensors(self) -> dict[str, Tensor]:
+        """Model and optimizer tensors by name, without the last-step diagnostics (NaN by design)."""
+        tensors = training_tensors(self.model, self.optimizer)
+        return {k: v for k, v in tensors.items() if k.rsplit("/", 1)[-1] not in _DIAGNOSTIC_COUNTERS}
 
     def _write_checkpoint(self, next_step: int) -> None:
         model_tensors, model_structure = flatten_state(self.model.state_dict(), prefix="model")
         optimizer_tensors, optimizer_structure = flatten_state(self._optimizer_state(), prefix="optimizer")
-        state = {
-            "next_step": next_step,
-            "applied_steps": self.applied_steps,
-            "skipped_steps": self.skips.total,
-            "consecutive_skips": self.skips.consecutive,
-            "rollbacks": self.rollbacks,
-            "lr_scale": self.lr_scale,
-            "lr_max": self.lr_max,
-            "lr_max_estimate": None if self.lr_max_estimate is None else self.lr_max_estimate.to_dict(),
-            "model": model_structure,
-            "optimizer": optimizer_structure,
-            "monitor": self.monitor.state_dict(),
-            "ledger": self.ledger.state_dict(),
-            "rng": capture_rng_state(),
-            "config": self.config.model_dump(mode="json"),
-            "grad_scaler": None if self._scaler is None else self._scaler.state_dict(),
-            "data": self.batches.state_dict(),  # the data source's position (and its generator, if any)
-        }
+        state = {**self._run_state(next_step), "model": model_structure, "optimizer": optimizer_structure}
         save_checkpoint(
             self._checkpoint_dir(),
             step=next_step,
@@ -923,6 +929,25 @@ class Trainer:
             keep_last=self.config.keep_checkpoints,
             overwrite=True,
         )
+
+    def _run_state(self, next_step: int) -> dict[str, Any]:
+        """The checkpoint's plain data: counters, monitor, ledger, RNG, config (no model, no optimizer)."""
+        return {
+            "next_step": next_step,
+            "applied_steps": self.applied_steps,
+            "skipped_steps": self.skips.total,
+            "consecutive_skips": self.skips.consecutive,
+            "rollbacks": self.rollbacks,
+            "lr_scale": self.lr_scale,
+            "lr_max": self.lr_max,
+            "lr_max_estimate": None if self.lr_max_estimate is None else self.lr_max_estimate.to_dict(),
+            "monitor": self.monitor.state_dict(),
+            "ledger": self.ledger.state_dict(),
+            "rng": capture_rng_state(),
+            "config": self.config.model_dump(mode="json"),
+            "grad_scaler": None if self._scaler is None else self._scaler.state_dict(),
+            "data": self.batches.state_dict(),  # the data source's position (and its generator, if any)
+        }
 
     def _optimizer_state(self) -> dict[str, Any]:
         """The optimizer's state without its last-step diagnostics (:data:`_DIAGNOSTIC_COUNTERS`)."""
@@ -948,11 +973,17 @@ class Trainer:
                 (naming them), or is at or past this run's last step.
         """
         try:
-            checkpoint = self._load_resume_checkpoint(path)
+            if self._sharded:  # FSDP2: each rank reads the shards it holds, in place (sharded_checkpoint)
+                directory, step = (path.parent, int(path.name[5:])) if path.name.startswith("step-") else (path, None)
+                sharded = load_sharded_checkpoint(directory, self._sharded_tensors(), step=step)
+                checkpoint = Checkpoint(sharded.step, {}, sharded.state, sharded.path)
+            else:
+                checkpoint = self._load_resume_checkpoint(path)
             state = checkpoint.state
             next_step = self._check_resume_state(checkpoint.path, checkpoint.step, state)
-            self.model.load_state_dict(unflatten_state(checkpoint.tensors, state["model"]))
-            self._load_optimizer_state(unflatten_state(checkpoint.tensors, state["optimizer"]))
+            if not self._sharded:
+                self.model.load_state_dict(unflatten_state(checkpoint.tensors, state["model"]))
+                self._load_optimizer_state(unflatten_state(checkpoint.tensors, state["optimizer"]))
             self.monitor.load_state_dict(state["monitor"])
             if "ledger" in state:  # checkpoints from before the ledger was saved certify from the resume on
                 self.ledger.load_state_dict(state["ledger"])
