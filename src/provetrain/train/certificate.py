@@ -154,6 +154,7 @@ class ClauseLedger:
         undid is certified ``violated: ...`` instead (:meth:`finished_outcome`)."""
         if outcome == "kept":
             outcome = self.finished_outcome()
+        unmet = {clause.key for clause, _, _ in self.unremedied()}
         clauses = []
         for status in self._statuses:
             record = self.records[status.clause.key]
@@ -166,6 +167,7 @@ class ClauseLedger:
                     "violations": record.violations,
                     "first_violation_step": record.first_violation_step,
                     "actions": dict(record.actions),
+                    "status": _status(record, undone=status.clause.key not in unmet),
                     "enforced_by": list(status.binding.enforced_by),
                     "evidence": [{"kind": e.kind, "ref": e.ref} for e in status.binding.evidence],
                     "bound": status.bound,
@@ -177,6 +179,17 @@ class ClauseLedger:
             "run": run,
             "clauses": clauses,
         }
+
+
+def _status(record: ClauseRecord, *, undone: bool) -> str:
+    """A clause's verdict in the certificate: ``not checked`` (no check ran, e.g. ``lr < lr_max`` without a
+    declared lr_max: neither held nor violated), ``held``, ``violated, undone`` (every violation skipped or
+    rolled back) or ``violated``."""
+    if record.checks == 0:
+        return "not checked"
+    if record.violations == 0:
+        return "held"
+    return "violated, undone" if undone else "violated"
 
 
 def outcome_of(error: BaseException | None) -> str:
