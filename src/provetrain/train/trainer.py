@@ -4,12 +4,16 @@ One step, in order (each phase a short helper):
 
 1. learning rate from the schedule of *applied* steps; check ``lr > 0.0``, and ``lr < lr_max`` when an
    ``lr_max`` is declared (an ``lr_max: auto`` estimate is reported, never enforced);
-2. the batch for this step (the data position advances even when the step is later skipped: a bad batch
-   is dropped, so the run equals one that never saw it);
-3. forward, loss, backward; check ``!gradients.is_empty()``;
-4. under ``torch.distributed``, the global batch's mean loss, the same on every rank;
+2. for each of the ``gradient_accumulation_steps`` (k) micro-batches of the step (the data position
+   advances even when the step is later skipped: a bad batch is dropped, so the run equals one that never
+   saw it): forward (through ``torch.compile`` under ``compile``), the loss on the output at ``output_key``,
+   backward of loss / k (under DDP's ``no_sync`` but for the last); the micro-batch losses are summed on the
+   device in float64;
+3. check ``!gradients.is_empty()``;
+4. the step's mean loss over its micro-batches (under ``torch.distributed``, over every rank's shares in one
+   collective): the same on every rank, and non-finite when any micro-batch's loss was;
 5. ``optimizer.step(loss=...)``: global-norm clip, finite guard and update, with the skip decided on the
-   device (provetrain's Adam/AdamW);
+   device (provetrain's Adam/AdamW): a NaN loss on any micro-step skips the whole accumulated step;
 6. on a skipped step, module buffers the forward wrote (BatchNorm statistics) are put back, on the device;
 7. record the step's loss, gradient norms and skip count as device tensors.
 
@@ -255,7 +259,9 @@ class Trainer:
         data: a :class:`~provetrain.data.sources.DataSplits` (train and test sets) or a ``TensorDataset``
             of ``(x, y)`` for classification.
         eval_data: a held-out ``TensorDataset`` when ``data`` is a plain dataset.
-        loss_fn: ``loss_fn(outputs, targets) -> scalar``; default cross-entropy (per token for a language model).
+        loss_fn: ``loss_fn(outputs, targets) -> scalar``, given the part of the model's output at the config's
+            ``output_key`` (all of it when unset); default the config's ``loss_fn`` (``module:function``), else
+            cross-entropy (per token for a language model), which needs a tensor of logits.
         config: a :class:`TrainConfig`; keyword ``overrides`` replace its fields (``lr=1e-3, steps=500``...).
         callbacks: :class:`Callback` objects.
         contract: the contract to enforce and certify; default the bundled ``training-loop-v1.yaml``.
