@@ -210,7 +210,7 @@ def train(
         _print_run_summary(result, quiet=quiet)
         outcome = result.certificate["outcome"]
         if outcome != "kept":  # the run finished, but a violation was counted that no policy undid
-            stderr.print(Text.assemble(("contract violated:", "bold red"), " ", outcome), highlight=False)
+            stderr.print(Text.assemble(("contract not kept:", "bold red"), " ", outcome), highlight=False)
             raise typer.Exit(1)
 
 
