@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -310,7 +312,7 @@ def train(
         _print_run_summary(result, quiet=quiet)
         outcome = result.certificate["outcome"]
         if outcome != "kept":  # the run finished, but a violation was counted that no policy undid
-            stderr.print(Text.assemble(("contract violated:", "bold red"), " ", outcome), highlight=False)
+            stderr.print(Text.assemble(("contract not kept:", "bold red"), " ", outcome), highlight=False)
             raise typer.Exit(1)
 
 
@@ -348,19 +350,31 @@ def _exit_with_run_failure(error: BaseException, trainer: Any) -> NoReturn:
 @app.command("lr-max")
 def lr_max(
     config: Annotated[Path | None, typer.Argument(help="Training config YAML (default: the embedded job).")] = None,
-    batches: Annotated[int, typer.Option(min=1, help="Batches averaged for Adam's preconditioner.")] = 16,
-    iterations: Annotated[int, typer.Option(min=1, help="Most Hessian-vector products per power iteration.")] = 50,
+    batches: Annotated[
+        int | None, typer.Option(min=1, help="Batches averaged for Adam's preconditioner (default: lr_max_budget).")
+    ] = None,
+    iterations: Annotated[
+        int | None, typer.Option(min=1, help="Most Hessian-vector products in all (default: lr_max_budget.hvp).")
+    ] = None,
+    seconds: Annotated[
+        float | None, typer.Option(min=0.0, help="Wall-time budget in seconds (default: lr_max_budget.seconds).")
+    ] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Estimate the largest stable learning rate (Adam's edge of stability at the initial point) for a config's
-    model and data, and compare the config's peak lr with it. The estimate is advice: exit 1 only when the
-    peak lr breaks the config's declared numeric lr_max, which training enforces."""
+    model and data, within a budget of Hessian-vector products and seconds, and compare the config's peak lr
+    with it. Progress goes to stderr. The estimate is advice: exit 1 only when the peak lr breaks the config's
+    declared numeric lr_max, which training enforces."""
     from provetrain.train.config import load_config
     from provetrain.train.run import default_config_path, prepare_trainer
 
     try:
         trainer = prepare_trainer(load_config(default_config_path() if config is None else config))
-        estimate = trainer.estimate_lr_max(batches=batches, iterations=iterations)
+        total = iterations or trainer.config.lr_max_budget.hvp
+        with _product_progress(total) as progress:
+            estimate = trainer.estimate_lr_max(
+                batches=batches, iterations=iterations, seconds=seconds, progress=progress
+            )
     except (ConfigError, ValueError, TypeError) as error:
         _exit_with_error(error)
     peak, declared = trainer.schedule.extremes()[1], trainer.lr_max
@@ -369,10 +383,12 @@ def lr_max(
         report = {"lr": peak, "lr_below_lr_max": peak < estimate.lr_max, "declared_lr_max": declared}
         print(json.dumps(report | {"refused": refused} | estimate.to_dict(), indent=2))
     else:
+        state = "converged" if estimate.converged else "NOT converged: optimistic"
+        if estimate.stopped:
+            state += f", budget spent ({estimate.stopped})"
         stdout.print(
             f"lr_max estimate = {estimate.lr_max:.6g} ({estimate.method}, eigenvalue {estimate.eigenvalue:.6g}, "
-            f"{estimate.iterations} Hessian-vector products, "
-            f"{'converged' if estimate.converged else 'NOT converged: optimistic'})",
+            f"{estimate.iterations} Hessian-vector products, {state})",
             highlight=False,
         )
         stdout.print(estimate.explanation, highlight=False, markup=False)
@@ -388,6 +404,28 @@ def lr_max(
             stdout.print(f"declared lr_max = {declared:g}: training {verdict} this lr", highlight=False)
     if refused:
         raise typer.Exit(1)
+
+
+@contextmanager
+def _product_progress(total: int) -> Iterator[Callable[[int], None]]:
+    """Progress of an estimate on stderr: a bar on a terminal, else a line at every tenth of the budget."""
+    import time
+
+    if stderr.is_terminal:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+        with Progress("lr_max", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=stderr) as bar:
+            task = bar.add_task("lr_max", total=total)
+            yield lambda done: bar.update(task, completed=done)
+        return
+    started, every = time.monotonic(), max(1, total // 10)
+
+    def line(done: int) -> None:
+        if done % every == 0 or done == total:
+            took = time.monotonic() - started
+            stderr.print(f"lr_max: {done}/{total} Hessian-vector products, {took:.1f} s", highlight=False)
+
+    yield line
 
 
 def _print_run_summary(result: Any, *, quiet: bool) -> None:

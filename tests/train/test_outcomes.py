@@ -147,3 +147,32 @@ def test_the_cli_reports_a_models_error_in_one_paragraph_and_exits_1(tmp_path: P
     assert "badmodel.py:12 in forward" in result.stderr and f"--resume {out / 'checkpoints'}" in result.stderr
     assert certificate_of(out)["outcome"] == "failed: RuntimeError: bad shape in my layer"
     sys.modules.pop("badmodel", None)
+
+
+def test_the_cli_exits_1_when_a_finished_run_is_not_kept(tmp_path: Path, monkeypatch: Any) -> None:
+    from provetrain.cli import app
+
+    (tmp_path / "rising.py").write_text(
+        "import torch\n\n"
+        "class Rising(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.w = torch.nn.Parameter(torch.zeros(10))\n"
+        "        self.calls = 0\n\n"
+        "    def forward(self, x):\n"
+        "        self.calls += self.training\n"
+        "        wrong = torch.arange(10.0) * 0.2 * self.calls\n"
+        "        return (self.w + wrong).expand(len(x), 10)\n\n"
+        "def build():\n"
+        "    return Rising()\n"
+    )
+    out = tmp_path / "run"
+    (tmp_path / "cfg.yaml").write_text(
+        f"model: rising:build\nsteps: 20\nlr: 1.0e-6\nmonitor_window: 5\nmonitor_alpha: 0.2\noutput_dir: {out}\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    result = CliRunner().invoke(app, ["train", str(tmp_path / "cfg.yaml"), "--quiet"])
+    assert result.exit_code == 1, result.output
+    assert result.stderr.startswith("contract not kept: violated: loss_decrease invariant `Loss monotonically")
+    assert certificate_of(out)["outcome"].startswith("violated: loss_decrease invariant")
+    sys.modules.pop("rising", None)

@@ -226,6 +226,7 @@ class ClauseLedger:
         undid is certified ``violated: ...`` instead (:meth:`finished_outcome`)."""
         if outcome == "kept":
             outcome = self.finished_outcome()
+        unmet = {clause.key for clause, _, _ in self.unremedied()}
         clauses = []
         for status in self._statuses:
             record = self.records[status.clause.key]
@@ -238,6 +239,7 @@ class ClauseLedger:
                     "violations": record.violations,
                     "first_violation_step": record.first_violation_step,
                     "actions": dict(record.actions),
+                    "status": _status(record, undone=status.clause.key not in unmet),
                     "enforced_by": list(status.binding.enforced_by),
                     "evidence": [{"kind": e.kind, "ref": e.ref} for e in status.binding.evidence],
                     "bound": status.bound,
@@ -311,6 +313,17 @@ def _section_clause(status: ClauseStatus, record: ClauseRecord | None) -> dict[s
         "enforced_by": list(status.binding.enforced_by),
         "evidence": [{"kind": e.kind, "ref": e.ref} for e in status.binding.evidence],
     }
+
+
+def _status(record: ClauseRecord, *, undone: bool) -> str:
+    """A clause's verdict in the certificate: ``not checked`` (no check ran, e.g. ``lr < lr_max`` without a
+    declared lr_max: neither held nor violated), ``held``, ``violated, undone`` (every violation skipped or
+    rolled back) or ``violated``."""
+    if record.checks == 0:
+        return "not checked"
+    if record.violations == 0:
+        return "held"
+    return "violated, undone" if undone else "violated"
 
 
 def outcome_of(error: BaseException | None) -> str:

@@ -89,8 +89,10 @@ class LrMaxBudget(BaseModel):
     hvp: Int = Field(default=20, ge=1)
     # Wall-clock seconds for the whole estimate (None: no time limit).
     seconds: Float | None = Field(default=60.0, gt=0, allow_inf_nan=False)
-    # Batches averaged for Adam's preconditioner; the curvature is measured on the first of them.
-    batches: Int = Field(default=4, ge=1)
+    # Micro-batches averaged for Adam's preconditioner (a backward each: cheap in memory), and how many of
+    # them the curvature is measured on together (one double-backward graph: what sets the peak memory).
+    batches: Int = Field(default=16, ge=1)
+    curvature_batches: Int = Field(default=4, ge=1)
 
 
 class TrainConfig(BaseModel):
@@ -120,7 +122,7 @@ class TrainConfig(BaseModel):
     # often train, see README).
     lr_max: Annotated[float | Literal["auto"] | None, BeforeValidator(_no_bool)] = None
     # What lr_max: auto may spend: Hessian-vector products (each about 2-3 training steps of compute) and
-    # seconds, whichever runs out first, and how many batches (of at most batch_size examples) it uses.
+    # seconds, whichever runs out first, and how many micro-batches it uses.
     lr_max_budget: LrMaxBudget = Field(default_factory=lambda: LrMaxBudget())
     betas: tuple[Float, Float] = (0.9, 0.999)
     eps: Float = Field(default=1e-8, gt=0, allow_inf_nan=False)

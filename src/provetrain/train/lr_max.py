@@ -66,9 +66,10 @@ seeded with 0: measuring lr_max never consumes the global RNG (exact resume depe
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, NamedTuple
 
 import torch
@@ -78,6 +79,7 @@ from provetrain.errors import ContractViolation
 
 __all__ = [
     "LrMaxEstimate",
+    "PowerBudget",
     "check_lr_below_max",
     "estimate_lr_max",
     "preconditioned_top_eigenvalue",
@@ -109,6 +111,8 @@ class LrMaxEstimate:
         converged: the relative residual reached ``tol``; if not, ``lr_max`` is optimistic.
         residual: ``‖Av − ρv‖`` of the final vector: an eigenvalue lies within it of ``eigenvalue``.
         explanation: one paragraph for humans: formula, source, numbers, caveats.
+        stopped: what ended the power iteration before convergence or its iteration limit: ``""`` (nothing),
+            ``"products"`` or ``"seconds"`` (the :class:`PowerBudget` ran out).
     """
 
     lr_max: float
@@ -119,6 +123,7 @@ class LrMaxEstimate:
     converged: bool
     residual: float
     explanation: str
+    stopped: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready fields (a non-finite number as its string, ``"inf"``: strict JSON has no infinity)."""
@@ -131,11 +136,42 @@ class LrMaxEstimate:
         return cls(**{**record, **numbers})
 
 
+@dataclass
+class PowerBudget:
+    """What an estimate may spend (the Trainer's ``lr_max_budget``): at most ``products`` Hessian-vector
+    products over all its power iterations, until ``seconds`` of wall time have passed since it was made
+    (``None``: no limit), calling ``progress(products_done)`` after each product. Spent state lives here:
+    one budget, one estimate."""
+
+    products: int | None = None
+    seconds: float | None = None
+    progress: Callable[[int], None] | None = None
+    done: int = 0
+    stopped: str = ""
+    _deadline: float | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.seconds is not None:
+            self._deadline = time.monotonic() + self.seconds
+
+    def spend(self) -> bool:
+        """Count one product; ``False`` once the budget is spent (``stopped`` says which limit)."""
+        self.done += 1
+        if self.progress is not None:
+            self.progress(self.done)
+        if self.products is not None and self.done >= self.products:
+            self.stopped = "products"
+        elif self._deadline is not None and time.monotonic() >= self._deadline:
+            self.stopped = "seconds"
+        return not self.stopped
+
+
 class _Eigen(NamedTuple):
     value: float
     iterations: int
     converged: bool
     residual: float
+    vector: list[Tensor] | None = None  # the last iterate, to continue from
 
 
 def top_hessian_eigenvalue(
@@ -195,21 +231,29 @@ def estimate_lr_max(
     iterations: int = 50,
     tol: float = 1e-4,
     generator: torch.Generator | None = None,
+    budget: PowerBudget | None = None,
 ) -> LrMaxEstimate:
     """The largest stable learning rate at the current point (see the module docstring for the math).
 
     SGD: ``2 / λ_max(H)``. Adam: ``(2 + 2β₁) / ((1 − β₁) λ_max(P⁻¹H))`` (Cohen et al. 2022). Adam's P is
     ``preconditioner`` when given, else ``sqrt(mean g²) + eps`` over ``gradient_samples`` calls of
     ``loss_fn`` (the first call also serves the Hessian). Only positive curvature bounds the step; with
-    none, ``lr_max = inf``.
+    none, ``lr_max = inf``. ``budget`` caps the products and the wall time of all power iterations
+    together and reports progress; a spent budget ends the iteration unconverged (``stopped`` says why).
     """
     params = _check_params(params)
     _check_iteration_args(iterations, tol, "positive")
     _check_optimizer_args(optimizer, betas, eps, gradient_samples)
+    budget = budget or PowerBudget()
     with _double_backward_capable():
-        return _estimate(
-            loss_fn, params, optimizer, betas, eps, preconditioner, gradient_samples, iterations, tol, generator
+        estimate = _estimate(
+            loss_fn, params, optimizer, betas, eps, preconditioner, gradient_samples, iterations, tol, generator, budget
         )
+    if not budget.stopped or estimate.converged:
+        return estimate
+    limit = f"{budget.products} Hessian-vector products" if budget.stopped == "products" else f"{budget.seconds:g} s"
+    note = f" Stopped by the budget ({limit}) before converging."
+    return LrMaxEstimate(**{**asdict(estimate), "stopped": budget.stopped, "explanation": estimate.explanation + note})
 
 
 @contextmanager
@@ -241,6 +285,7 @@ def _estimate(
     iterations: int,
     tol: float,
     generator: torch.Generator | None,
+    budget: PowerBudget,
 ) -> LrMaxEstimate:
     hvp, grad = _hessian_vector_product(loss_fn, params)
     if optimizer == "sgd":
@@ -249,13 +294,13 @@ def _estimate(
                 "estimate_lr_max: preconditioner is only used with optimizer='adam', got optimizer='sgd'; "
                 "drop preconditioner or set optimizer='adam'"
             )
-        top = _top_eigen(hvp, params, iterations, tol, generator, "positive")
+        top = _top_eigen(hvp, params, iterations, tol, generator, "positive", budget)
         return _sgd_estimate(top)
     source = "given" if preconditioner is not None else "gradient"
     if preconditioner is None:
         preconditioner = _preconditioner_from_gradients(loss_fn, params, grad, gradient_samples, eps)
     inv_sqrt = _check_preconditioner(preconditioner, params)
-    top = _top_eigen(_precondition(hvp, inv_sqrt), params, iterations, tol, generator, "positive")
+    top = _top_eigen(_precondition(hvp, inv_sqrt), params, iterations, tol, generator, "positive", budget)
     return _adam_estimate(top, betas[0], source, _eps_dominated_fraction(preconditioner, eps))
 
 
@@ -417,32 +462,59 @@ def _precondition(hvp: Operator, inv_sqrt: list[Tensor]) -> Operator:
 
 
 def _top_eigen(
-    operator: Operator, like: list[Tensor], iterations: int, tol: float, generator: torch.Generator | None, which: Which
+    operator: Operator,
+    like: list[Tensor],
+    iterations: int,
+    tol: float,
+    generator: torch.Generator | None,
+    which: Which,
+    budget: PowerBudget | None = None,
 ) -> _Eigen:
-    dominant = _power_iteration(operator, like, iterations, tol, generator, shift=0.0)
+    budget = budget or PowerBudget()
+    # Under a product budget, "positive" keeps half of it for the shifted iteration a negative dominant
+    # eigenvalue needs; a positive one continues where it stopped, with the rest.
+    share = iterations
+    if which == "positive" and budget.products is not None:
+        share = min(iterations, max(1, (budget.products - budget.done) // 2))
+    dominant = _power_iteration(operator, like, share, tol, generator, 0.0, budget)
+    if dominant.value >= 0 and not dominant.converged and not budget.stopped and share < iterations:
+        more = _power_iteration(operator, like, iterations - share, tol, generator, 0.0, budget, dominant.vector)
+        return more._replace(iterations=dominant.iterations + more.iterations)
     if which == "magnitude" or dominant.value >= 0:
         return dominant
+    if budget.stopped:  # no product left for the shifted iteration: the positive eigenvalue is unknown
+        return dominant._replace(converged=False)
     # A − λ_m I is positive semi-definite; its dominant eigenvalue is λ_max − λ_m.
-    shifted = _power_iteration(operator, like, iterations, tol, generator, shift=dominant.value)
+    shifted = _power_iteration(operator, like, iterations, tol, generator, dominant.value, budget)
     total = dominant.iterations + shifted.iterations
     return _Eigen(shifted.value + dominant.value, total, shifted.converged, shifted.residual)
 
 
 def _power_iteration(
-    operator: Operator, like: list[Tensor], iterations: int, tol: float, generator: torch.Generator | None, shift: float
+    operator: Operator,
+    like: list[Tensor],
+    iterations: int,
+    tol: float,
+    generator: torch.Generator | None,
+    shift: float,
+    budget: PowerBudget,
+    start: list[Tensor] | None = None,
 ) -> _Eigen:
     if generator is None:
         generator = torch.Generator().manual_seed(0)
-    v = _normalise([torch.randn(p.shape, generator=generator).to(p) for p in like])
+    v = start or _normalise([torch.randn(p.shape, generator=generator).to(p) for p in like])
     value, residual = 0.0, math.inf
     for k in range(1, iterations + 1):
         w = [h - shift * x for h, x in zip(operator(v), v, strict=True)] if shift else operator(v)
         value = _dot(v, w)
         residual = _norm([a - value * x for a, x in zip(w, v, strict=True)])
         if residual <= tol * abs(value):
+            budget.spend()
             return _Eigen(value, k, True, residual)
         v = _normalise(w)
-    return _Eigen(value, iterations, False, residual)
+        if not budget.spend():
+            return _Eigen(value, k, False, residual, v)
+    return _Eigen(value, iterations, False, residual, v)
 
 
 def _dot(a: list[Tensor], b: list[Tensor]) -> float:

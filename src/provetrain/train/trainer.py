@@ -4,12 +4,16 @@ One step, in order (each phase a short helper):
 
 1. learning rate from the schedule of *applied* steps; check ``lr > 0.0``, and ``lr < lr_max`` when an
    ``lr_max`` is declared (an ``lr_max: auto`` estimate is reported, never enforced);
-2. the batch for this step (the data position advances even when the step is later skipped: a bad batch
-   is dropped, so the run equals one that never saw it);
-3. forward, loss, backward; check ``!gradients.is_empty()``;
-4. under ``torch.distributed``, the global batch's mean loss, the same on every rank;
+2. for each of the ``gradient_accumulation_steps`` (k) micro-batches of the step (the data position
+   advances even when the step is later skipped: a bad batch is dropped, so the run equals one that never
+   saw it): forward (through ``torch.compile`` under ``compile``), the loss on the output at ``output_key``,
+   backward of loss / k (under DDP's ``no_sync`` but for the last); the micro-batch losses are summed on the
+   device in float64;
+3. check ``!gradients.is_empty()``;
+4. the step's mean loss over its micro-batches (under ``torch.distributed``, over every rank's shares in one
+   collective): the same on every rank, and non-finite when any micro-batch's loss was;
 5. ``optimizer.step(loss=...)``: global-norm clip, finite guard and update, with the skip decided on the
-   device (provetrain's Adam/AdamW);
+   device (provetrain's Adam/AdamW): a NaN loss on any micro-step skips the whole accumulated step;
 6. on a skipped step, module buffers the forward wrote (BatchNorm statistics) are put back, on the device;
 7. record the step's loss, gradient norms and skip count as device tensors.
 
@@ -33,7 +37,7 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -81,7 +85,7 @@ from provetrain.train.checkpoint import (
 )
 from provetrain.train.config import TrainConfig, config_error, make_config, override
 from provetrain.train.distributed import World
-from provetrain.train.lr_max import LrMaxEstimate, estimate_lr_max, preconditioner_from_batches
+from provetrain.train.lr_max import LrMaxEstimate, PowerBudget, estimate_lr_max, preconditioner_from_batches
 from provetrain.train.model_output import LossFn, default_loss, loss_on_output, select_output
 from provetrain.train.monitor import LossTrendMonitor
 from provetrain.train.outputs import RunOutputs, check_output_dir
@@ -268,7 +272,9 @@ class Trainer:
             :class:`~provetrain.data.batches.BatchSource` (see :mod:`provetrain.data.batches` for how each
             is batched and resumed).
         eval_data: the held-out set when ``data`` is a plain training set (any of the same kinds).
-        loss_fn: ``loss_fn(outputs, targets) -> scalar``; default cross-entropy (per token for a language model).
+        loss_fn: ``loss_fn(outputs, targets) -> scalar``, given the part of the model's output at the config's
+            ``output_key`` (all of it when unset); default the config's ``loss_fn`` (``module:function``), else
+            cross-entropy (per token for a language model), which needs a tensor of logits.
         config: a :class:`TrainConfig`; keyword ``overrides`` replace its fields (``lr=1e-3, steps=500``...).
         callbacks: :class:`Callback` objects.
         contract: the contract to enforce and certify; default the bundled ``training-loop-v1.yaml``.
@@ -830,36 +836,61 @@ class Trainer:
         self.skips.applied()  # the skipped run was undone with the state
 
     def _estimate_lr_max_if_asked(self) -> None:
-        """``lr_max: auto``: estimate Adam's edge of stability at the initial point and report it.
+        """``lr_max: auto`` (opt-in): estimate Adam's edge of stability at the initial point and report it.
 
         Not enforced: the estimate models Adam on a frozen-preconditioner quadratic, while real runs train
         above it (``bench/lr_max_divergence.py`` measures where they diverge), and power iteration may stop
         before it converges. Refusing a rate on it would refuse rates that train."""
         if self.config.lr_max != "auto":
             return
-        # Estimated once, by rank 0, on whole global batches, and sent to every rank: the same report everywhere.
-        self.lr_max_estimate = estimate = self.world.run_on_main(self.estimate_lr_max)
+        # Estimated once, by rank 0, and sent to every rank: the same report everywhere.
+        with self._lr_max_progress() as progress:
+            self.lr_max_estimate = estimate = self.world.run_on_main(lambda: self.estimate_lr_max(progress=progress))
         peak = self.schedule.extremes()[1]
         where = "below" if peak < estimate.lr_max else "at or above"
+        state = "converged" if estimate.converged else "NOT converged: optimistic"
+        if estimate.stopped:
+            state += f", stopped by lr_max_budget ({estimate.stopped})"
         self._say(
-            f"lr_max estimate {estimate.lr_max:.4g} ({estimate.iterations} Hessian-vector products, "
-            f"{'converged' if estimate.converged else 'NOT converged: optimistic'}); peak lr {peak:.4g} is {where} "
-            "it. Reported, not enforced: declare lr_max as a number to enforce a bound."
+            f"lr_max estimate {estimate.lr_max:.4g} ({estimate.iterations} Hessian-vector products, {state}); "
+            f"peak lr {peak:.4g} is {where} it. Reported, not enforced: declare lr_max as a number to enforce a bound."
         )
 
-    def estimate_lr_max(self, *, batches: int = 16, iterations: int = 50) -> LrMaxEstimate:
-        """An estimate of Adam's largest stable lr at the initial point (``provetrain.train.lr_max``): the
-        preconditioner from the mean squared gradient of the first ``batches`` batches, the curvature on their
-        union (up to 1024 examples), at most ``iterations`` Hessian-vector products per power iteration. Uses
-        the data of the first steps and the model as it is now; changes nothing."""
+    def estimate_lr_max(
+        self,
+        *,
+        batches: int | None = None,
+        iterations: int | None = None,
+        seconds: float | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> LrMaxEstimate:
+        """An estimate of Adam's largest stable lr at the initial point (``provetrain.train.lr_max``).
+
+        Adam's preconditioner is the root mean squared gradient of the first ``batches`` micro-batches (one
+        backward each); the curvature is measured on the union of the first ``lr_max_budget.curvature_batches``
+        of them, by at most ``iterations`` Hessian-vector products in all,
+        for at most ``seconds`` (defaults: the config's ``lr_max_budget``). ``progress(products_done)`` is
+        called after each product. Measured on the uncompiled module (double backward through a compiled
+        graph is not supported), in training mode; its buffers are put back after, and nothing else changes.
+
+        Memory: one double-backward graph of ``curvature_batches`` micro-batches, about 2-3x the activations of
+        a training step on as many examples (keep it small for a large model).
+
+        Raises:
+            ConfigError: at ``lr_max``, when the model cannot be differentiated twice, or the estimate fails.
+        """
+        budget = self.config.lr_max_budget
+        products, curvature_batches = iterations or budget.hvp, budget.curvature_batches
         # Its forwards run in training mode and write buffers (BatchNorm statistics): they are put back after.
         buffers = {name: b.clone() for name, b in self.model.named_buffers()}
         try:
-            loaded = self._first_batches(min(batches, self.steps_per_epoch or batches))
+            wanted = batches or budget.batches
+            loaded = self._first_batches(min(wanted, self.steps_per_epoch or wanted))
             params = [p for p in self.model.parameters() if p.requires_grad]
             losses = [lambda x=x, y=y: self.loss_fn(self.model(x), y) for x, y in loaded]
             preconditioner = preconditioner_from_batches(losses, params, eps=self.config.eps)
-            inputs, targets = (torch.cat(parts)[:1024] for parts in zip(*loaded, strict=True))
+            # The curvature of their union: one minibatch's is noisy enough to turn its sign.
+            inputs, targets = (torch.cat(parts) for parts in zip(*loaded[:curvature_batches], strict=True))
             return estimate_lr_max(
                 lambda: self.loss_fn(self.model(inputs), targets),
                 params,
@@ -867,13 +898,32 @@ class Trainer:
                 betas=self.config.betas,
                 eps=self.config.eps,
                 preconditioner=preconditioner,
-                iterations=iterations,
+                iterations=products,
+                budget=PowerBudget(products, seconds if seconds is not None else budget.seconds, progress),
             )
+        except (ValueError, RuntimeError) as error:
+            problem = f"the lr_max estimate failed: {type(error).__name__}: {error}"
+            raise config_error(
+                self.config, problem, key="lr_max", expected="a number to enforce, or null (no estimate)"
+            ) from None
         finally:
             with torch.no_grad():
                 for name, buffer in self.model.named_buffers():
                     if name in buffers and _same_layout(buffer, buffers[name]):
                         buffer.copy_(buffers[name])
+
+    @contextlib.contextmanager
+    def _lr_max_progress(self) -> Iterator[Callable[[int], None] | None]:
+        """A progress bar of Hessian-vector products, like the training bar (on a terminal only)."""
+        if self.console is None or not self.console.is_terminal:
+            yield None
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+        columns = ("lr_max", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        with Progress(*columns, console=self.console, transient=True) as bar:
+            task = bar.add_task("lr_max", total=self.config.lr_max_budget.hvp)
+            yield lambda done: bar.update(task, completed=done)
 
     # --------------------------------------------------------------------------------------- checkpoints
     _RESUME_INVARIANT_KEYS = (
