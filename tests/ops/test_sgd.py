@@ -276,3 +276,15 @@ def test_complex_parameters_step_as_their_real_views() -> None:
     torch.testing.assert_close(w_a, w_b)
     assert opt_a.state[w_a]["momentum_buffer"].dtype == torch.complex64
     torch.testing.assert_close(opt_a.state[w_a]["momentum_buffer"], opt_b.state[w_b]["momentum_buffer"])
+
+
+def test_a_pickled_sgd_keeps_its_policies_counters_and_buffers() -> None:
+    import pickle
+
+    model = make_model()
+    opt = SGD(model.parameters(), lr=0.05, momentum=0.9, clip_value=0.5, on_empty="skip")
+    train(model, opt, make_batches(2))
+    copy = pickle.loads(pickle.dumps(opt))
+    assert (copy.clip_value, copy.on_nonfinite, copy.on_empty) == (0.5, "skip", "skip")
+    assert torch.equal(copy.last_grad_norm, opt.last_grad_norm)
+    assert all("momentum_buffer" in s for s in copy.state.values())
