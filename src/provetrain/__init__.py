@@ -16,6 +16,7 @@ from provetrain.errors import ContractViolation as ContractViolation
 from provetrain.ops.adam import Adam as Adam
 from provetrain.ops.adam import AdamW as AdamW
 from provetrain.ops.clip import clip_grad_norm_ as clip_grad_norm_
+from provetrain.ops.sgd import SGD as SGD
 from provetrain.train.config import TrainConfig as TrainConfig
 from provetrain.train.config import load_config as load_config
 from provetrain.train.lr_max import estimate_lr_max as estimate_lr_max
@@ -27,6 +28,7 @@ from provetrain.verify.parity import forward_parity as forward_parity
 __version__ = "0.1.0"
 
 __all__ = [
+    "SGD",
     "Adam",
     "AdamW",
     "ArgumentViolation",

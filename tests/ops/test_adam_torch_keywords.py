@@ -67,7 +67,9 @@ def test_amsgrad_on_float32_cpu_by_default_runs_torchs_fused_kernel() -> None:
     assert_bitwise_equal(snapshot(a, opt_a), snapshot(b, opt_b))
 
 
-@pytest.mark.parametrize("path", [{"fused": False}, {"foreach": True}, {}], ids=["reference", "multi_tensor", "default"])
+@pytest.mark.parametrize(
+    "path", [{"fused": False}, {"foreach": True}, {}], ids=["reference", "multi_tensor", "default"]
+)
 def test_a_skipped_amsgrad_step_keeps_the_maximum(path: dict) -> None:
     model = make_model()
     opt = Adam(model.parameters(), lr=1e-2, amsgrad=True, clip_value=0.5, **path)
@@ -119,7 +121,11 @@ def test_tensor_lr_and_betas_enter_the_arithmetic_as_torchs_do(ours, theirs, cas
 @pytest.mark.parametrize("case", TENSOR_HYPERPARAMETERS)
 def test_tensor_lr_and_betas_on_torchs_fused_kernel(case) -> None:
     (a, opt_a), (b, opt_b) = run_pair(
-        AdamW, torch.optim.AdamW, {"foreach": True, "capturable": True}, {"fused": True}, **TENSOR_HYPERPARAMETERS[case]()
+        AdamW,
+        torch.optim.AdamW,
+        {"foreach": True, "capturable": True},
+        {"fused": True},
+        **TENSOR_HYPERPARAMETERS[case](),
     )
     assert_bitwise_equal(snapshot(a, opt_a), snapshot(b, opt_b))
 
@@ -143,7 +149,10 @@ def test_a_scheduler_fills_a_tensor_lr_in_place_as_in_torch() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"lr": torch.tensor(0.01), "foreach": True}, "lr as a Tensor is not supported for capturable=False and foreach"),
+        (
+            {"lr": torch.tensor(0.01), "foreach": True},
+            "lr as a Tensor is not supported for capturable=False and foreach",
+        ),
         (
             {"betas": (torch.tensor(0.9), torch.tensor(0.99)), "foreach": True},
             r"betas\[0\] as a Tensor is not supported for capturable=False and foreach=True",
@@ -171,7 +180,7 @@ def test_capturable_arithmetic_matches_torchs_bit_for_bit(ours, theirs, case) ->
     (a, opt_a), (b, opt_b) = run_pair(ours, theirs, {"fused": False}, {"foreach": False}, **kwargs)
     assert_bitwise_equal(snapshot(a, opt_a), snapshot(b, opt_b))
     # And it is torch's capturable arithmetic, not its host-float one: the two differ in some bit here.
-    (c, opt_c), _ = run_pair(ours, theirs, {"fused": False}, {"foreach": False}, **CAPTURABLE_CASES[case])
+    (c, _), _ = run_pair(ours, theirs, {"fused": False}, {"foreach": False}, **CAPTURABLE_CASES[case])
     assert any(not torch.equal(x, y) for x, y in zip(a.parameters(), c.parameters(), strict=True))
 
 
@@ -199,32 +208,37 @@ def test_capturable_step_reads_nothing_back_and_skips_on_the_device(path, monkey
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture needs a CUDA device")
 @pytest.mark.parametrize("path", [{"fused": False}, {"foreach": True}], ids=["reference", "multi_tensor"])
 def test_capturable_step_replays_in_a_cuda_graph(path) -> None:
-    model = make_model().cuda()
+    # torch's whole-network capture recipe: warm up on a side stream, capture forward, backward and step.
     x, y = (t.cuda() for t in make_batches(1)[0])
-    opt = Adam(model.parameters(), lr=torch.tensor(0.01, device="cuda"), capturable=True, clip_value=0.5, **path)
-    reference = make_model().cuda()
-    ref_opt = Adam(reference.parameters(), lr=torch.tensor(0.01, device="cuda"), capturable=True, clip_value=0.5, **path)
+    model, reference = make_model().cuda(), make_model().cuda()
+    opt, ref_opt = (
+        Adam(m.parameters(), lr=torch.tensor(0.01, device="cuda"), capturable=True, clip_value=0.5, **path)
+        for m in (model, reference)
+    )
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # warm up: state and kernels exist before capture
+    with torch.cuda.stream(stream):  # state and kernels exist before capture
         for _ in range(3):
-            opt.zero_grad(set_to_none=False)
+            opt.zero_grad(set_to_none=True)
             F.mse_loss(model(x), y).backward()
             opt.step()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    opt.zero_grad(set_to_none=False)
-    with torch.cuda.graph(graph):
+    opt.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):  # capturing runs nothing
         F.mse_loss(model(x), y).backward()
         opt.step()
     for _ in range(4):
         graph.replay()
-    for _ in range(3 + 1 + 4):  # warm-up, capture (which ran once) and replays, eagerly
-        ref_opt.zero_grad(set_to_none=False)
+    for _ in range(3 + 4):  # the warm-up and the replays, eagerly
+        ref_opt.zero_grad(set_to_none=True)
         F.mse_loss(reference(x), y).backward()
         ref_opt.step()
+    torch.cuda.synchronize()
     for p, q in zip(model.parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(p, q)
+    assert int(opt.skipped_steps) == 0
+    assert all(int(s["step"]) == 7 for s in opt.state.values())
 
 
 def complex_problem(seed: int = 0) -> tuple[torch.nn.Parameter, torch.Tensor]:
@@ -258,7 +272,9 @@ def test_complex_parameters_step_as_their_real_views_as_torch(ours, theirs, amsg
         torch.testing.assert_close(w_c, w_b)
 
 
-@pytest.mark.parametrize("path", [{"fused": False}, {"foreach": True}, {}], ids=["reference", "multi_tensor", "default"])
+@pytest.mark.parametrize(
+    "path", [{"fused": False}, {"foreach": True}, {}], ids=["reference", "multi_tensor", "default"]
+)
 def test_the_clip_bound_holds_for_complex_gradients_by_their_real_norm(path) -> None:
     w, x = complex_problem()
     opt = Adam([w], lr=1e-2, clip_value=0.25, **path)
@@ -267,4 +283,4 @@ def test_the_clip_bound_holds_for_complex_gradients_by_their_real_norm(path) -> 
     opt.step()
     assert float(opt.last_grad_norm) == pytest.approx(float(real_norm), rel=1e-12)
     assert float(opt.last_clipped_grad_norm) <= 0.25
-    assert 0.25 * (1 - 1e-6) <= float(opt.last_clipped_grad_norm)
+    assert float(opt.last_clipped_grad_norm) >= 0.25 * (1 - 1e-6)

@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from provetrain.errors import ContractViolation
 from provetrain.ops import adam as adam_module
 from provetrain.ops.adam import Adam, AdamW
-
 from tests.ops.test_adam import PATHS, RecordHostReads, assert_bitwise_equal, make_batches, make_model, snapshot
 
 MICRO_STEPS = 4

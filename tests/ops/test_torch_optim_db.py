@@ -48,8 +48,15 @@ if not _flags_were_frozen:
     torch.backends.flags_frozen.__globals__["__allow_nonbracketed_mutation_flag"] = True
 
 from provetrain.ops.adam import Adam, AdamW  # noqa: E402
+from provetrain.ops.sgd import SGD  # noqa: E402
 
-CLASSES = {torch.optim.Adam: Adam, torch.optim.AdamW: AdamW}
+CLASSES = {torch.optim.Adam: Adam, torch.optim.AdamW: AdamW, torch.optim.SGD: SGD}
+# The state each class keeps per parameter, compared after the run
+STATE_KEYS = {
+    torch.optim.Adam: ("exp_avg", "exp_avg_sq", "step"),
+    torch.optim.AdamW: ("exp_avg", "exp_avg_sq", "step"),
+    torch.optim.SGD: ("momentum_buffer",),
+}
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 STEPS = 4
 
@@ -77,7 +84,9 @@ def all_inputs() -> list[Any]:
     for info in optim_infos():
         inputs = common_optimizers._get_optim_inputs_including_global_cliquey_kwargs("cuda", torch.float32, info)
         for optim_input in inputs:
-            impl = next((flag for flag in ("foreach", "fused", "differentiable") if optim_input.kwargs.get(flag)), "loop")
+            impl = next(
+                (flag for flag in ("foreach", "fused", "differentiable") if optim_input.kwargs.get(flag)), "loop"
+            )
             cases.append(
                 pytest.param(
                     info.optim_cls, optim_input.kwargs, id=f"{info.optim_cls.__name__}-{optim_input.desc}-{impl}"
@@ -100,11 +109,15 @@ def refusal(kwargs: dict[str, Any]) -> str | None:
     return next((flag for flag in REFUSED if kwargs.get(flag)), None)
 
 
-def provetrain_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+def provetrain_kwargs(kwargs: dict[str, Any], torch_cls: type | None = None) -> dict[str, Any]:
     """torch's keywords with its implementation choice mapped onto provetrain's path with the same arithmetic:
     torch's fused kernel is provetrain's multi-tensor path (``foreach=True``), which calls it; torch's loop
-    and its foreach implementation are provetrain's reference path (``fused=False``)."""
+    and its foreach implementation are provetrain's reference path (``fused=False``). provetrain's SGD has
+    one path and takes torch's ``foreach`` and ``fused`` as they are."""
     mapped = dict(kwargs)
+    if torch_cls is torch.optim.SGD:
+        mapped.pop("differentiable", None)
+        return mapped
     mapped.pop("differentiable", None)
     torch_fused = mapped.pop("fused", False)
     mapped.pop("foreach", None)
@@ -138,8 +151,9 @@ def run(opt_cls: type[torch.optim.Optimizer], kwargs: dict[str, Any], dtype: tor
         (weight.mv(x) + bias).float().pow(2).sum().backward()
         opt.step()
     states = [opt.state[p] for p in (weight, bias)]
-    keys = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if kwargs.get("amsgrad") else [])
-    return weight, bias, *(s[key] for s in states for key in keys), *(s["step"] for s in states)
+    torch_cls = next(t for t, ours in CLASSES.items() if opt_cls in (t, ours))
+    keys = [*STATE_KEYS[torch_cls]] + (["max_exp_avg_sq"] if kwargs.get("amsgrad") else [])
+    return weight, bias, *(s[key] for s in states for key in keys if key in s)
 
 
 def assert_bitwise(expected: tuple[Any, ...], got: tuple[Any, ...]) -> None:
@@ -149,13 +163,14 @@ def assert_bitwise(expected: tuple[Any, ...], got: tuple[Any, ...]) -> None:
 
 
 def test_the_inputs_are_the_ones_torch_runs() -> None:
-    # 2 classes x 10 inputs x (loop, foreach, fused, differentiable); a new torch may add some.
+    # Adam, AdamW: 10 inputs x (loop, foreach, fused, differentiable) each; SGD 9 x 4. A new torch may add some.
     cases = all_inputs()
-    assert len(cases) >= 80
+    adam = [c for c in cases if c.values[0] is not torch.optim.SGD]
+    assert len(adam) >= 80 and len(cases) - len(adam) >= 36
     refused = [c for c in cases if refusal(c.values[1])]
     assert len(refused) == len(cases) // 4  # the differentiable variants, and nothing else
-    assert sum(bool(c.values[1].get("capturable")) for c in cases) >= 40
-    assert sum(bool(c.values[1].get("amsgrad")) for c in cases) >= 32
+    assert sum(bool(c.values[1].get("capturable")) for c in adam) >= 40
+    assert sum(bool(c.values[1].get("amsgrad")) for c in adam) >= 32
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -167,21 +182,33 @@ def test_optim_db_input_matches_torch_or_is_refused_for_a_stated_reason(
     flag = refusal(kwargs)
     if flag is not None:
         with pytest.raises(ValueError, match=f"{flag}=True is not supported: {REFUSED[flag]}"):
-            ours(make_params(dtype), **provetrain_kwargs(kwargs) | {flag: True})
+            ours(make_params(dtype), **provetrain_kwargs(kwargs, torch_cls) | {flag: True})
         return
-    got = run(ours, provetrain_kwargs(kwargs), dtype)
+    got = run(ours, provetrain_kwargs(kwargs, torch_cls), dtype)
+    if torch_cls is torch.optim.SGD:
+        # provetrain's SGD is torch's loop, whichever implementation torch's keywords choose
+        assert_bitwise(run(torch_cls, kwargs | {"foreach": False, "fused": False}, dtype), got)
+        return
     if kwargs.get("foreach"):
         # torch's foreach implementation and its loop differ from each other: in float16 (eps=1e-8 rounds to
         # 0, so 0/0 entries differ), and with capturable (lr / (1 - beta1^t) as a reciprocal of
         # (1 - beta1^t) / lr). provetrain's reference path is torch's loop, bit for bit, in every case.
         assert_bitwise(run(torch_cls, kwargs | {"foreach": False}, dtype), got)
+        if dtype in (torch.float32, torch.float64):  # and within torch's tolerances of torch's foreach
+            for e, g in zip(run(torch_cls, kwargs, dtype), got, strict=True):
+                torch.testing.assert_close(g.detach(), e.detach())
         return
     assert_bitwise(run(torch_cls, kwargs, dtype), got)
 
 
 @pytest.mark.parametrize(
     ("torch_cls", "kwargs"),
-    [c for c in all_inputs() if not refusal(c.values[1]) and not c.values[1].get("fused") and not c.values[1].get("amsgrad")],
+    [
+        c
+        for c in all_inputs()
+        if c.values[0] is not torch.optim.SGD and not refusal(c.values[1])
+        if not c.values[1].get("fused") and not c.values[1].get("amsgrad")
+    ],
 )
 def test_optim_db_input_on_the_c_kernel_is_within_torch_tolerances(
     torch_cls: type[torch.optim.Optimizer], kwargs: dict[str, Any]

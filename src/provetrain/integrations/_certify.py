@@ -31,7 +31,7 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from provetrain.contract.load import load_contract
 from provetrain.contract.schema import Contract
-from provetrain.ops.adam import Adam
+from provetrain.ops.guarded import GuardedOptimizer
 from provetrain.train.certificate import GRAD, LOSS, ClauseLedger, ContractSpec, certify_step, outcome_of
 from provetrain.train.outputs import write_json
 from provetrain.train.policies import SkipBudget, nonfinite_clause
@@ -46,16 +46,18 @@ __all__ = [
 ]
 
 
-def require_provetrain_optimizer(optimizer: object, *, fix: str) -> Adam:
-    """The provetrain :class:`~provetrain.ops.adam.Adam`/``AdamW`` inside framework wrappers (accelerate's
-    ``AcceleratedOptimizer`` keeps it in ``.optimizer``); ``TypeError`` naming the class found and ``fix``."""
+def require_provetrain_optimizer(optimizer: object, *, fix: str) -> GuardedOptimizer:
+    """The provetrain optimizer (:class:`~provetrain.ops.adam.Adam`, ``AdamW`` or
+    :class:`~provetrain.ops.sgd.SGD`) inside framework wrappers (accelerate's ``AcceleratedOptimizer`` keeps
+    it in ``.optimizer``); ``TypeError`` naming the class found and ``fix``."""
     inner = optimizer
-    while not isinstance(inner, Adam) and hasattr(inner, "optimizer"):
+    while not isinstance(inner, GuardedOptimizer) and hasattr(inner, "optimizer"):
         inner = inner.optimizer
-    if not isinstance(inner, Adam):
+    if not isinstance(inner, GuardedOptimizer):
         kind = type(inner)
         raise TypeError(
-            f"the optimizer is {kind.__module__}.{kind.__qualname__}, not provetrain.ops.adam.Adam or AdamW: "
+            f"the optimizer is {kind.__module__}.{kind.__qualname__}, not provetrain.ops.adam.Adam or AdamW "
+            "(or provetrain.ops.sgd.SGD): "
             f"only provetrain's optimizer clips, guards non-finite steps and keeps the counters the certificate "
             f"is made from. {fix}"
         )
@@ -80,7 +82,7 @@ class SkipAwareScheduler(LRScheduler):
     overflow flag the same way).
     """
 
-    def __init__(self, scheduler: LRScheduler, optimizer: Adam) -> None:
+    def __init__(self, scheduler: LRScheduler, optimizer: GuardedOptimizer) -> None:
         # A wrapper, like torch's ChainedScheduler: LRScheduler.__init__ would step the schedule once more.
         self.scheduler = scheduler
         self.optimizer = optimizer
@@ -115,7 +117,7 @@ class SkipAwareScheduler(LRScheduler):
 
 
 def skip_aware_scheduler(scheduler: LRScheduler, optimizer: Any) -> SkipAwareScheduler:
-    """Wrap ``scheduler`` so that steps skipped by ``optimizer`` (provetrain's Adam/AdamW) do not advance it.
+    """Wrap ``scheduler`` so that steps skipped by ``optimizer`` (a provetrain optimizer) do not advance it.
 
     Example:
         >>> from torch.optim.lr_scheduler import LinearLR
@@ -151,7 +153,7 @@ class StepCertifier:
     """Certify the optimizer steps a framework takes with provetrain's ``optimizer``.
 
     Args:
-        optimizer: the provetrain Adam/AdamW the framework steps.
+        optimizer: the provetrain optimizer (Adam, AdamW or SGD) the framework steps.
         contract: the contract to certify; default the bundled ``training-loop-v1.yaml``.
         contracts: the contracts the certificate has a section for (files, bundled names such as
             ``optimizer-v1``, or loaded); default ``["training-loop-v1"]``.
@@ -171,7 +173,7 @@ class StepCertifier:
 
     def __init__(
         self,
-        optimizer: Adam,
+        optimizer: GuardedOptimizer,
         *,
         contract: Contract | None = None,
         contracts: Sequence[ContractSpec] | None = None,
@@ -206,8 +208,8 @@ class StepCertifier:
 
     def guard_loss_(self) -> None:
         """Before ``optimizer.step()``: hand the loss added so far (every micro-batch's, summed) to
-        :meth:`~provetrain.ops.adam.Adam.observe_loss`, so that a non-finite one skips the step on the device
-        (no host read), as ``step(loss=...)`` would.
+        :meth:`~provetrain.ops.guarded.GuardedOptimizer.observe_loss`, so that a non-finite one skips the
+        step on the device (no host read), as ``step(loss=...)`` would.
 
         Frameworks call ``step()`` without the loss: a step whose loss is NaN while its gradients are finite
         would otherwise be applied.
@@ -328,4 +330,3 @@ class StepCertifier:
     def write_certificate(self, path: Path, *, outcome: str, run: dict[str, Any] | None = None) -> None:
         """Write :meth:`certificate` to ``path`` atomically (a crash leaves the previous file, never half)."""
         write_json(path, self.certificate(outcome=outcome, run=run))
-

@@ -27,7 +27,7 @@ from provetrain.integrations._certify import (
     require_provetrain_optimizer,
     skip_aware_scheduler,
 )
-from provetrain.ops.adam import Adam
+from provetrain.ops.guarded import GuardedOptimizer
 from provetrain.train.certificate import load_contracts
 
 try:
@@ -99,7 +99,7 @@ class ProvetrainCallback(pl.Callback):
         self.max_consecutive_skips = max_consecutive_skips
         self.max_total_skips = max_total_skips
         self.certifier: StepCertifier | None = None
-        self._optimizer: Adam | None = None
+        self._optimizer: GuardedOptimizer | None = None
         self._path = Path("certificate.json")
         self._global_step = 0
         self._read_every = 1
@@ -184,7 +184,7 @@ class ProvetrainCallback(pl.Callback):
                 certifier.write_certificate(self._path, outcome=outcome_of(error), run=run)
 
 
-def _make_step_schedulers_skip_aware(trainer: pl.Trainer, optimizer: Adam) -> None:
+def _make_step_schedulers_skip_aware(trainer: pl.Trainer, optimizer: GuardedOptimizer) -> None:
     """Wrap each per-step scheduler; before Lightning restores a checkpoint into it (the state is the same)."""
     for config in trainer.lr_scheduler_configs:
         per_step = config.interval == "step" and not config.reduce_on_plateau

@@ -20,6 +20,10 @@ from :mod:`provetrain.ops.clip`; Adam is Kingma & Ba's bias-corrected update wit
 order ``torch.optim.Adam(foreach=False)`` uses, and AdamW decouples the weight decay from the moments as
 Loshchilov & Hutter propose.
 
+The clip, the finite guard, the skip and raise policies, :meth:`~provetrain.ops.guarded.GuardedOptimizer.observe_loss`
+and the counters are :mod:`provetrain.ops.guarded`'s, shared with :class:`~provetrain.ops.sgd.SGD`; this module
+adds Adam's update, its state and its paths.
+
 Two implementations: :func:`adam_step_`, the reference (any device and floating dtype, all decisions on
 the device), and the C kernel of :mod:`provetrain.ops.fused` for contiguous float32 CPU tensors, which the
 optimizers use when it is available. They are tested against each other and against ``torch.optim``.
@@ -49,41 +53,45 @@ from __future__ import annotations
 
 import math
 import weakref
-from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
-from typing import Any, Literal, NoReturn
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
-from torch.optim.optimizer import Optimizer
 
-from provetrain.errors import ArgumentViolation, ContractViolation
 from provetrain.ops import fused, multi_tensor
 from provetrain.ops.clip import (
-    _mul_pow2,
     check_gradual_underflow,
-    clip_coefficient,
     clip_coefficient_on_host,
-    first_nonfinite_gradient,
     scale_gradient,
     scaled_sum_of_squares,
+)
+from provetrain.ops.guarded import (
+    NOT_DIFFERENTIABLE,
+    GroupBatch,
+    GuardedOptimizer,
+    OnEmpty,
+    OnNonfinite,
+    check_differentiable,
+    check_learning_rate,
+    clip_metadata,
+    is_real,
+    is_set,
+    loss_is_finite,
+    param_label,
+    real_view,
+    unscale_,
 )
 
 __all__ = ["Adam", "AdamW", "adam_step_"]
 
-OnNonfinite = Literal["skip", "raise"]
-OnEmpty = Literal["raise", "skip"]
-
-_GRADIENTS_FINITE = "gradients.iter().all(|g| g.is_finite())"
 _STATE_KEYS = frozenset({"step", "exp_avg", "exp_avg_sq"})
 _AMSGRAD_STATE_KEYS = _STATE_KEYS | {"max_exp_avg_sq"}
 # Keys torch.optim.Adam keeps in each parameter group that are optimizer-wide here (foreach and fused name
 # provetrain's paths) or refused (differentiable=True, on load).
 _TORCH_ONLY_GROUP_KEYS = ("foreach", "differentiable", "fused")
-# Where state_dict() keeps the counters; torch.optim ignores keys it does not know.
-_COUNTERS_KEY = "provetrain"
 _REDUCED_DTYPES = (torch.bfloat16, torch.float16)
 _FLOAT32_STEP = torch.zeros((), dtype=torch.float32)
 # Reading a CPU tensor costs no device synchronisation, so CPU steps use such reads: the step scalars from
@@ -234,9 +242,7 @@ def _adam_group_(
             for p, m, v, t in zip(start, new_exp_avgs, second, steps, strict=True)
         ]
     else:
-        neg_step_sizes, bias_correction2_sqrts = zip(
-            *(_step_scalars(t, lr, beta1, beta2) for t in steps), strict=True
-        )
+        neg_step_sizes, bias_correction2_sqrts = zip(*(_step_scalars(t, lr, beta1, beta2) for t in steps), strict=True)
         denoms = torch._foreach_sqrt(second)
         torch._foreach_div_(denoms, list(bias_correction2_sqrts))
         torch._foreach_add_(denoms, eps)
@@ -323,8 +329,10 @@ def _step_scalars(
     t = step.to(torch.float64)
     bias_correction1 = 1 - _on(beta1, t) ** t
     bias_correction2 = 1 - _on(beta2, t) ** t
-    neg_step_size = (-_on(lr, t)).div(bias_correction1) if isinstance(lr, Tensor) else torch.full_like(t, -lr).div_(
-        bias_correction1
+    neg_step_size = (
+        (-_on(lr, t)).div(bias_correction1)
+        if isinstance(lr, Tensor)
+        else torch.full_like(t, -lr).div_(bias_correction1)
     )
     return neg_step_size.to(torch.float64), bias_correction2.sqrt().to(torch.float64)
 
@@ -342,18 +350,9 @@ def _group_by_device_and_dtype(tensors: Sequence[Tensor]) -> dict[tuple[torch.de
 
 
 @dataclass
-class _GroupBatch:
-    """The parameters of one group that have a gradient this step, with their state, in group order."""
+class _GroupBatch(GroupBatch):
+    """One group's parameters with a gradient this step, with their Adam state (real views of complex ones)."""
 
-    group_index: int
-    group: dict[str, Any]
-    positions: list[int] = field(default_factory=list)
-    # The parameters as the group holds them: the keys of Optimizer.state.
-    keys: list[Tensor] = field(default_factory=list)
-    # What the step works on: the parameters, their gradients and moments, a complex one as its real view
-    # (torch.view_as_real, as torch.optim.Adam does): a complex gradient's norm is the norm of its real view.
-    params: list[Tensor] = field(default_factory=list)
-    grads: list[Tensor] = field(default_factory=list)
     exp_avgs: list[Tensor] = field(default_factory=list)
     exp_avg_sqs: list[Tensor] = field(default_factory=list)
     max_exp_avg_sqs: list[Tensor] = field(default_factory=list)  # AMSGrad groups only
@@ -385,7 +384,7 @@ class _GroupBatch:
         }
 
 
-class Adam(Optimizer):
+class Adam(GuardedOptimizer):
     r"""Adam with a global-norm gradient clip and a finite guard (Kingma & Ba, 2015).
 
     Each :meth:`step` clips the gradients of all parameters together to the norm ``clip_value`` (one
@@ -460,9 +459,15 @@ class Adam(Optimizer):
         tensor(True)
     """
 
-    # torch.amp.GradScaler hands this optimizer its scale and inf flag (grad_scale, found_inf) instead of
-    # unscaling the gradients itself and reading found_inf on the host.
-    _step_supports_amp_scaling = True
+    _batch_type = _GroupBatch
+    _algorithm = "Adam"
+    _sparse_alternative = "torch.optim.SparseAdam"
+    _untouched = "Nothing was updated: parameters, moments and step counts are as before this step."
+    _overflow_hint = (
+        "The gradient is finite but so large that Adam's second moment (its square) would overflow the "
+        "parameters' dtype. {untouched} Set a clip_value, lower the learning rate, or use wider parameters "
+        "(float32 or bfloat16)."
+    )
 
     def __init__(
         self,
@@ -483,7 +488,9 @@ class Adam(Optimizer):
         capturable: bool = False,
         differentiable: bool = False,
     ) -> None:
-        _check_differentiable(differentiable)
+        check_differentiable(
+            differentiable, alternative="Use torch.optim.Adam(differentiable=True) with torch's clip for meta-learning"
+        )
         # torch's order: the hyper-parameters first, then the parameters (params=None is a TypeError after).
         defaults = _check_hyperparameters(
             {
@@ -498,8 +505,7 @@ class Adam(Optimizer):
             },
             where="",
         )
-        self.clip_value = _check_clip_value(clip_value)
-        self.on_nonfinite: OnNonfinite = _check_on_nonfinite(on_nonfinite)
+        self._init_guard(clip_value, on_nonfinite, on_empty)
         self.fused = _check_fused(fused)
         self.foreach = _check_foreach(foreach, self.fused)
         _check_tensor_hyperparameters_with_foreach(defaults, self.foreach)
@@ -508,136 +514,51 @@ class Adam(Optimizer):
                 "fused=True with amsgrad=True: provetrain's C kernel keeps no running maximum of exp_avg_sq; "
                 "pass fused=None (torch's fused kernel on the multi-tensor path takes amsgrad) or foreach=True"
             )
-        self.on_empty: OnEmpty = _check_on_empty(on_empty)
-        if isinstance(params, Tensor):
-            raise TypeError(
-                "params must be an iterable of tensors, (name, tensor) pairs or parameter-group dicts, "
-                "got a single tensor; pass [tensor] or model.parameters()."
-            )
-        params = list(params)
-        if not params:
-            _raise_no_params()
-        super().__init__(params, defaults)
-        first = next((p for g in self.param_groups for p in g["params"]), None)
-        if first is None:
-            _raise_no_params()
-        self._counters = _fresh_counters(first.device)
-        # Steps without any gradient (on_empty="skip"): a host fact, so a CPU count, read without a sync.
-        self._empty_steps = torch.zeros((), dtype=torch.int64)
+        self._init_params(params, defaults)
         # exp_avg tensors checked for the C kernel, by id with a weak reference (ids are reused after a free)
         self._kernel_ready_moments: dict[int, weakref.ref[Tensor]] = {}
-        # observe_loss(): a 0-d bool device tensor, "a micro-step loss since the last step was non-finite"
-        self._observed_nonfinite: Tensor | None = None
 
     # -- counters ---------------------------------------------------------------------------------
 
-    @property
-    def skipped_steps(self) -> Tensor:
-        """Steps skipped for a non-finite loss or gradient: 0-d int64 tensor (reading it may synchronise)."""
-        return self._counters["skipped_steps"]
-
-    @property
-    def empty_steps(self) -> Tensor:
-        """Steps taken with no gradient at all under ``on_empty="skip"``: 0-d int64 CPU tensor (no sync)."""
-        return self._empty_steps
-
-    @property
-    def last_grad_norm(self) -> Tensor:
-        """Global gradient norm of the last step, before clipping: 0-d float64 tensor."""
-        return self._counters["last_grad_norm"]
-
-    @property
-    def last_clipped_grad_norm(self) -> Tensor:
-        """Norm of the clipped gradient the last step used (NaN if it was skipped): 0-d float64 tensor."""
-        return self._counters["last_clipped_grad_norm"]
-
     # -- the step ---------------------------------------------------------------------------------
 
-    def observe_loss(self, loss: Tensor | float) -> None:
-        """Hand the optimizer one gradient-accumulation micro-step's loss, for the next :meth:`step`'s guard.
+    def _step_batches(
+        self,
+        batches: list[_GroupBatch],
+        loss: Tensor | float | None,
+        grad_scale: Tensor | None,
+        found_inf: Tensor | None,
+        observed: Tensor | None,
+    ) -> None:
+        """Refuse updates that could overflow, then take the chosen path's step."""
+        _check_update_stays_finite(batches, self.clip_value)
+        if self.clip_value is not None:
+            check_gradual_underflow({b.params[0].device for b in batches})
+        path = self._choose_path(batches)
+        if path == "multi_tensor":
+            self._step_multi_tensor(batches, loss, grad_scale, found_inf, observed)
+            return
+        if grad_scale is not None:
+            # The other paths clip what is stored: unscale first, as GradScaler.unscale_ would.
+            unscale_(batches, grad_scale)
+        skip_scaled = None if found_inf is None else found_inf > 0
+        if path == "fused":
+            self._step_fused(batches, loss, skip_scaled, observed)
+        else:
+            self._step_reference(batches, loss, skip_scaled, observed)
 
-        ``step(loss=...)`` sees one loss; under accumulation an earlier micro-step's loss can be NaN while
-        every gradient stays finite (a NaN that the loss scaling or a masked term hid from backward). Call
-        this after each micro-step's forward pass: it ORs "this loss is non-finite" into a 0-d bool flag on
-        the device, **without a host read**, and the next :meth:`step` treats a set flag exactly as a
-        non-finite ``step(loss=...)``: the step is skipped and counted once in ``skipped_steps`` (or, with
-        ``on_nonfinite="raise"``, :class:`~provetrain.errors.ContractViolation` ``loss.is_finite()`` names
-        an observed micro-step loss). Every :meth:`step` consumes the flag (it starts clear again).
+    def _extra_skip_flag(self, batches: list[_GroupBatch], total_norm: Tensor) -> Tensor | None:
+        """A finite step whose update could overflow the second moment (see :func:`_update_overflow_flag`)."""
+        return _update_overflow_flag(batches, total_norm, self.clip_value)
 
-        :meth:`zero_grad` does not clear it: the flag covers the accumulated step, whose micro-steps may
-        call ``zero_grad`` only before the first of them, or (in some loops) around each; only the step
-        that would apply the accumulated gradient decides on it.
+    def _reference_step_dtype(self) -> torch.dtype:
+        return _default_step_dtype()
 
-        Args:
-            loss: the micro-step's loss, a tensor (any shape; every element is checked) or a Python number.
-
-        Example:
-            >>> model = torch.nn.Linear(3, 1)
-            >>> opt = Adam(model.parameters(), clip_value=1.0)
-            >>> for x in torch.ones(4, 2, 3):  # 4 micro-steps, one optimizer step
-            ...     loss = model(x).sum() / 4
-            ...     opt.observe_loss(loss)
-            ...     loss.backward()
-            >>> opt.step()
-            >>> int(opt.skipped_steps)
-            0
-        """
-        if not isinstance(loss, Tensor) and not _is_real(loss):
-            raise TypeError(f"observe_loss(loss={loss!r}): loss must be a tensor or a real number")
-        flag = _loss_nonfinite_flag(loss, self._counters["skipped_steps"].device)
-        seen = self._observed_nonfinite
-        self._observed_nonfinite = flag if seen is None else seen | flag
-
-    def _take_observed(self) -> Tensor | None:
-        """The flag of :meth:`observe_loss` since the last step, cleared: every step consumes it."""
-        observed, self._observed_nonfinite = self._observed_nonfinite, None
-        return observed
-
-    def step(  # type: ignore[override]
-        self, closure: Callable[[], Any] | None = None, *, loss: Tensor | float | None = None
-    ) -> Any:
-        """Clip, guard and take one Adam step; return the closure's loss (or ``loss``), like torch.
-
-        Args:
-            closure: re-evaluates the model and returns the loss (optional, as in ``torch.optim``).
-            loss: this step's loss, checked for finiteness with the gradients (not with ``closure``).
-
-        Raises:
-            ContractViolation: ``!gradients.is_empty()`` when no parameter has a gradient (unless
-                ``on_empty="skip"``); with
-                ``on_nonfinite="raise"``, ``loss.is_finite()`` or ``gradients.iter().all(|g|
-                g.is_finite())`` when the loss or a gradient is non-finite (nothing is changed).
-        """
-        if closure is not None:
-            if loss is not None:
-                raise ValueError("pass either closure or loss to step(), not both: the closure returns the loss")
-            with torch.enable_grad():
-                loss = closure()
-        # Set by torch.amp.GradScaler.step() for optimizers with _step_supports_amp_scaling (and deleted after).
-        grad_scale: Tensor | None = getattr(self, "grad_scale", None)
-        found_inf: Tensor | None = getattr(self, "found_inf", None)
-        observed = self._take_observed()
-        with torch.no_grad():
-            batches = self._gather()
-            if not batches:  # on_empty="skip": nothing to clip or update, as in torch.optim
-                self._empty_steps.add_(1)
-                return loss
-            _check_update_stays_finite(batches, self.clip_value)
-            if self.clip_value is not None:
-                check_gradual_underflow({b.params[0].device for b in batches})
-            path = self._choose_path(batches)
-            if path == "multi_tensor":
-                self._step_multi_tensor(batches, loss, grad_scale, found_inf, observed)
-                return loss
-            if grad_scale is not None:
-                # The other paths clip what is stored: unscale first, as GradScaler.unscale_ would.
-                torch._foreach_div_([g for b in batches for g in b.grads], grad_scale)
-            skip_scaled = None if found_inf is None else found_inf > 0
-            if path == "fused":
-                self._step_fused(batches, loss, skip_scaled, observed)
-            else:
-                self._step_reference(batches, loss, skip_scaled, observed)
-        return loss
+    def _update_reference(self, batch: _GroupBatch, skip: Tensor, k: Tensor | None) -> tuple[Tensor, Tensor] | None:
+        b = batch
+        return adam_step_(
+            b.params, b.grads, b.exp_avgs, b.exp_avg_sqs, b.steps, skip=skip, k=k, **b.reference_arguments()
+        )
 
     def _choose_path(self, batches: list[_GroupBatch]) -> Literal["fused", "multi_tensor", "reference"]:
         """The C kernel where it takes every tensor (unless foreach=True), else torch's multi-tensor kernels
@@ -647,34 +568,6 @@ class Adam(Optimizer):
         if (self.foreach is True or (self.foreach is None and self.fused is None)) and self._multi_tensor_fits(batches):
             return "multi_tensor"
         return "reference"
-
-    def _gather(self) -> list[_GroupBatch]:
-        batches = []
-        for group_index, group in enumerate(self.param_groups):
-            batch = _GroupBatch(group_index, group)
-            for position, p in enumerate(group["params"]):
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError(
-                        f"{_param_label(group, group_index, position)} has a sparse gradient, which Adam "
-                        "does not support; use torch.optim.SparseAdam for it."
-                    )
-                batch.positions.append(position)
-                batch.keys.append(p)
-                batch.params.append(_real(p))
-                batch.grads.append(_real(p.grad))
-            if batch.params:
-                batches.append(batch)
-        if not batches and self.on_empty == "raise":
-            raise ContractViolation(
-                "gradient_norm",
-                "!gradients.is_empty()",
-                observed={"parameters_with_grad": 0},
-                hint="No parameter has a gradient: call loss.backward() before step(), or construct with "
-                "on_empty='skip' to count such steps (empty_steps) and change nothing, as torch.optim does.",
-            )
-        return batches
 
     def _attach_state(self, batches: list[_GroupBatch], step_dtype: torch.dtype) -> None:
         """Fetch each parameter's state, creating it (zeros, step 0) on first use, after the raise check.
@@ -688,14 +581,14 @@ class Adam(Optimizer):
                 state = self.state[p]
                 if not state:
                     state.update(_fresh_state(p, step_dtype))
-                b.exp_avgs.append(_real(state["exp_avg"]))
-                b.exp_avg_sqs.append(_real(state["exp_avg_sq"]))
+                b.exp_avgs.append(real_view(state["exp_avg"]))
+                b.exp_avg_sqs.append(real_view(state["exp_avg_sq"]))
                 if b.amsgrad:
                     # Absent when amsgrad was switched on after steps without it: its maximum starts at 0,
                     # as it does for a new parameter.
                     if "max_exp_avg_sq" not in state:
                         state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    b.max_exp_avg_sqs.append(_real(state["max_exp_avg_sq"]))
+                    b.max_exp_avg_sqs.append(real_view(state["max_exp_avg_sq"]))
                 b.steps.append(state["step"])
 
     def _multi_tensor_fits(self, batches: list[_GroupBatch]) -> bool:
@@ -706,7 +599,7 @@ class Adam(Optimizer):
             states = [self.state.get(p) or dict.fromkeys(keys, p) for p in b.keys]
             if any(s.get("step", _FLOAT32_STEP).dtype != torch.float32 for s in states):
                 return False  # a float64 count (torch's under a float64 default dtype): the kernel reads float32
-            moments = [[_real(s.get(key, p)) for s, p in zip(states, b.keys, strict=True)] for key in keys]
+            moments = [[real_view(s.get(key, p)) for s, p in zip(states, b.keys, strict=True)] for key in keys]
             if not multi_tensor.fused_kernel_supports(b.params, b.grads, *moments):
                 return False
         return True
@@ -729,7 +622,7 @@ class Adam(Optimizer):
         for p in (p for b in batches for p in b.keys):
             state = self.state.get(p)
             if state and not _remembered(checked, state["exp_avg"]):
-                tensors += [_real(state["exp_avg"]), _real(state["exp_avg_sq"])]
+                tensors += [real_view(state["exp_avg"]), real_view(state["exp_avg_sq"])]
             if state and state["step"].dtype != torch.float32:
                 if self.fused:
                     raise ValueError(
@@ -769,7 +662,7 @@ class Adam(Optimizer):
             self._step_multi_tensor_on_host(batches, grads, sum_sq, exponent, loss, grad_scale, found_inf, observed)
             return
         total_norm, divisor = multi_tensor.clip_divisor(
-            sum_sq, exponent, self.clip_value, grad_scale=grad_scale, **_clip_metadata(grads)
+            sum_sq, exponent, self.clip_value, grad_scale=grad_scale, **clip_metadata(grads)
         )
         skip = self._guard(batches, sum_sq, total_norm, loss, found_inf, observed, step_dtype=torch.float32)
         # Pass 2: torch's fused kernel divides each gradient by the divisor, or does nothing when skipping.
@@ -777,31 +670,6 @@ class Adam(Optimizer):
         # The clipped norm is N_hat sigma / D: no second pass over the gradients (ops.multi_tensor docstring).
         scale = divisor.double() if grad_scale is None else divisor.double() / grad_scale.to(divisor.device).double()
         self._record(skip, total_norm, total_norm / scale)
-
-    def _guard(
-        self,
-        batches: list[_GroupBatch],
-        sum_sq: Tensor,
-        total_norm: Tensor,
-        loss: Tensor | float | None,
-        found_inf: Tensor | None,
-        observed: Tensor | None,
-        *,
-        step_dtype: torch.dtype,
-    ) -> Tensor:
-        """The device-side skip flag (non-finite loss, observed micro-step loss or gradient, GradScaler's
-        overflow, or an update that would overflow); raise mode reads it, then every parameter gets its state."""
-        skip = _skip_flag(sum_sq, loss, found_inf)
-        if observed is not None:
-            skip = skip | observed.to(skip.device, non_blocking=True)
-        overflow = _update_overflow_flag(batches, total_norm, self.clip_value)
-        if overflow is not None:
-            skip = skip | overflow
-        # Host read of the device flag: the one synchronisation of raise mode; skip mode never reads it.
-        if self.on_nonfinite == "raise" and bool(skip):
-            self._raise_nonfinite(batches, loss, total_norm, observed)
-        self._attach_state(batches, step_dtype)
-        return skip
 
     def _step_multi_tensor_on_host(
         self,
@@ -818,10 +686,10 @@ class Adam(Optimizer):
         s, e = float(sum_sq), int(exponent)
         sigma = None if grad_scale is None else float(grad_scale)
         total_norm, divisor = multi_tensor.clip_divisor_on_host(
-            s, e, self.clip_value, grad_scale=sigma, **_clip_metadata(grads)
+            s, e, self.clip_value, grad_scale=sigma, **clip_metadata(grads)
         )
-        skip = not (math.isfinite(s) and _loss_is_finite(loss)) or (found_inf is not None and bool(found_inf > 0))
-        skip = skip or _is_set(observed) or bool(_update_overflow_flag(batches, total_norm, self.clip_value))
+        skip = not (math.isfinite(s) and loss_is_finite(loss)) or (found_inf is not None and bool(found_inf > 0))
+        skip = skip or is_set(observed) or bool(_update_overflow_flag(batches, total_norm, self.clip_value))
         if skip and self.on_nonfinite == "raise":
             self._raise_nonfinite(batches, loss, total_norm, observed)
         self._attach_state(batches, torch.float32)
@@ -856,36 +724,6 @@ class Adam(Optimizer):
                     **hyper,
                 )
 
-    def _step_reference(
-        self,
-        batches: list[_GroupBatch],
-        loss: Tensor | float | None,
-        skip_scaled: Tensor | None = None,
-        observed: Tensor | None = None,
-    ) -> None:
-        grads = [g for b in batches for g in b.grads]
-        # Finite guard: S = s 4^e, and s is finite iff every gradient element is (any dtype).
-        sum_sq, exponent = scaled_sum_of_squares(grads)
-        # The exponent goes in as a device tensor: a Python int would be copied to the device, a sync.
-        max_norm = math.inf if self.clip_value is None else self.clip_value  # inf: measure, never clip
-        total_norm, k_clip = clip_coefficient(sum_sq, max_norm, exponent=exponent, **_clip_metadata(grads))
-        skip = self._guard(batches, sum_sq, total_norm, loss, skip_scaled, observed, step_dtype=_default_step_dtype())
-        k = None if self.clip_value is None else k_clip
-        clipped_sums, clipped_exponents = [], []
-        for b in batches:
-            clipped = adam_step_(
-                b.params, b.grads, b.exp_avgs, b.exp_avg_sqs, b.steps, skip=skip, k=k, **b.reference_arguments()
-            )
-            if clipped is not None:
-                clipped_sums.append(clipped[0].to(sum_sq.device, non_blocking=True))
-                clipped_exponents.append(clipped[1].to(sum_sq.device, non_blocking=True))
-        clipped_norm = total_norm
-        if k is not None:
-            # In scaled form: a float64 clipped norm near 1e200 or 1e-200 is recorded, not inf or 0.
-            s, e = multi_tensor.combine_scaled_sums(clipped_sums, clipped_exponents)
-            clipped_norm = _mul_pow2(torch.sqrt(s), e)
-        self._record(skip, total_norm, clipped_norm)
-
     def _step_fused(
         self,
         batches: list[_GroupBatch],
@@ -896,10 +734,10 @@ class Adam(Optimizer):
         # Everything here is on the CPU: reading a flag or a count costs no device synchronisation.
         grads = [g for b in batches for g in b.grads]
         sum_sq, grads_finite = fused.sum_sq_and_finite(grads, check=False)  # _use_fused checked them
-        skip = not (grads_finite and _loss_is_finite(loss)) or (skip_scaled is not None and bool(skip_scaled))
-        skip = skip or _is_set(observed)
+        skip = not (grads_finite and loss_is_finite(loss)) or (skip_scaled is not None and bool(skip_scaled))
+        skip = skip or is_set(observed)
         max_norm = math.inf if skip or self.clip_value is None else self.clip_value
-        total_norm, k = clip_coefficient_on_host(sum_sq, max_norm, **_clip_metadata(grads))
+        total_norm, k = clip_coefficient_on_host(sum_sq, max_norm, **clip_metadata(grads))
         skip = skip or bool(_update_overflow_flag(batches, total_norm, self.clip_value))
         if skip and self.on_nonfinite == "raise":
             self._raise_nonfinite(batches, loss, total_norm, observed)
@@ -912,81 +750,6 @@ class Adam(Optimizer):
         # of the same squares, vectorised differently, may differ from pass 1's in its last bit.
         self._record_on_host(False, total_norm, total_norm if k == 1.0 else math.sqrt(clipped_sum_sq))
 
-    def _record_on_host(self, skip: bool, total_norm: float, clipped_norm: float) -> None:
-        """:meth:`_record` for values already on the host (CPU paths)."""
-        counters = self._counters
-        counters["skipped_steps"].add_(int(skip))
-        counters["last_grad_norm"].fill_(total_norm)
-        counters["last_clipped_grad_norm"].fill_(math.nan if skip else clipped_norm)
-
-    def _record(self, skip: Tensor, total_norm: Tensor, clipped_norm: Tensor) -> None:
-        counters = self._counters
-        if counters["skipped_steps"].device != total_norm.device:
-            # The model moved after the optimizer was built (as Hugging Face's Trainer does): the counters
-            # follow it once, so later steps make no device-to-host copy.
-            for counter in counters.values():
-                counter.data = counter.data.to(total_norm.device)
-        counters["skipped_steps"].add_(skip.to(counters["skipped_steps"].device, non_blocking=True))
-        counters["last_grad_norm"].copy_(total_norm, non_blocking=True)
-        unused = torch.where(skip, torch.full_like(clipped_norm, math.nan), clipped_norm)
-        counters["last_clipped_grad_norm"].copy_(unused, non_blocking=True)
-
-    def _raise_nonfinite(
-        self,
-        batches: list[_GroupBatch],
-        loss: Tensor | float | None,
-        total_norm: Tensor | float | None = None,
-        observed: Tensor | None = None,
-    ) -> NoReturn:
-        """Name the non-finite loss (this step's or an observed micro-step's), the first non-finite gradient,
-        or the update that would overflow; the state is still untouched."""
-        step = self._current_step()
-        untouched = "Nothing was updated: parameters, moments and step counts are as before this step."
-        remedy = "Check the batch and lower the learning rate, or construct with on_nonfinite='skip'."
-        if _is_set(observed):
-            raise ContractViolation(
-                "loss_decrease",
-                "loss.is_finite()",
-                kind="postcondition",
-                step=step,
-                observed={"observed_micro_step_loss": "non-finite"},
-                hint="A micro-step loss handed to observe_loss() since the last step was non-finite, so the "
-                f"accumulated gradient is not applied. {untouched} {remedy}",
-            )
-        if not _loss_is_finite(loss):
-            raise ContractViolation(
-                "loss_decrease",
-                "loss.is_finite()",
-                kind="postcondition",
-                step=step,
-                observed={"loss": loss},
-                hint=f"{untouched} {remedy}",
-            )
-        found = first_nonfinite_gradient(
-            (_param_label(b.group, b.group_index, position), g)
-            for b in batches
-            for position, g in zip(b.positions, b.grads, strict=True)
-        )
-        if found is None:  # every gradient is finite: the skip came from the overflow bound
-            raise ContractViolation(
-                "gradient_norm",
-                _GRADIENTS_FINITE,
-                step=step,
-                observed={"grad_norm": float(total_norm) if total_norm is not None else None},
-                hint="The gradient is finite but so large that Adam's second moment (its square) would overflow "
-                f"the parameters' dtype. {untouched} Set a clip_value, lower the learning rate, or use wider "
-                "parameters (float32 or bfloat16).",
-            )
-        label, grad, nans, infs = found
-        raise ContractViolation(
-            "gradient_norm",
-            _GRADIENTS_FINITE,
-            step=step,
-            observed={"parameter": label, "nonfinite": nans + infs, "nan": nans, "inf": infs},
-            hint=f"The gradient of {label!r} holds {nans + infs} non-finite values out of {grad.numel()}. "
-            f"{untouched} {remedy}",
-        )
-
     def _current_step(self) -> int:
         """1-based number of this step: the most advanced step count plus the skipped steps, plus one."""
         # Other keys of self.state may hold anything (torch's own hook tests store a bool there).
@@ -994,70 +757,17 @@ class Adam(Optimizer):
         steps = max(map(int, counts), default=0)
         return steps + int(self.skipped_steps) + 1
 
-    def __repr__(self) -> str:
-        policy = (
-            f"clip_value={self.clip_value}, on_nonfinite={self.on_nonfinite!r}, on_empty={self.on_empty!r}, "
-            f"fused={self.fused}, foreach={self.foreach}"
-        )
-        return super().__repr__().replace(" (", f" ({policy}", 1)
+    def _policy_repr(self) -> str:
+        return f"{super()._policy_repr()}, fused={self.fused}, foreach={self.foreach}"
 
     # -- parameter groups and state dicts ---------------------------------------------------------
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a parameter group, checking its hyper-parameters like the constructor's, and its parameters
-        for repeats (torch warns that a repeat will become an error; each would be updated once per listing)."""
-        _check_no_repeats(param_group, where=f"param_groups[{len(self.param_groups)}]")
-        merged = {**self.defaults, **param_group}
-        checked = _check_hyperparameters(merged, where=f"param_groups[{len(self.param_groups)}]: ")
-        for key in ("lr", "betas"):  # 1-element tensors are kept as the floats they were read as
-            if key in param_group:
-                param_group[key] = checked[key]
-        super().add_param_group(param_group)
-
-    def state_dict(self) -> dict[str, Any]:
-        """torch's state dict plus the counters under ``"provetrain"`` (copies, so later steps leave them)."""
-        state = super().state_dict()
-        state[_COUNTERS_KEY] = {name: value.clone() for name, value in self._counters.items()}
-        state[_COUNTERS_KEY]["empty_steps"] = self._empty_steps.clone()
-        return state
-
-    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Load a state dict of this class or of ``torch.optim.Adam``/``AdamW``.
-
-        A torch state dict has no counters: they restart (0 skipped, NaN norms). Load pre-hooks run first,
-        as in torch, so that one can adapt a checkpoint before it is checked.
-        """
-        hooks = self._optimizer_load_state_dict_pre_hooks
-        if isinstance(state_dict, Mapping):
-            state_dict = dict(state_dict)  # a shallow copy, as torch's
-            for hook in hooks.values():
-                adapted = hook(self, state_dict)
-                state_dict = state_dict if adapted is None else adapted
-        self._check_loadable(state_dict)
-        self._optimizer_load_state_dict_pre_hooks = OrderedDict()  # they ran above: not twice
-        try:
-            super().load_state_dict(state_dict)
-        finally:
-            self._optimizer_load_state_dict_pre_hooks = hooks
-        saved = state_dict.get(_COUNTERS_KEY)
-        fresh = _fresh_counters(self._counters["skipped_steps"].device)
-        for name, counter in self._counters.items():
-            if saved is not None and name not in saved:
-                raise ValueError(
-                    f"state_dict[{_COUNTERS_KEY!r}] has no {name!r} (it has {sorted(saved)}); pass a state "
-                    "dict saved by provetrain.ops.adam.Adam.state_dict()."
-                )
-            counter.copy_(fresh[name] if saved is None else torch.as_tensor(saved[name]))
-        # State dicts from before on_empty have no empty_steps: none were taken.
-        self._empty_steps.fill_(0 if saved is None else int(saved.get("empty_steps", 0)))
+    def _check_group(self, merged: dict[str, Any], *, where: str) -> dict[str, Any]:
+        return _check_hyperparameters(merged, where=where)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._kernel_ready_moments = {}  # loaded moments are checked afresh
-        # Pickles from before on_empty existed
-        self.__dict__.setdefault("on_empty", "raise")
-        self.__dict__.setdefault("_empty_steps", torch.zeros((), dtype=torch.int64))
-        self.__dict__.setdefault("_observed_nonfinite", None)
         for group in self.param_groups:
             for key in _TORCH_ONLY_GROUP_KEYS:
                 group.pop(key, None)
@@ -1074,28 +784,11 @@ class Adam(Optimizer):
                     dtype = step.dtype if step.dtype in (torch.float32, torch.float64) else torch.float32
                     p_state["step"] = step.to(device=p.device, dtype=dtype)
 
-    def __getstate__(self) -> dict[str, Any]:
-        state = super().__getstate__()
-        for name in (
-            "clip_value",
-            "on_nonfinite",
-            "on_empty",
-            "fused",
-            "foreach",
-            "_counters",
-            "_empty_steps",
-            "_observed_nonfinite",
-        ):
-            state[name] = self.__dict__[name]
-        return state
+    def _pickled_attributes(self) -> tuple[str, ...]:
+        return (*super()._pickled_attributes(), "fused", "foreach")
 
     def _check_loadable(self, state_dict: Mapping[str, Any]) -> None:
-        if not isinstance(state_dict, Mapping) or not {"state", "param_groups"} <= state_dict.keys():
-            raise ValueError(
-                "state_dict must be a mapping with 'state' and 'param_groups', as Optimizer.state_dict() "
-                f"returns; got {type(state_dict).__name__}"
-                + (f" with keys {sorted(map(str, state_dict))}" if isinstance(state_dict, Mapping) else "")
-            )
+        super()._check_loadable(state_dict)
         saved_groups = state_dict["param_groups"]
         for i, group in enumerate(saved_groups):
             if group.get("differentiable"):
@@ -1123,7 +816,7 @@ class Adam(Optimizer):
             if param_id not in by_id:
                 continue
             group, gi, pi, p, amsgrad = by_id[param_id]
-            label = _param_label(group, gi, pi)
+            label = param_label(group, gi, pi)
             # The loaded group's amsgrad decides (torch takes the saved hyper-parameters); a state saved
             # with amsgrad and loaded into a group without it keeps its maximum, as torch's would.
             expected = _AMSGRAD_STATE_KEYS if amsgrad else _STATE_KEYS
@@ -1224,11 +917,6 @@ def _fused_group_step_(batch: _GroupBatch, k: float) -> float:
     return clipped_sum_sq
 
 
-def _real(t: Tensor) -> Tensor:
-    """A complex tensor as its real view (``torch.view_as_real``: a trailing dimension of 2), else itself."""
-    return torch.view_as_real(t) if t.is_complex() else t
-
-
 def _remembered(checked: dict[int, weakref.ref[Tensor]], t: Tensor) -> bool:
     ref = checked.get(id(t))
     return ref is not None and ref() is t
@@ -1245,74 +933,6 @@ def _fresh_state(p: Tensor, step_dtype: torch.dtype) -> dict[str, Tensor]:
 def _default_step_dtype() -> torch.dtype:
     """torch.optim.Adam's step count dtype off its fused path (torch.optim.optimizer._get_scalar_dtype)."""
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
-
-
-def _fresh_counters(device: torch.device) -> dict[str, Tensor]:
-    return {
-        "skipped_steps": torch.zeros((), dtype=torch.int64, device=device),
-        "last_grad_norm": torch.full((), math.nan, dtype=torch.float64, device=device),
-        "last_clipped_grad_norm": torch.full((), math.nan, dtype=torch.float64, device=device),
-    }
-
-
-def _clip_metadata(grads: Sequence[Tensor]) -> dict[str, Any]:
-    return {"numel": sum(g.numel() for g in grads), "dtypes": tuple(dict.fromkeys(g.dtype for g in grads))}
-
-
-def _skip_flag(sum_sq: Tensor, loss: Tensor | float | None, found_inf: Tensor | None) -> Tensor:
-    """0-d bool on ``sum_sq``'s device: a gradient, the loss, or GradScaler's ``found_inf`` is non-finite."""
-    skip = ~torch.isfinite(sum_sq)
-    loss_nonfinite = _loss_nonfinite_flag(loss, sum_sq.device)
-    if loss_nonfinite is not None:
-        skip = skip | loss_nonfinite
-    if found_inf is not None:
-        skip = skip | (found_inf.to(sum_sq.device, non_blocking=True) > 0)
-    return skip
-
-
-def _loss_nonfinite_flag(loss: Tensor | float | None, device: torch.device) -> Tensor | None:
-    """A 0-d bool device tensor, True when the loss is non-finite; made without a host read."""
-    if loss is None:
-        return None
-    if isinstance(loss, Tensor):
-        return ~torch.isfinite(loss.detach()).all().to(device, non_blocking=True)
-    # A Python number is already on the host: choosing the fill costs no synchronisation.
-    return torch.full((), not math.isfinite(loss), dtype=torch.bool, device=device)
-
-
-def _is_set(flag: Tensor | None) -> bool:
-    """Host read of an optional 0-d bool flag (free on CPU; a synchronisation on a device)."""
-    return flag is not None and bool(flag)
-
-
-def _loss_is_finite(loss: Tensor | float | None) -> bool:
-    """Host-side check (a synchronisation for a device tensor): raise mode and the CPU-only fused path."""
-    if loss is None:
-        return True
-    if isinstance(loss, Tensor):
-        return bool(torch.isfinite(loss.detach()).all())
-    return math.isfinite(loss)
-
-
-def _param_label(group: Mapping[str, Any], group_index: int, position: int) -> str:
-    names = group.get("param_names")
-    if names is not None:
-        return str(names[position])
-    shape = tuple(group["params"][position].shape)
-    return f"param_groups[{group_index}]['params'][{position}] (shape {shape})"
-
-
-def _raise_no_params() -> NoReturn:
-    raise ArgumentViolation(
-        "loss_decrease",
-        "!params.is_empty()",
-        observed={"params": 0},
-        hint="The optimizer got no parameters: pass model.parameters() of a model that has some.",
-    )
-
-
-def _is_real(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def moment_limit(dtype: torch.dtype) -> float:
@@ -1402,23 +1022,8 @@ def _check_update_stays_finite(batches: list[_GroupBatch], clip_value: float | N
 
 def _check_hyperparameters(values: dict[str, Any], *, where: str) -> dict[str, Any]:
     """Raise for the first invalid value, naming it, its valid range and a fix; return ``values``."""
-    lr = values["lr"]
-    if isinstance(lr, Tensor):
-        if lr.numel() != 1:
-            raise ValueError(f"{where}Tensor lr must be 1-element, got shape {tuple(lr.shape)}; e.g. lr=1e-3")
-        # Kept as the tensor it is (a scheduler fills it in place, as in torch); its value is checked here.
-        lr = float(lr)
-    if not _is_real(lr):
-        raise TypeError(f"{where}lr={lr!r} must be a float or a 1-element tensor, e.g. lr=1e-3")
-    if not lr > 0.0:
-        raise ArgumentViolation(
-            "loss_decrease",
-            "lr > 0.0",
-            observed={"lr": lr},
-            hint=f"{where}Pass a positive, finite learning rate, e.g. lr=1e-3.",
-        )
-    if not math.isfinite(lr):
-        raise ValueError(f"{where}lr={lr!r} must be finite; pass a positive learning rate, e.g. lr=1e-3")
+    # A tensor lr is kept as the tensor it is (a scheduler fills it in place, as in torch); its value is checked.
+    check_learning_rate(values["lr"], where=where)
     betas = values["betas"]
     tensor_betas = isinstance(betas, (tuple, list)) and any(isinstance(b, Tensor) for b in betas)
     if tensor_betas:
@@ -1429,7 +1034,7 @@ def _check_hyperparameters(values: dict[str, Any], *, where: str) -> dict[str, A
                 raise ValueError(f"{where}Tensor betas[{i}] must be 1-element, e.g. betas=(0.9, 0.999)")
         stored = tuple(_to_scalar(b) for b in betas)  # torch keeps 0-d tensors
         betas = tuple(float(b) for b in betas)
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2 or not all(_is_real(b) for b in betas):
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2 or not all(is_real(b) for b in betas):
         raise TypeError(f"{where}betas={betas!r} must be a pair of floats, e.g. betas=(0.9, 0.999)")
     for i, beta in enumerate(betas):
         if not 0.0 <= beta < 1.0:
@@ -1440,7 +1045,7 @@ def _check_hyperparameters(values: dict[str, Any], *, where: str) -> dict[str, A
     values["betas"] = stored if tensor_betas else (float(betas[0]), float(betas[1]))
     for name, typical in (("eps", "1e-8"), ("weight_decay", "0.0 or 1e-2")):
         value = values[name]
-        if not _is_real(value):
+        if not is_real(value):
             raise TypeError(f"{where}{name}={value!r} must be a float, e.g. {name}={typical}")
         if not (value >= 0.0 and math.isfinite(value)):
             raise ValueError(f"{where}{name}={value!r} must be finite and >= 0, e.g. {name}={typical}")
@@ -1452,7 +1057,7 @@ def _check_hyperparameters(values: dict[str, Any], *, where: str) -> dict[str, A
         if name in values and not isinstance(values[name], bool):
             raise TypeError(f"{where}{name}={values[name]!r} must be True or False")
     if values.get("differentiable"):
-        raise ValueError(f"{where}differentiable=True is not supported: {_NOT_DIFFERENTIABLE}")
+        raise ValueError(f"{where}differentiable=True is not supported: {NOT_DIFFERENTIABLE}")
     return values
 
 
@@ -1461,68 +1066,6 @@ def _host_value(value: float | Tensor) -> float | None:
     if isinstance(value, Tensor):
         return float(value) if value.device.type == "cpu" else None
     return float(value)
-
-
-def _check_no_repeats(param_group: dict[str, Any], *, where: str) -> None:
-    """Refuse a parameter listed twice in one group; ``param_group["params"]`` becomes a list."""
-    if not isinstance(param_group, dict) or isinstance(param_group.get("params"), set):
-        return  # torch's add_param_group names what is wrong
-    params = param_group["params"]
-    params = [params] if isinstance(params, Tensor) else list(params)
-    param_group["params"] = params
-    seen: set[int] = set()
-    for position, item in enumerate(params):
-        p = item[1] if isinstance(item, tuple) and len(item) == 2 else item
-        if id(p) in seen:
-            shape = f" (shape {tuple(p.shape)})" if isinstance(p, Tensor) else ""
-            raise ValueError(
-                f"{where}['params'][{position}]{shape} appears twice in the group: each "
-                "listing would take its own step, so list every parameter once (e.g. pass model.parameters() "
-                "of a model that shares weights: it yields a shared parameter once)"
-            )
-        seen.add(id(p))
-
-
-def _check_clip_value(clip_value: float | None) -> float | None:
-    if clip_value is None:
-        return None
-    if not _is_real(clip_value):
-        raise TypeError(f"clip_value={clip_value!r} must be a float or None (no clipping), e.g. clip_value=1.0")
-    if not clip_value > 0.0:
-        raise ArgumentViolation(
-            "gradient_norm",
-            "clip_value > 0.0",
-            observed={"clip_value": clip_value},
-            hint="Pass a positive bound on the gradient norm, e.g. clip_value=1.0, or None for no clipping.",
-        )
-    if not math.isfinite(clip_value):
-        raise ValueError(f"clip_value={clip_value!r} must be finite; pass clip_value=None for no clipping")
-    return float(clip_value)
-
-
-def _check_on_nonfinite(on_nonfinite: object) -> OnNonfinite:
-    if on_nonfinite not in ("skip", "raise"):
-        raise ValueError(
-            f"on_nonfinite={on_nonfinite!r} is not one of 'skip' (skip the step, count it in skipped_steps) "
-            "or 'raise' (raise ContractViolation)"
-        )
-    return on_nonfinite  # type: ignore[return-value]
-
-
-_NOT_DIFFERENTIABLE = (
-    "a guarded, clipped step is not differentiable: whether it is applied is a data-dependent decision "
-    "(the finite guard keeps the old values by torch.where on isfinite), and the clip coefficient is "
-    "rounded upward by float64 steps (nextafter) to keep the proven bound, a piecewise-constant function "
-    "with no useful derivative; the step also runs in place under torch.no_grad(). Use "
-    "torch.optim.Adam(differentiable=True) with torch's clip for meta-learning"
-)
-
-
-def _check_differentiable(differentiable: object) -> None:
-    if not isinstance(differentiable, bool):
-        raise TypeError(f"differentiable={differentiable!r} must be True or False")
-    if differentiable:
-        raise ValueError(f"differentiable=True is not supported: {_NOT_DIFFERENTIABLE}")
 
 
 def _check_tensor_hyperparameters_with_foreach(defaults: Mapping[str, Any], foreach: bool | None) -> None:
@@ -1534,15 +1077,6 @@ def _check_tensor_hyperparameters_with_foreach(defaults: Mapping[str, Any], fore
     for i, beta in enumerate(defaults["betas"]):
         if isinstance(beta, Tensor):
             raise ValueError(f"betas[{i}] as a Tensor is not supported for capturable=False and foreach=True")
-
-
-def _check_on_empty(on_empty: object) -> OnEmpty:
-    if on_empty not in ("raise", "skip"):
-        raise ValueError(
-            f"on_empty={on_empty!r} is not one of 'raise' (a step without gradients violates the contract's "
-            "!gradients.is_empty()) or 'skip' (count it in empty_steps and change nothing)"
-        )
-    return on_empty  # type: ignore[return-value]
 
 
 def _check_foreach(value: object, fused_value: bool | None) -> bool | None:
