@@ -21,9 +21,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
-from torch.optim.optimizer import Optimizer
 
-from provetrain.ops.sharded import ShardedGroup, sharded_adam_step_
+from provetrain.ops.adam import Adam, AdamW
 from provetrain.train.distributed import World
 from tests.train.test_distributed import free_port
 
@@ -131,47 +130,19 @@ def rank_rows(rank: int, world: int = WORLD, rows: int = 4) -> slice:
     return slice(rank * share, (rank + 1) * share)
 
 
-class ShardedAdamForTests(Optimizer):
-    """Test-only: Adam/AdamW on :func:`provetrain.ops.sharded.sharded_adam_step_`, nothing else.
-
-    What ``provetrain.Adam.step`` does with DTensor parameters once ADAM_HOOK.patch is applied, without
-    depending on Adam's private methods (which another branch is refactoring).
-    """
-
-    def __init__(
-        self,
-        params: Iterable[torch.Tensor],
-        *,
-        lr: float,
-        clip_value: float | None,
-        weight_decay: float = 0.0,
-        decoupled_weight_decay: bool = False,
-        on_nonfinite: str = "skip",
-    ) -> None:
-        defaults = {"lr": lr, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": weight_decay}
-        super().__init__(params, defaults)
-        self.clip_value, self.decoupled, self.on_nonfinite = clip_value, decoupled_weight_decay, on_nonfinite
-        self.last: Any = None
-
-    def step(self, closure: Any = None, *, loss: Any = None) -> Any:  # type: ignore[override]
-        groups = []
-        for g in self.param_groups:
-            params = [p for p in g["params"] if p.grad is not None]
-            hyper = {
-                "lr": g["lr"],
-                "beta1": g["betas"][0],
-                "beta2": g["betas"][1],
-                "eps": g["eps"],
-                "weight_decay": g["weight_decay"],
-                "decoupled_weight_decay": self.decoupled,
-                "maximize": False,
-            }
-            groups.append(ShardedGroup(params, [p.grad for p in params], hyper))
-        with torch.no_grad():
-            self.last = sharded_adam_step_(
-                groups, self.state, clip_value=self.clip_value, loss=loss, on_nonfinite=self.on_nonfinite
-            )
-        return loss
+def sharded_adam(
+    params: Iterable[torch.Tensor],
+    *,
+    lr: float,
+    clip_value: float | None,
+    weight_decay: float = 0.0,
+    decoupled_weight_decay: bool = False,
+    on_nonfinite: str = "skip",
+) -> Adam:
+    """provetrain's Adam (AdamW when ``decoupled_weight_decay``) on FSDP2 parameters: its step routes DTensor
+    parameters to :func:`provetrain.ops.sharded.sharded_adam_step_`."""
+    cls = AdamW if decoupled_weight_decay else Adam
+    return cls(params, lr=lr, clip_value=clip_value, weight_decay=weight_decay, on_nonfinite=on_nonfinite)
 
 
 def full(tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:

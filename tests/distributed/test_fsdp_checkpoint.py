@@ -27,13 +27,14 @@ import torch.distributed as dist
 from torch import nn
 
 from provetrain.errors import ContractViolation
+from provetrain.ops.adam import Adam
 from provetrain.train.checkpoint import CheckpointCorruptError, ResumeError
 from provetrain.train.sharded_checkpoint import (
     load_sharded_checkpoint,
     save_sharded_checkpoint,
     training_tensors,
 )
-from tests.distributed._ranks import ShardedAdamForTests, full, loss_on, rank_rows, run_ranks, shard, tiny_lm
+from tests.distributed._ranks import full, loss_on, rank_rows, run_ranks, shard, sharded_adam, tiny_lm
 
 pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()), reason="no torch.distributed with gloo"
@@ -43,8 +44,8 @@ STEPS, EVERY, KILLED_AT = 6, 2, 4
 LR, CLIP = 1e-2, 0.75
 
 
-def _optimizer(params: list[torch.Tensor]) -> ShardedAdamForTests:
-    return ShardedAdamForTests(params, lr=LR, clip_value=CLIP, weight_decay=0.1, decoupled_weight_decay=True)
+def _optimizer(params: list[torch.Tensor]) -> Adam:
+    return sharded_adam(params, lr=LR, clip_value=CLIP, weight_decay=0.1, decoupled_weight_decay=True)
 
 
 def _kill_this_rank_while_writing() -> None:
@@ -124,7 +125,7 @@ def test_a_run_resumed_from_the_previous_checkpoint_finishes_equal_to_the_uninte
             assert all(torch.equal(a, b) for a, b in zip(resumed[key], straight[key], strict=True)), key
 
 
-def _unsharded() -> tuple[nn.Module, ShardedAdamForTests]:
+def _unsharded() -> tuple[nn.Module, Adam]:
     model = tiny_lm()
     return model, _optimizer(list(model.parameters()))
 

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from provetrain.errors import ContractViolation
 from provetrain.train.distributed import PeerFailureError, failing_peers_stop
 from provetrain.train.sharded_checkpoint import save_sharded_checkpoint, training_tensors
-from tests.distributed._ranks import ShardedAdamForTests, loss_on, rank_rows, run_ranks, shard, tiny_lm
+from tests.distributed._ranks import loss_on, rank_rows, run_ranks, shard, sharded_adam, tiny_lm
 
 pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()), reason="no torch.distributed with gloo"
@@ -30,7 +30,7 @@ KILLED_AT = 3
 
 def _train_until_killed(rank: int, directory: Path) -> dict[str, Any]:
     model = shard(tiny_lm())
-    optimizer = ShardedAdamForTests(list(model.parameters()), lr=1e-2, clip_value=1.0)
+    optimizer = sharded_adam(list(model.parameters()), lr=1e-2, clip_value=1.0)
     for step in range(5):
         loss = loss_on(model, step, rank_rows(rank))
         loss.backward()

@@ -5,8 +5,8 @@ One spawn runs a tiny transformer (even and uneven shards) under ``fully_shard``
 ``provetrain.Adam`` / ``AdamW`` and compares. On step 2 one element of rank 1's gradient shard is NaN, on
 step 3 rank 1 alone passes a NaN loss: both ranks must skip both steps.
 
-The optimizer on the ranks is ``ShardedAdamForTests`` (tests/distributed/_ranks.py), a thin wrapper of
-``sharded_adam_step_``; ADAM_HOOK.patch switches ``SHARDED_OPTIMIZER`` to ``provetrain.Adam`` itself.
+The optimizer on the ranks is ``provetrain.Adam``/``AdamW``, whose step routes DTensor parameters to
+``sharded_adam_step_``.
 """
 
 from __future__ import annotations
@@ -23,13 +23,13 @@ from provetrain.ops.adam import Adam, AdamW
 from provetrain.ops.sharded import ShardedGroup, sharded_adam_step_
 from tests.distributed._ranks import (
     NAN,
-    ShardedAdamForTests,
     finite,
     full,
     loss_on,
     rank_rows,
     run_ranks,
     shard,
+    sharded_adam,
     tiny_lm,
 )
 from tests.train.test_distributed import exact_sum_sq
@@ -38,7 +38,6 @@ pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()), reason="no torch.distributed with gloo"
 )
 
-SHARDED_OPTIMIZER: Any = ShardedAdamForTests
 STEPS, NAN_GRAD_STEP, NAN_LOSS_STEP = 6, 2, 3
 CLIP, LR = 0.75, 1e-2
 CONFIGS = {
@@ -48,10 +47,7 @@ CONFIGS = {
 
 
 def _optimizer(params: list[torch.Tensor], config: dict[str, Any]) -> Any:
-    if SHARDED_OPTIMIZER is ShardedAdamForTests:
-        return ShardedAdamForTests(params, lr=LR, clip_value=CLIP, **config)
-    cls = AdamW if config["decoupled_weight_decay"] else Adam
-    return cls(params, lr=LR, clip_value=CLIP, weight_decay=config["weight_decay"])
+    return sharded_adam(params, lr=LR, clip_value=CLIP, **config)
 
 
 def _sharded_run(rank: int, config: dict[str, Any]) -> dict[str, Any]:
@@ -86,9 +82,6 @@ def _sharded_run(rank: int, config: dict[str, Any]) -> dict[str, Any]:
 
 def _step_skipped(optimizer: Any, loss: torch.Tensor) -> bool:
     """Take the step; whether it was skipped."""
-    if isinstance(optimizer, ShardedAdamForTests):
-        optimizer.step(loss=loss)
-        return bool(optimizer.last.skip)
     before = int(optimizer.skipped_steps)
     optimizer.step(loss=loss)
     return int(optimizer.skipped_steps) > before
@@ -98,7 +91,7 @@ def _raise_mode(rank: int) -> dict[str, Any]:
     """on_nonfinite="raise" with a NaN in rank 1's shard: every rank raises, naming rank 1; nothing moves."""
     model = shard(tiny_lm())
     params = list(model.parameters())
-    optimizer = ShardedAdamForTests(params, lr=LR, clip_value=CLIP, on_nonfinite="raise")
+    optimizer = sharded_adam(params, lr=LR, clip_value=CLIP, on_nonfinite="raise")
     loss_on(model, 0, rank_rows(rank)).backward()
     if rank == 1:
         params[1].grad.to_local()[0, 0] = NAN  # embed.weight (params[0] is the temperature)

@@ -1,12 +1,11 @@
 """The Trainer with ``strategy: fsdp`` on 2 gloo ranks: FSDP2 per block, sharded checkpoints, exact resume.
 
-provetrain.Adam steps DTensor parameters once ADAM_HOOK.patch is applied (the Trainer builds a
+provetrain.Adam steps DTensor parameters (the Trainer builds a
 provetrain.Adam); until then these tests are skipped, with that reason.
 """
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 from pathlib import Path
@@ -18,7 +17,6 @@ import torch.distributed as dist
 from torch import nn
 
 from provetrain.errors import ConfigError
-from provetrain.ops.adam import Adam
 from provetrain.train.sharded_checkpoint import training_tensors
 from provetrain.train.trainer import Trainer
 from tests.distributed._ranks import full, run_ranks
@@ -26,10 +24,6 @@ from tests.train.test_distributed import blobs
 
 pytestmark = [
     pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="no torch.distributed"),
-    pytest.mark.skipif(
-        "sharded" not in inspect.getsource(Adam.step),
-        reason="provetrain.Adam does not step DTensor parameters until ADAM_HOOK.patch is applied",
-    ),
 ]
 
 RUN = {"steps": 6, "batch_size": 32, "lr": 1e-2, "lr_max": None, "checkpoint_every": 3, "clip_value": 0.5}

@@ -534,6 +534,11 @@ class Adam(GuardedOptimizer):
         _check_update_stays_finite(batches, self.clip_value)
         if self.clip_value is not None:
             check_gradual_underflow({b.params[0].device for b in batches})
+        from provetrain.ops import sharded  # imported here: it builds on this module's adam_step_
+
+        if sharded.holds_dtensors([p for b in batches for p in b.params]):  # FSDP2: one collective, shards
+            self._step_sharded(batches, sharded, loss, grad_scale, found_inf, observed)
+            return
         path = self._choose_path(batches)
         if path == "multi_tensor":
             self._step_multi_tensor(batches, loss, grad_scale, found_inf, observed)
@@ -546,6 +551,40 @@ class Adam(GuardedOptimizer):
             self._step_fused(batches, loss, skip_scaled, observed)
         else:
             self._step_reference(batches, loss, skip_scaled, observed)
+
+    def _step_sharded(
+        self,
+        batches: list[_GroupBatch],
+        sharded: Any,
+        loss: Tensor | float | None,
+        grad_scale: Tensor | None,
+        found_inf: Tensor | None,
+        observed: Tensor | None,
+    ) -> None:
+        """FSDP2 parameters: :func:`provetrain.ops.sharded.sharded_adam_step_` (one collective, local shards)."""
+        for b in batches:
+            unsupported = [k for k in ("amsgrad", "capturable") if b.group.get(k, False)]
+            unsupported += [k for k in ("lr", "betas") if _holds_tensor(b.group[k])]
+            if unsupported:
+                raise ValueError(
+                    f"{', '.join(unsupported)} is not supported with FSDP2 (DTensor) parameters yet: "
+                    "the sharded step takes float hyper-parameters without amsgrad or capturable"
+                )
+        if observed is not None:  # an observed non-finite micro-step loss poisons the step like step(loss=nan)
+            base = torch.as_tensor(0.0 if loss is None else loss, dtype=torch.float64, device=observed.device)
+            loss = torch.where(observed, math.nan, base)
+        groups = [sharded.ShardedGroup(b.keys, b.grads, b.hyperparameters()) for b in batches]
+        self._record(
+            *sharded.sharded_adam_step_(
+                groups,
+                self.state,
+                clip_value=self.clip_value,
+                loss=loss,
+                on_nonfinite=self.on_nonfinite,
+                grad_scale=grad_scale,
+                found_inf=found_inf,
+            )
+        )
 
     def _extra_skip_flag(self, batches: list[_GroupBatch], total_norm: Tensor) -> Tensor | None:
         """A finite step whose update could overflow the second moment (see :func:`_update_overflow_flag`)."""
@@ -1099,3 +1138,8 @@ def _check_fused(value: object) -> bool | None:
             "pass fused=None to use it only when available, or fused=False."
         )
     return value
+
+
+def _holds_tensor(value: object) -> bool:
+    """``value`` is a Tensor, or a tuple holding one (Tensor ``betas``)."""
+    return isinstance(value, Tensor) or (isinstance(value, tuple) and any(isinstance(v, Tensor) for v in value))
