@@ -303,7 +303,7 @@ BAD_DATA: list[tuple[str, Any, str]] = [
         [1, 2, 3],
         r"the training set \(a list\): item 0 gives int; expected \(input, target\) pairs",
     ),
-    ("an object", object(), r"the training set is of type object; expected a torch Dataset, IterableDataset, DataLoader"),
+    ("an object", object(), r"the training set is of type object; expected a torch Dataset, IterableDataset"),
     ("empty loader", DataLoader(Pairs(0), batch_size=2), r"makes no batches \(len\(loader\) == 0\)"),
 ]
 
