@@ -307,7 +307,8 @@ TRAIN_CONFIGS: list[tuple[str, str, str]] = [
     (
         "data function returns a number",
         f"data: {HERE}:returns_number\n",
-        r"cfg\.yaml:1:1: key 'data': data function .* returned int; expected DataSplits, a Dataset, IterableDataset or DataLoader, or a \(train, test\) pair",
+        r"cfg\.yaml:1:1: key 'data': data function .* returned int; expected DataSplits, a Dataset, "
+        r"IterableDataset or DataLoader, or a \(train, test\) pair",
     ),
     (
         "data function float labels",

@@ -303,7 +303,7 @@ BAD_DATA: list[tuple[str, Any, str]] = [
         [1, 2, 3],
         r"the training set \(a list\): item 0 gives int; expected \(input, target\) pairs",
     ),
-    ("an object", object(), r"the training set is of type object; expected a torch Dataset, IterableDataset, DataLoader"),
+    ("an object", object(), r"the training set is of type object; expected a torch Dataset, IterableDataset"),
     ("empty loader", DataLoader(Pairs(0), batch_size=2), r"makes no batches \(len\(loader\) == 0\)"),
 ]
 
@@ -328,3 +328,20 @@ def test_as_splits_reads_the_task_from_the_first_example() -> None:
     assert (as_splits(Pairs(), Stream()).input_shape, as_splits(Pairs()).num_classes) == ((1,), 0)
     with pytest.raises(DataError, match="the held-out set is empty"):
         as_splits(tensors(10), Pairs(0))
+
+
+def make_stream_and_loader(n: int = 10) -> tuple[IterableDataset, DataLoader]:
+    """A user data function returning (IterableDataset, DataLoader)."""
+    return Stream(n), DataLoader(Pairs(4), batch_size=2)
+
+
+def make_triples() -> Dataset:
+    return Triples()
+
+
+def test_a_data_function_may_return_any_kind_of_dataset() -> None:
+    data = load_data(f"{__name__}:make_stream_and_loader", {"n": 6})
+    assert isinstance(data.train, Stream) and isinstance(data.test, DataLoader)
+    assert (data.task, data.input_shape) == ("classification", (1,))
+    with pytest.raises(DataError, match=r"data function '.*:make_triples': the training set \(a Triples\): item 0"):
+        load_data(f"{__name__}:make_triples")

@@ -285,8 +285,10 @@ class Trainer:
     Under ``torch.distributed`` (more than one process) every rank builds the same Trainer; the model is
     wrapped in ``DistributedDataParallel`` at :meth:`fit`, rank 0 prints, writes ``output_dir`` and the
     checkpoints, and callbacks run on every rank with the same rows (guard side effects with
-    ``trainer.world.is_main``). The held-out evaluation runs on every rank on the whole held-out set (the
-    weights are the same everywhere, so no collective is needed); rank 0's is the one logged.
+    ``trainer.world.is_main``). Every rank draws each whole global batch from its own copy of the data
+    source and keeps its share (a DataLoader runs on every rank). The held-out evaluation runs on every rank
+    on the same held-out batches (the weights are the same everywhere, so no collective is needed); rank
+    0's is the one logged.
     """
 
     def __init__(
@@ -306,6 +308,7 @@ class Trainer:
         self.config = override(config, overrides) if config is not None else make_config(overrides)
         self.data = data = self._splits_of(data, eval_data)
         self.batches = self._batch_source(data)
+        self.batch_share = 1.0  # this rank's fraction of the last global batch (set by _next_batch)
         self.world = World.current()
         self.world.set_collective_timeout(self.config.collective_timeout_minutes)
         self.world.check_strategy(self.config)
