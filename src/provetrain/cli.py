@@ -402,15 +402,24 @@ def verify(
     json_path: Annotated[
         Path | None, typer.Option("--json", help="Also write the results as JSON to this file.")
     ] = None,
+    gradient_samples: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="backward-pass-v1's gradient check: coordinates per parameter tensor compared with float64 "
+            "central differences (2 forwards each).",
+        ),
+    ] = 3,
 ) -> None:
-    """Run the contract's falsification tests and proof obligations on a model; exit 1 unless all pass."""
+    """Run the contract's falsification tests and proof obligations on a model, and backward-pass-v1's
+    gradient check (analytical vs numerical, gradients finite); exit 1 unless all pass."""
     from provetrain.verify.suite import model_and_inputs, run_verification
 
     if json_path is not None and json_path.is_dir():  # found before the checks run, not after
         _exit_with_error(ValueError(f"--json {json_path} is a directory; give the name of a file to write"))
     try:
         net, inputs = model_and_inputs(model, input_shape)
-        results = run_verification(net, inputs, thorough=thorough)
+        results = run_verification(net, inputs, thorough=thorough, gradient_samples=gradient_samples)
     except (ValueError, TypeError) as error:
         _exit_with_error(error)
     table = Table(title="provetrain verify" + (" --thorough" if thorough else ""))
@@ -421,6 +430,9 @@ def verify(
         result = Text(r.result, colour[r.result])
         table.add_row(r.clause, escape(r.text), r.method, result, escape(r.evidence), f"{r.seconds:.2f}s")
     stdout.print(table)
+    for r in results:
+        if r.details:
+            _print_gradient_details(r.details)
     if json_path is not None:
         from provetrain.train.outputs import atomic_write
 
@@ -431,6 +443,26 @@ def verify(
             _exit_with_error(ValueError(f"--json {json_path}: cannot write it ({error.strerror or error})"))
     if any(r.result != "pass" for r in results):
         raise typer.Exit(1)
+
+
+def _print_gradient_details(details: tuple[dict[str, Any], ...]) -> None:
+    """The gradient check per parameter tensor: its largest sampled error and where."""
+    table = Table(title="gradient check per tensor (float64 central differences)")
+    for column in ("tensor", "shape", "coordinates", "max error", "at", "analytical", "numerical", "result"):
+        table.add_column(column, overflow="fold")
+    for d in details:
+        verdict = "[green]pass[/]" if d["result"] == "pass" else "[red]FAIL[/]"
+        table.add_row(
+            escape(d["tensor"]),
+            str(tuple(d["shape"])),
+            str(d["coordinates"]),
+            f"{d['max_error']:.2e}",
+            str(tuple(d["index"])),
+            f"{d['analytical']:.6e}",
+            f"{d['numerical']:.6e}",
+            verdict,
+        )
+    stdout.print(table)
 
 
 def main() -> None:
