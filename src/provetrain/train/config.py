@@ -56,6 +56,17 @@ def _no_bool(value: Any) -> Any:
     return value
 
 
+def _checkpoint_targets(value: Any) -> Any:
+    if value is None or value == "module_lists":
+        return value
+    if isinstance(value, list) and value and all(isinstance(v, str) and v for v in value):
+        return value
+    raise PydanticCustomError(
+        "activation_checkpointing",
+        "expected 'module_lists' or a non-empty list of submodule name patterns such as ['blocks.*']",
+    )
+
+
 Int = Annotated[int, Strict()]
 Float = Annotated[float, BeforeValidator(_no_bool)]
 
@@ -129,6 +140,13 @@ class TrainConfig(BaseModel):
     on_loss_increase: TrendPolicy = "warn"
     monitor_window: Int = Field(default=50, ge=5)
     monitor_alpha: Float = Field(default=1e-3, gt=0, lt=0.5)
+
+    # Activation checkpointing (checkpoint-v1): these submodules' activations are recomputed in the backward
+    # instead of kept, outputs and gradients unchanged; "module_lists" (each child of every nn.ModuleList) or
+    # fnmatch patterns over submodule names (["blocks.*"]); None: off.
+    activation_checkpointing: Annotated[
+        Literal["module_lists"] | list[str] | None, BeforeValidator(_checkpoint_targets)
+    ] = None
 
     # Checkpoints every N applied steps into output_dir/checkpoints (None: only the final one).
     checkpoint_every: Int | None = Field(default=None, ge=1)

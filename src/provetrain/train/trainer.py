@@ -52,6 +52,7 @@ from provetrain.data.sources import DataSplits
 from provetrain.errors import ContractViolation
 from provetrain.ops.adam import Adam, AdamW
 from provetrain.ops.clip import first_nonfinite_gradient
+from provetrain.train.activation_checkpointing import apply_activation_checkpointing
 from provetrain.train.certificate import (
     GRAD,
     LOSS,
@@ -70,7 +71,7 @@ from provetrain.train.checkpoint import (
     save_checkpoint,
     unflatten_state,
 )
-from provetrain.train.config import TrainConfig, make_config
+from provetrain.train.config import TrainConfig, config_error, make_config
 from provetrain.train.distributed import World
 from provetrain.train.lr_max import LrMaxEstimate, estimate_lr_max, preconditioner_from_batches
 from provetrain.train.monitor import LossTrendMonitor
@@ -263,6 +264,11 @@ class Trainer:
         self.world.check_batches(len(data.train), self.config.batch_size)
         self.device = self.world.local_device(_resolve_device(self.config.device))
         self.model = model.to(self.device)
+        if self.config.activation_checkpointing is not None:  # checkpoint-v1: recompute, do not keep, activations
+            try:
+                apply_activation_checkpointing(self.model, self.config.activation_checkpointing)
+            except ValueError as error:
+                raise config_error(self.config, str(error), key="activation_checkpointing") from None
         self.loss_fn = loss_fn or _default_loss(data.task)
         self.callbacks = list(callbacks)
         self.contract = contract or load_contract()
