@@ -16,7 +16,7 @@ from rich.table import Table
 from rich.text import Text
 
 from provetrain import __version__
-from provetrain.contract.load import load_contract
+from provetrain.contract.load import LoadedContract, bundled_contract_path, load_contract_with_warnings
 from provetrain.contract.registry import ClauseStatus, clause_statuses
 from provetrain.errors import ConfigError, ContractError, ContractViolation
 from provetrain.train.config import MAX_SEED
@@ -36,10 +36,6 @@ app.add_typer(contract_app, name="contract")
 stdout = Console(soft_wrap=False, width=None if sys.stdout.isatty() else 180)
 stderr = Console(stderr=True, soft_wrap=True)
 
-ContractFile = Annotated[
-    Path | None,
-    typer.Argument(help="Contract YAML (default: the bundled training-loop-v1.yaml).", show_default=False),
-]
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of a table.")]
 
 
@@ -76,16 +72,32 @@ def _exit_with_error(error: Exception, code: int = 2) -> NoReturn:
     raise typer.Exit(code) from None
 
 
-def _statuses_or_exit(path: Path | None) -> list[ClauseStatus]:
-    try:
-        return clause_statuses(load_contract(path))
-    except ContractError as error:
-        _exit_with_error(error)
+def _load_all(paths: list[Path] | None) -> tuple[list[LoadedContract], bool]:
+    """Each contract named (default: the bundled training-loop contract), and whether any failed to load;
+    each failure is printed as one located error line, and the others are still read."""
+    loaded, failed = [], False
+    for path in paths or [None]:
+        try:
+            loaded.append(load_contract_with_warnings(path))
+        except ContractError as error:
+            _print_error("error:", error)
+            failed = True
+    return loaded, failed
 
 
-def _as_json(status: ClauseStatus) -> dict[str, Any]:
+def _print_warnings(contract: LoadedContract, console: Console) -> None:
+    for warning in contract.warnings:
+        console.print(str(warning), highlight=False, markup=False, soft_wrap=True)
+
+
+def _statuses(contract: LoadedContract) -> list[ClauseStatus]:
+    return clause_statuses(contract.contract, name=contract.name)
+
+
+def _as_json(status: ClauseStatus, contract: str) -> dict[str, Any]:
     clause = status.clause
     return {
+        "contract": contract,
         "id": clause.id,
         "kind": clause.kind,
         "owner": clause.owner,
@@ -93,9 +105,20 @@ def _as_json(status: ClauseStatus) -> dict[str, Any]:
         "predicate": status.predicate.name if status.predicate else None,
         "enforced_by": list(status.binding.enforced_by),
         "evidence": [{"kind": e.kind, "ref": e.ref} for e in status.binding.evidence],
+        "state": status.state,
         "bound": status.bound,
+        "not_applicable": status.not_applicable,
+        "carried_from": status.carried_from,
         "gaps": list(status.gaps),
     }
+
+
+def _verdict(status: ClauseStatus) -> Text:
+    if status.not_applicable is not None:
+        return Text(f"n/a: {status.not_applicable}", "cyan")
+    if status.gaps:
+        return Text("; ".join(status.gaps), "yellow")
+    return Text("bound" + (f" (by text, from {status.carried_from})" if status.carried_from else ""), "green")
 
 
 def _table(statuses: list[ClauseStatus], title: str) -> Table:
@@ -107,48 +130,127 @@ def _table(statuses: list[ClauseStatus], title: str) -> Table:
         binding = [status.predicate.function.__name__] if status.predicate else []
         binding += [site.rsplit(".", 1)[-1] for site in status.binding.enforced_by]
         evidence = sorted({e.kind for e in status.binding.evidence})
-        verdict = Text("bound", "green") if status.bound else Text("; ".join(status.gaps), "yellow")
         table.add_row(
             escape(clause.id),
             escape(clause.kind),
             escape(clause.text),
             escape(", ".join(binding) or "-"),
             escape(f"{len(status.binding.evidence)} ({', '.join(evidence)})" if evidence else "-"),
-            verdict,
+            _verdict(status),
         )
     return table
 
 
-@contract_app.command("status")
-def contract_status(path: ContractFile = None, as_json: JsonFlag = False) -> None:
-    """List every clause with its binding (predicate, enforcing code) and its evidence."""
-    statuses = _statuses_or_exit(path)
-    if as_json:
-        print(json.dumps([_as_json(s) for s in statuses], indent=2))
-        return
+def _summary(statuses: list[ClauseStatus]) -> str:
     bound = sum(s.bound for s in statuses)
-    stdout.print(_table(statuses, escape(f"{path or 'training-loop-v1.yaml (bundled)'}")))
-    stdout.print(f"{bound} of {len(statuses)} clauses bound.")
+    na = sum(s.not_applicable is not None for s in statuses)
+    gaps = sum(bool(s.gaps) for s in statuses)
+    text = f"{bound} of {len(statuses)} clauses bound."
+    if na:
+        text += f" {na} not applicable."
+    if gaps:
+        text += f" {gaps} unbound."
+    return text
+
+
+def _title(contract: LoadedContract) -> str:
+    bundled = contract.path == bundled_contract_path(contract.name)
+    return f"{contract.name} ({'bundled' if bundled else contract.path})"
+
+
+ContractFiles = Annotated[
+    list[Path] | None,
+    typer.Argument(
+        help="Contract YAML files, or names of bundled contracts (optimizer-v1, ...); default: training-loop-v1.",
+        show_default=False,
+    ),
+]
+
+
+@contract_app.command("status")
+def contract_status(paths: ContractFiles = None, as_json: JsonFlag = False) -> None:
+    """List every clause of each contract with its binding (predicate, enforcing code) and evidence, or as not
+    applicable with the reason, or as a gap. Warnings go to stderr, located. Exit 2 if a contract does not
+    load, else 0."""
+    contracts, failed = _load_all(paths)
+    rows = []
+    for contract in contracts:
+        _print_warnings(contract, stderr)
+        statuses = _statuses(contract)
+        if as_json:
+            rows += [_as_json(s, contract.name) for s in statuses]
+            continue
+        stdout.print(_table(statuses, escape(_title(contract))))
+        stdout.print(f"{contract.name}: {_summary(statuses)}", highlight=False, markup=False)
+    if as_json:
+        print(json.dumps(rows, indent=2))
+    if failed:
+        raise typer.Exit(2)
 
 
 @contract_app.command("audit")
-def contract_audit(path: ContractFile = None, as_json: JsonFlag = False) -> None:
-    """Exit 1 and list each unbound clause or untested falsification id; exit 0 when all are bound."""
-    statuses = _statuses_or_exit(path)
-    gaps = [s for s in statuses if not s.bound]
-    if as_json:
-        print(json.dumps({"ok": not gaps, "total": len(statuses), "unbound": [_as_json(s) for s in gaps]}, indent=2))
-    elif gaps:
+def contract_audit(paths: ContractFiles = None, as_json: JsonFlag = False) -> None:
+    """List each unbound clause or untested falsification id of each contract. Exit 0 when every clause of
+    every contract is bound or not applicable (with its reason), 1 when any clause is unbound, 2 when a
+    contract does not load (the others are still audited). Warnings do not count: `contract lint` does."""
+    contracts, failed = _load_all(paths)
+    total, unbound, summaries = 0, [], []
+    for contract in contracts:
+        statuses = _statuses(contract)
+        gaps = [s for s in statuses if s.gaps]
+        total += len(statuses)
+        unbound += [_as_json(s, contract.name) for s in gaps]
+        na = sum(s.not_applicable is not None for s in statuses)
+        summaries.append(
+            {"contract": contract.name, "total": len(statuses), "unbound": len(gaps), "not_applicable": na}
+        )
+        if as_json:
+            continue
+        if len(contracts) > 1:
+            stdout.print(f"== {contract.name}", highlight=False, markup=False)
         for status in gaps:
             stdout.print(
                 f"UNBOUND {status.clause.id} `{status.clause.text}`: {'; '.join(status.gaps)}",
                 highlight=False,
                 markup=False,
             )
-        stdout.print(f"{len(gaps)} of {len(statuses)} clauses unbound.")
-    else:
-        stdout.print(f"All {len(statuses)} clauses bound and evidenced.")
+        stdout.print(f"{contract.name}: {_audit_line(len(statuses), len(gaps), na)}", highlight=False)
+    if as_json:
+        report = {"ok": not unbound and not failed, "total": total, "unbound": unbound, "contracts": summaries}
+        print(json.dumps(report, indent=2))
+    if failed:
+        raise typer.Exit(2)
+    if unbound:
+        raise typer.Exit(1)
+
+
+def _audit_line(total: int, gaps: int, na: int) -> str:
+    not_applicable = f", {na} not applicable" if na else ""
     if gaps:
+        return f"{gaps} of {total} clauses unbound{not_applicable}."
+    return (
+        f"All {total - na} clauses bound and evidenced{not_applicable}."
+        if na
+        else f"All {total} clauses bound and evidenced."
+    )
+
+
+@contract_app.command("lint")
+def contract_lint(paths: ContractFiles = None) -> None:
+    """The strict reading: print every located warning (unknown keys, a harness naming no obligation, the
+    format's own validator warnings). Exit 0 when every contract is clean, 1 on any warning, 2 when a
+    contract does not load."""
+    contracts, failed = _load_all(paths)
+    warned = 0
+    for contract in contracts:
+        _print_warnings(contract, stdout)
+        count = len(contract.warnings)
+        warned += count
+        verdict = f"{count} warning{'s' if count != 1 else ''}" if count else "clean"
+        stdout.print(f"{contract.name}: {verdict}", highlight=False, markup=False)
+    if failed:
+        raise typer.Exit(2)
+    if warned:
         raise typer.Exit(1)
 
 

@@ -16,15 +16,26 @@ the node tree to find where it sits in the file. Used for contract files and tra
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar, get_args, get_origin
+from typing import Any, Generic, NoReturn, TypeVar, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
 from provetrain.errors import LocatedError
 
-__all__ = ["NODE_BUDGET", "KeyPositions", "LocatedProblem", "read_yaml_text", "validate_yaml", "validate_yaml_located"]
+__all__ = [
+    "NODE_BUDGET",
+    "KeyPositions",
+    "LocatedProblem",
+    "YamlDocument",
+    "dotted_key",
+    "read_yaml_text",
+    "validate_yaml",
+    "validate_yaml_document",
+    "validate_yaml_located",
+]
 
 Loc = tuple[str | int, ...]
 Model = TypeVar("Model", bound=BaseModel)
@@ -71,6 +82,39 @@ def validate_yaml_located(
 ) -> tuple[Model, KeyPositions]:
     """:func:`validate_yaml`, plus where each key sits in the file, to locate problems found later (a data
     file that does not load, a model argument out of range)."""
+    document = validate_yaml_document(text, model, path=path, error=error, empty_expected=empty_expected)
+    return document.value, document.positions
+
+
+@dataclass(frozen=True)
+class YamlDocument(Generic[Model]):
+    """A validated file with its node tree kept, to locate what is found after validation (a warning about
+    an unknown key, a dangling reference) at the key or at its value.
+
+    Attributes:
+        value: the validated model.
+        path: the file, or None for text that did not come from one.
+        positions: dotted key path -> 1-based (line, column) of the key (of the item, in a list).
+    """
+
+    value: Model
+    path: str | Path | None
+    positions: KeyPositions
+    root: yaml.Node
+
+    def locate(self, loc: Loc, *, at_key: bool = True) -> tuple[int, int] | None:
+        """1-based (line, column) of the key at ``loc`` (``at_key``) or of its value; the nearest enclosing
+        node when ``loc`` is not in the file; None for an empty path."""
+        if not loc:
+            return None
+        node, key_node = _find(self.root, loc, point_at_key=at_key)
+        return _line_column((key_node or node).start_mark)
+
+
+def validate_yaml_document(
+    text: str, model: type[Model], *, path: str | Path | None, error: type[LocatedError], empty_expected: str
+) -> YamlDocument[Model]:
+    """:func:`validate_yaml`, keeping the node tree and key positions (:class:`YamlDocument`)."""
     root = _compose(text, path, error, empty_expected)
     positions = _NodeWalk(path, error).check(root)
     try:
@@ -78,7 +122,7 @@ def validate_yaml_located(
     except yaml.MarkedYAMLError as exc:
         raise _yaml_error(exc, path, error) from None
     try:
-        return model.model_validate(data), positions
+        return YamlDocument(model.model_validate(data), path, positions, root)
     except ValidationError as exc:
         raise _located(exc, root, path, model, error) from None
 
@@ -301,6 +345,11 @@ def _expected(detail: dict[str, Any]) -> str:
     if kind == "value_error":
         return "a non-empty clause"
     return _EXPECTED_BY_TYPE.get(kind, detail["msg"])
+
+
+def dotted_key(loc: Loc) -> str:
+    """``("equations", "f", "preconditions", 0)`` -> ``equations.f.preconditions[0]``."""
+    return _dotted(loc)
 
 
 def _dotted(loc: Loc) -> str:

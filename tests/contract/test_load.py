@@ -86,14 +86,6 @@ BAD_CONTRACTS = [
         r"got str 'magic'.*expected one of 'stub_float'",
     ),
     (
-        "dangling obligation reference",
-        _edit('obligation: "Gradient norm bounded after clipping"', 'obligation: "Gradient norm bounded"'),
-        "kani_harnesses[0].obligation",
-        70,
-        17,
-        r"names obligation 'Gradient norm bounded'.*expected one of",
-    ),
-    (
         "bound is not an integer",
         _edit("bound: 4", "bound: four"),
         "kani_harnesses[0].bound",
@@ -110,14 +102,6 @@ BAD_CONTRACTS = [
         r"greater than or equal to 1",
     ),
     (
-        "misspelt section key",
-        _edit('    preconditions:\n      - "lr > 0.0"', '    precondtions:\n      - "lr > 0.0"'),
-        "equations.loss_decrease.precondtions",
-        14,
-        5,
-        r"unknown key.*expected one of the keys formula, domain, preconditions",
-    ),
-    (
         "duplicate falsification id",
         _edit("  - id: FALSIFY-TRAIN-002", "  - id: FALSIFY-TRAIN-001"),
         "falsification_tests[1].id",
@@ -127,9 +111,17 @@ BAD_CONTRACTS = [
     ),
     (
         "missing required key",
-        _edit('    formal: "loss is not NaN or Inf at any training step"\n', ""),
-        "proof_obligations[1].formal",
+        _edit('    property: "Loss finite"\n', ""),
+        "proof_obligations[1].property",
         41,
+        5,
+        r"required key is missing",
+    ),
+    (
+        "missing required key of a falsification test",
+        _edit('    if_fails: "clip_grad_norm not applied"\n', ""),
+        "falsification_tests[0].if_fails",
+        52,
         5,
         r"required key is missing",
     ),
@@ -147,7 +139,7 @@ BAD_CONTRACTS = [
         "proof_obligations[2].tolerance",
         48,
         16,
-        r"greater than 0.*expected a number > 0",
+        r"greater than or equal to 0.*expected a number >= 0",
     ),
     (
         "unknown obligation type",

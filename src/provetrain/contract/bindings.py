@@ -18,7 +18,20 @@ from typing import Literal
 
 from provetrain.verify.cross_entropy import AXIOMS as CROSS_ENTROPY_AXIOMS
 
-__all__ = ["BINDINGS", "THEOREMS", "Binding", "BindingKey", "Evidence", "EvidenceKind", "TheoremBinding", "TheoremKey"]
+__all__ = [
+    "BINDINGS",
+    "CARRIED_TEXTS",
+    "SEED",
+    "THEOREMS",
+    "Binding",
+    "BindingKey",
+    "Evidence",
+    "EvidenceKind",
+    "TheoremBinding",
+    "TheoremKey",
+]
+
+SEED = "training-loop-v1"
 
 EvidenceKind = Literal["unit-test", "property-test", "smt-proof", "parity", "falsification-test"]
 BindingKey = tuple[str, str, str]
@@ -247,6 +260,21 @@ BINDINGS: dict[BindingKey, Binding] = {
         ),
     ),
 }
+
+# Clause texts whose binding in BINDINGS carries to the same (kind, text) in any other contract: their
+# variables name the run's own settings or parameters (the optimizer's lr, the declared lr_max, the model's
+# trainable parameters, the clip threshold), which one code path checks before training and at every step,
+# whichever equation quotes them. Clauses over per-step values (`gradients`, `loss`, `grad_norm`) are not
+# here: which gradients an equation means differs (batch-v1's gradient_scaling means per-example gradients,
+# which autograd never materialises), so they bind in another contract only by that contract's own entry.
+CARRIED_TEXTS: frozenset[tuple[str, str]] = frozenset(
+    {
+        ("precondition", "lr > 0.0"),
+        ("precondition", "lr < lr_max"),
+        ("precondition", "!params.is_empty()"),
+        ("precondition", "clip_value > 0.0"),
+    }
+)
 
 T_CE = "tests/verify/test_cross_entropy.py::"
 

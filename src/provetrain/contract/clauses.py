@@ -63,12 +63,15 @@ def enumerate_clauses(contract: Contract) -> list[Clause]:
                 "obligation",
                 "proof_obligations",
                 obligation.property,
-                f"{obligation.type}: {obligation.formal}",
+                f"{obligation.type}: {obligation.formal or obligation.property}",
             )
         )
     for test in contract.falsification_tests:
         clauses.append(Clause(test.id, "falsification", "falsification_tests", test.id, test.prediction))
     for harness in contract.kani_harnesses:
-        detail = f"{harness.obligation} (bound {harness.bound}, {harness.strategy})"
+        settings = ", ".join(
+            f"{name} {value}" for name, value in (("bound", harness.bound), ("strategy", harness.strategy)) if value
+        )
+        detail = f"{harness.obligation} ({settings})" if settings else harness.obligation
         clauses.append(Clause(harness.id, "harness", "kani_harnesses", harness.id, detail))
     return clauses

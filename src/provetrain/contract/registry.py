@@ -12,15 +12,29 @@ contract cites (``lean_theorem``) is bound to what is really shown for it (:func
 are plain data below, keyed by ``(owner, kind, text)`` so they follow the clause if the file is reordered.
 Enforcement sites are dotted paths (checked importable by the test suite) and evidence names pytest node
 ids or proof commands (checked to exist by the test suite), so this table cannot drift from the code.
+
+Several contracts. Each contract has its own table, chosen by its name (the file's stem):
+``training-loop-v1`` the seed's :data:`~provetrain.contract.bindings.BINDINGS`, a training sibling
+(``optimizer-v1``...) its entry of :data:`~provetrain.contract.sibling_bindings.SIBLING_BINDINGS`, any other
+name the seed's table (a user's edited copy of the seed keeps its bindings; another contract matches it only
+where an equation name and clause text are the seed's own). An entry is a binding or
+:class:`~provetrain.contract.sibling_bindings.NotApplicable` with its reason: a clause with no meaning here,
+shown as such, distinct from a gap. A clause with no entry takes, by its exact text, the seed's binding for
+one of :data:`~provetrain.contract.bindings.CARRIED_TEXTS` (``lr > 0.0``, ``!params.is_empty()``...): the
+same code checks those wherever they are quoted. Nothing else carries from one contract to another.
 """
 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Literal
 
 from provetrain.contract.bindings import (
     BINDINGS,
+    CARRIED_TEXTS,
+    SEED,
     THEOREMS,
     Binding,
     BindingKey,
@@ -32,34 +46,61 @@ from provetrain.contract.bindings import (
 from provetrain.contract.clauses import Clause, ClauseKind, enumerate_clauses
 from provetrain.contract.predicates import Predicate, predicate_for
 from provetrain.contract.schema import Contract
+from provetrain.contract.sibling_bindings import SIBLING_BINDINGS, NotApplicable
 
 __all__ = [
     "BINDINGS",
     "THEOREMS",
     "Binding",
+    "ClauseState",
     "ClauseStatus",
     "Evidence",
     "EvidenceKind",
+    "NotApplicable",
     "TheoremBinding",
     "TheoremStatus",
+    "bindings_for",
     "clause_statuses",
     "resolve_dotted",
     "theorem_statuses",
 ]
 
 
+ClauseState = Literal["bound", "not applicable", "unbound"]
+BindingTable = Mapping[BindingKey, Binding | NotApplicable]
+
+
 @dataclass(frozen=True)
 class ClauseStatus:
-    """A clause with its binding, and the gaps that keep it from being bound."""
+    """A clause with its binding, and the gaps that keep it from being bound.
+
+    Attributes:
+        clause: the clause.
+        predicate: its executable meaning (pre- and postconditions), or None.
+        binding: the code that enforces it and the evidence (empty when not applicable or unbound).
+        gaps: what is missing; empty when bound or not applicable.
+        not_applicable: why the clause has no meaning for provetrain, or None.
+        carried_from: the contract whose binding of the same text this is (``training-loop-v1``), or None
+            when the binding is this contract's own entry.
+    """
 
     clause: Clause
     predicate: Predicate | None
     binding: Binding
     gaps: tuple[str, ...] = field(default=())
+    not_applicable: str | None = None
+    carried_from: str | None = None
 
     @property
     def bound(self) -> bool:
-        return not self.gaps
+        """Enforced and evidenced (a not-applicable clause is not bound, and not a gap either)."""
+        return not self.gaps and self.not_applicable is None
+
+    @property
+    def state(self) -> ClauseState:
+        if self.not_applicable is not None:
+            return "not applicable"
+        return "unbound" if self.gaps else "bound"
 
 
 @dataclass(frozen=True)
@@ -80,15 +121,43 @@ _NEEDS_PREDICATE: frozenset[ClauseKind] = frozenset({"precondition", "postcondit
 _NEEDS_ENFORCEMENT: frozenset[ClauseKind] = frozenset({"precondition", "postcondition", "invariant", "obligation"})
 
 
-def clause_statuses(contract: Contract, bindings: dict[BindingKey, Binding] | None = None) -> list[ClauseStatus]:
-    """Every clause of ``contract`` with its predicate, binding and gaps, in file order."""
-    table = BINDINGS if bindings is None else bindings
+def bindings_for(name: str) -> BindingTable:
+    """The binding table of the contract named ``name`` (a file stem); see the module docstring."""
+    if name in SIBLING_BINDINGS:
+        return SIBLING_BINDINGS[name]
+    return BINDINGS
+
+
+def clause_statuses(
+    contract: Contract, bindings: BindingTable | None = None, *, name: str = SEED
+) -> list[ClauseStatus]:
+    """Every clause of ``contract`` with its predicate, binding or not-applicable reason, and gaps, in file order.
+
+    Args:
+        contract: the contract.
+        bindings: the table to use instead of the contract's own (nothing then carries by text).
+        name: the contract's name (its file stem), which chooses its table: :func:`bindings_for`.
+    """
+    table = bindings_for(name) if bindings is None else bindings
     statuses = []
     for clause in enumerate_clauses(contract):
         predicate = predicate_for(clause.text) if clause.kind in _NEEDS_PREDICATE else None
-        binding = table.get(clause.key, Binding())
-        statuses.append(ClauseStatus(clause, predicate, binding, _gaps(clause, predicate, binding)))
+        entry, carried_from = table.get(clause.key), None
+        if entry is None and bindings is None and (clause.kind, clause.text) in CARRIED_TEXTS:
+            entry, carried_from = _seed_binding(clause), SEED
+        if isinstance(entry, NotApplicable):
+            statuses.append(ClauseStatus(clause, predicate, Binding(), (), entry.reason))
+            continue
+        binding = entry or Binding()
+        statuses.append(ClauseStatus(clause, predicate, binding, _gaps(clause, predicate, binding), None, carried_from))
     return statuses
+
+
+def _seed_binding(clause: Clause) -> Binding | None:
+    for (_, kind, text), binding in BINDINGS.items():
+        if (kind, text) == (clause.kind, clause.text):
+            return binding
+    return None
 
 
 def theorem_statuses(
