@@ -314,3 +314,28 @@ def test_falsify_backward_004_gradient_flows_to_a_only_when_only_a_requires_grad
     model.weight.requires_grad_(False)
     model(torch.randn(5, 4)).sum().backward()
     assert model.weight.grad is None and model.bias.grad is not None
+
+
+def test_gradients_of_a_shared_parameter_add_up_and_pass_the_check() -> None:
+    """Gradient accumulation is additive for shared parameters: a layer used twice gets the sum of both uses'
+    gradients, and the finite-difference check agrees with that sum."""
+
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.shared = nn.Linear(4, 4)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.shared(torch.tanh(self.shared(x)))
+
+    torch.manual_seed(0)
+    model, x = Tied(), torch.randn(5, 4)
+    report = check_gradients(model, x, samples=20)
+    assert report.passed, report.failures()
+    # the sum of the two uses, taken apart with a detached copy of the weight in each
+    w, b = model.shared.weight, model.shared.bias
+    first = torch.tanh(x @ w.T + b)
+    (whole,) = torch.autograd.grad((first @ w.T + b).sum(), w)
+    (outer,) = torch.autograd.grad((first.detach() @ w.T + b).sum(), w)
+    (inner,) = torch.autograd.grad((torch.tanh(x @ w.T + b) @ w.detach().T + b).sum(), w)
+    torch.testing.assert_close(whole, outer + inner, rtol=1e-6, atol=1e-7)

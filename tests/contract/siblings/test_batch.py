@@ -121,6 +121,7 @@ def test_the_batch_gradient_is_the_mean_of_per_example_gradients(tmp_path: Path)
     assert not torch.allclose(summed, per_example[:5].mean(0))
 
 
+@pytest.mark.contract("batch-kani-001")
 def test_batch_counts_for_every_size_up_to_the_bound() -> None:
     """batch-kani-001 ("Batch size positive", bound 4), checked exhaustively at its bound: for every batch size
     1..4 and 1..16 examples, the Trainer's batches of an epoch are non-empty, ceil(N/B) of them, and partition

@@ -279,6 +279,7 @@ def test_falsify_ckpt_004_adamw_step_count_and_moments_round_trip(tmp_path: Path
 _DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.uint8]
 
 
+@pytest.mark.contract("ckpt-kani-001")
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     st.lists(st.tuples(st.sampled_from(_DTYPES), st.integers(0, 4), st.binary(min_size=32, max_size=32)), max_size=4),

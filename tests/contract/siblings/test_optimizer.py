@@ -193,6 +193,7 @@ def test_falsify_opt_005_zero_grad_clears_every_gradient() -> None:
     assert all(p.grad is None for p in model.parameters())
 
 
+@pytest.mark.contract("opt-kani-001")
 def test_learning_rate_stays_positive_for_every_schedule_up_to_the_bound() -> None:
     """opt-kani-001 ("Learning rate stays positive", bound 4), exhaustively at its bound: every schedule of
     1..4 steps with 0..4 warm-up steps and min_lr_ratio in {0, 0.5} gives lr > 0 at every step (an exhaustive
@@ -205,3 +206,14 @@ def test_learning_rate_stays_positive_for_every_schedule_up_to_the_bound() -> No
                     assert all(schedule.lr(t) > 0.0 for t in range(total + 2))
     with pytest.raises(ContractViolation, match=re_escape("lr > 0.0")):
         AdamW([nn.Parameter(torch.ones(1))], lr=0.0)
+
+
+@pytest.mark.parametrize("length", [{"steps": 0}, {"epochs": 0}, {"steps": -1}])
+def test_a_run_has_at_least_one_step(length: dict[str, int]) -> None:
+    """The convergence clause's num_steps > 0: a run of no steps is refused, naming the setting."""
+    from provetrain import ConfigError
+    from provetrain.train.config import make_config
+
+    (key,) = length
+    with pytest.raises(ConfigError, match=key):
+        make_config(dict(length))
