@@ -56,6 +56,7 @@ import copy
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -181,7 +182,7 @@ def check_gradients(
         return _scalar(loss_of(_forward(net, args64, "float64")))
 
     loss = loss_at()
-    grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
+    grads = _backward(lambda: torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True), "float64")
     floor = _NOISE_FLOOR * max(1.0, abs(float(loss.detach())))
     results, forwards = [], 0
     with torch.no_grad():
@@ -242,7 +243,8 @@ def _central_difference(flat: Tensor, index: int, step: float, loss_at: Callable
 def _nonfinite_gradients(model: nn.Module, args: tuple[Tensor, ...], loss_of: LossFn) -> tuple[str, ...]:
     """Names of the parameters whose gradient holds NaN/Inf after one backward of a copy in its own dtype."""
     net = copy.deepcopy(model).eval()
-    _scalar(loss_of(_forward(net, args, "its own dtype"))).backward()
+    loss = _scalar(loss_of(_forward(net, args, "its own dtype")))
+    _backward(loss.backward, "its own dtype")
     return tuple(
         name
         for name, p in net.named_parameters()
@@ -258,6 +260,15 @@ def _forward(net: nn.Module, args: tuple[Tensor, ...], where: str) -> Tensor:
             f"the gradient check runs the model in {where}, and its forward raised {type(error).__name__}: {error}"
         ) from None
     return _output_tensor(output)
+
+
+def _backward(run: Callable[[], Any], where: str) -> Any:
+    try:
+        return run()
+    except RuntimeError as error:  # a custom backward without this dtype, a graph that does not reach the loss
+        raise ValueError(
+            f"the gradient check runs the model in {where}, and its backward raised RuntimeError: {error}"
+        ) from None
 
 
 def _output_tensor(output: object) -> Tensor:

@@ -339,3 +339,9 @@ def test_gradients_of_a_shared_parameter_add_up_and_pass_the_check() -> None:
     (outer,) = torch.autograd.grad((first.detach() @ w.T + b).sum(), w)
     (inner,) = torch.autograd.grad((torch.tanh(x @ w.T + b) @ w.detach().T + b).sum(), w)
     torch.testing.assert_close(whole, outer + inner, rtol=1e-6, atol=1e-7)
+
+
+def test_a_loss_that_does_not_reach_the_parameters_is_reported_not_crashed() -> None:
+    model, inputs = _mlp()
+    with pytest.raises(ValueError, match="its backward raised RuntimeError"):
+        check_gradients(model, inputs, loss_fn=lambda out: out.detach().sum())
