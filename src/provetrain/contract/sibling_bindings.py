@@ -410,8 +410,12 @@ BATCH: dict[BindingKey, Binding | NotApplicable] = {
     ("batch_partition", "invariant", "All samples appear exactly once per epoch"): _PARTITION,
     ("batch_partition", "invariant", "Last batch may be smaller than batch_size"): _PARTITION,
     ("gradient_scaling", "precondition", "batch_size > 0"): _BATCH_SIZE_POSITIVE,
-    # per-example gradients: non-empty exactly when the batch holds an example, which every batch does
-    ("gradient_scaling", "precondition", "!gradients.is_empty()"): _PARTITION,
+    # per-example gradients: non-empty exactly when the batch holds an example, which every batch does; and
+    # the Trainer checks each step's backward produced a gradient at all (the seed's same-text clause)
+    ("gradient_scaling", "precondition", "!gradients.is_empty()"): Binding(
+        enforced_by=(*_PARTITION.enforced_by, f"{TRAINER}._check_gradients_present"),
+        evidence=_PARTITION.evidence + BINDINGS[("gradient_norm", "precondition", "!gradients.is_empty()")].evidence,
+    ),
     ("gradient_scaling", "postcondition", "ret.len() == gradients[0].len()"): NotApplicable(
         "the length of entrenar's flat gradient buffer; here the batch gradient is each parameter's .grad, "
         "which torch's autograd shapes like the parameter"
