@@ -371,6 +371,14 @@ def _print_run_summary(result: Any, *, quiet: bool) -> None:
         f"{result.rollbacks} rollbacks); final train loss {result.final_loss:.4f}"
     )
     stdout.print(_lr_max_summary(result), highlight=False)
+    for section in result.certificate.get("contracts", []):
+        counts = section["summary"]
+        line = f"contract {section['name']}: {counts['bound']} of {counts['total']} clauses bound"
+        if counts["not_applicable"]:
+            line += f", {counts['not_applicable']} not applicable"
+        if counts["unbound"]:
+            line += f", {counts['unbound']} unbound"
+        stdout.print(f"{line}; {counts['checked_at_run_time']} checked at run time", highlight=False, markup=False)
     stdout.print(
         f"outputs: {result.output_dir}/ (metrics.jsonl, certificate.json, report.png)", highlight=False, markup=False
     )
@@ -512,16 +520,37 @@ def verify(
             "central differences (2 forwards each).",
         ),
     ] = 3,
+    contracts: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--contract",
+            help="A contract to verify against: a file or a bundled name (optimizer-v1, backward-pass-v1...); "
+            "repeat for several. Default: training-loop-v1.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
-    """Run the contract's falsification tests and proof obligations on a model, and backward-pass-v1's
-    gradient check (analytical vs numerical, gradients finite); exit 1 unless all pass."""
+    """Run the contracts' falsification tests and proof obligations on a model, and backward-pass-v1's gradient
+    check (analytical vs numerical, gradients finite); exit 1 unless all pass.
+    After the checks, each contract's clauses are summarised (bound, not applicable, unbound); exit 2 when a
+    contract does not load."""
+    import inspect
+
+    from provetrain.train.certificate import load_contracts
     from provetrain.verify.suite import model_and_inputs, run_verification
 
     if json_path is not None and json_path.is_dir():  # found before the checks run, not after
         _exit_with_error(ValueError(f"--json {json_path} is a directory; give the name of a file to write"))
     try:
+        loaded = load_contracts(contracts)
+    except ContractError as error:
+        _exit_with_error(error)
+    # The suite runs the checks of the contracts it is given, where it takes them (the training loop's always).
+    takes_contracts = "contracts" in inspect.signature(run_verification).parameters
+    try:
         net, inputs = model_and_inputs(model, input_shape)
-        results = run_verification(net, inputs, thorough=thorough, gradient_samples=gradient_samples)
+        options = {"contracts": loaded} if takes_contracts else {}
+        results = run_verification(net, inputs, thorough=thorough, gradient_samples=gradient_samples, **options)
     except (ValueError, TypeError) as error:
         _exit_with_error(error)
     table = Table(title="provetrain verify" + (" --thorough" if thorough else ""))
@@ -535,6 +564,9 @@ def verify(
     for r in results:
         if r.details:
             _print_gradient_details(r.details)
+    for contract in loaded:
+        _print_warnings(contract, stderr)
+        stdout.print(f"{contract.name}: {_summary(_statuses(contract))}", highlight=False, markup=False)
     if json_path is not None:
         from provetrain.train.outputs import atomic_write
 

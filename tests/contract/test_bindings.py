@@ -14,8 +14,9 @@ import pytest
 from typer.testing import CliRunner
 
 from provetrain.cli import app
+from provetrain.contract import bundled_contract_names, enumerate_clauses, load_contract
 from provetrain.contract.registry import BINDINGS, THEOREMS, Binding, resolve_dotted
-from provetrain.contract.sibling_bindings import SIBLING_BINDINGS
+from provetrain.contract.sibling_bindings import SIBLING_BINDINGS, NotApplicable
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -53,8 +54,11 @@ def test_registry_is_not_empty() -> None:
     assert ENFORCEMENT_SITES and EVIDENCE
 
 
-ENFORCEMENT_SITES = sorted({site for b in BINDINGS.values() for site in b.enforced_by})
-EVIDENCE = sorted({(e.kind, e.ref) for b in (*BINDINGS.values(), *THEOREMS.values()) for e in b.evidence})
+# Every binding of every contract: the seed's, and each sibling's (not-applicable entries bind nothing).
+TABLES = {"training-loop-v1": BINDINGS, **SIBLING_BINDINGS}
+ALL_BINDINGS = [(key, b) for table in TABLES.values() for key, b in table.items() if isinstance(b, Binding)]
+ENFORCEMENT_SITES = sorted({site for _, b in ALL_BINDINGS for site in b.enforced_by})
+EVIDENCE = sorted({(e.kind, e.ref) for b in (*(b for _, b in ALL_BINDINGS), *THEOREMS.values()) for e in b.evidence})
 
 
 @pytest.mark.parametrize("site", ENFORCEMENT_SITES)
@@ -77,10 +81,9 @@ def test_evidence_exists(kind: str, ref: str) -> None:
 def test_marked_tests_and_registry_agree() -> None:
     marked = _contract_markers()
     listed: dict[str, set[str]] = defaultdict(set)
-    for table in (BINDINGS, *SIBLING_BINDINGS.values()):  # the siblings' ids are their own (FALSIFY-OPT-...)
-        for (_, kind, text), binding in table.items():
-            if kind in ("falsification", "harness") and isinstance(binding, Binding):
-                listed[text] |= {e.ref for e in binding.evidence if e.ref.startswith("tests/")}
+    for (_, kind, text), binding in ALL_BINDINGS:
+        if kind in ("falsification", "harness"):
+            listed[text] |= {e.ref for e in binding.evidence if e.ref.startswith("tests/")}
     for test_id, tests in marked.items():
         assert tests <= listed[test_id], (
             f"tests marked {test_id} but not listed as its evidence: {tests - listed[test_id]}"
@@ -89,3 +92,17 @@ def test_marked_tests_and_registry_agree() -> None:
         assert refs <= marked[test_id], (
             f"evidence for {test_id} not marked @pytest.mark.contract: {refs - marked[test_id]}"
         )
+
+
+@pytest.mark.parametrize("name", sorted(TABLES))
+def test_every_table_names_a_shipped_contract_and_only_its_clauses(name: str) -> None:
+    """A key that names no clause would bind nothing (a renamed clause's stale entry); a not-applicable entry
+    says why."""
+    assert name in bundled_contract_names()
+    keys = {clause.key for clause in enumerate_clauses(load_contract(name))}
+    stale = set(TABLES[name]) - keys
+    assert not stale, f"{name}: entries for clauses the contract does not have: {sorted(stale)}"
+    for key, entry in TABLES[name].items():
+        assert isinstance(entry, Binding | NotApplicable), key
+        if isinstance(entry, NotApplicable):
+            assert entry.reason.strip(), f"{name} {key}: not applicable without a reason"

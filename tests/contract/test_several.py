@@ -76,9 +76,13 @@ def test_a_contracts_own_entry_wins_over_the_carried_one(no_sibling_bindings: di
     assert statuses["sgd_momentum_update.preconditions[0]"].carried_from == "training-loop-v1"
 
 
-def test_any_other_name_reads_with_the_seeds_table() -> None:
+def test_any_other_name_reads_with_the_seeds_table(no_sibling_bindings: dict) -> None:
     assert bindings_for("training-loop-v1") is BINDINGS
     assert bindings_for("my-copy") is BINDINGS
+    # a shipped sibling without a table of its own: the seed's obligation of the same text does not bind it
+    assert bindings_for("backward-pass-v1") == {}
+    shared = _statuses("backward-pass-v1")["proof_obligations[2]"]
+    assert shared.clause.text == "Gradient norm bounded after clipping" and not shared.bound
     copy = clause_statuses(load_contract(), name="my-copy")
     assert all(s.bound for s in copy)
 

@@ -115,3 +115,7 @@ def gradients_are_finite(gradients: Iterable[torch.Tensor]) -> torch.Tensor:
 def grad_norm_is_within_clip(grad_norm: float | torch.Tensor, clip_value: float) -> bool | torch.Tensor:
     """``grad_norm <= clip_value``, where ``grad_norm`` is the norm of the gradient after clipping."""
     return grad_norm <= clip_value
+
+
+# The training siblings' clauses (optimizer-v1, batch-v1, checkpoint-v1, backward-pass-v1), registered here too.
+from provetrain.contract import family_predicates as _family_predicates  # noqa: E402, F401

@@ -15,13 +15,14 @@ ids or proof commands (checked to exist by the test suite), so this table cannot
 
 Several contracts. Each contract has its own table, chosen by its name (the file's stem):
 ``training-loop-v1`` the seed's :data:`~provetrain.contract.bindings.BINDINGS`, a training sibling
-(``optimizer-v1``...) its entry of :data:`~provetrain.contract.sibling_bindings.SIBLING_BINDINGS`, any other
-name the seed's table (a user's edited copy of the seed keeps its bindings; another contract matches it only
-where an equation name and clause text are the seed's own). An entry is a binding or
-:class:`~provetrain.contract.sibling_bindings.NotApplicable` with its reason: a clause with no meaning here,
-shown as such, distinct from a gap. A clause with no entry takes, by its exact text, the seed's binding for
-one of :data:`~provetrain.contract.bindings.CARRIED_TEXTS` (``lr > 0.0``, ``!params.is_empty()``...): the
-same code checks those wherever they are quoted. Nothing else carries from one contract to another.
+(``optimizer-v1``...) its entry of :data:`~provetrain.contract.sibling_bindings.SIBLING_BINDINGS` (none: an
+empty table), any other name the seed's table (a user's edited copy of the seed keeps its bindings; another
+contract matches it only where an owner, equation or section, and a clause text are the seed's own). An entry
+is a binding or :class:`~provetrain.contract.sibling_bindings.NotApplicable` with its reason: a clause with no
+meaning here, shown as such, distinct from a gap. A clause with no entry takes, by its exact text, the seed's
+binding for one of :data:`~provetrain.contract.bindings.CARRIED_TEXTS` (``lr > 0.0``,
+``!params.is_empty()``...): the same code checks those wherever they are quoted. Nothing else carries from one
+contract to another.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from provetrain.contract.bindings import (
     TheoremKey,
 )
 from provetrain.contract.clauses import Clause, ClauseKind, enumerate_clauses
+from provetrain.contract.load import bundled_contract_names
 from provetrain.contract.predicates import Predicate, predicate_for
 from provetrain.contract.schema import Contract
 from provetrain.contract.sibling_bindings import SIBLING_BINDINGS, NotApplicable
@@ -125,6 +127,8 @@ def bindings_for(name: str) -> BindingTable:
     """The binding table of the contract named ``name`` (a file stem); see the module docstring."""
     if name in SIBLING_BINDINGS:
         return SIBLING_BINDINGS[name]
+    if name != SEED and name in bundled_contract_names():
+        return {}  # a shipped sibling without a table: nothing of the seed's binds it but the carried texts
     return BINDINGS
 
 

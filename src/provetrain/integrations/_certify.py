@@ -20,6 +20,7 @@ schedule still on a skipped step, so it follows applied steps, as the Trainer's 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from provetrain.contract.load import load_contract
 from provetrain.contract.schema import Contract
 from provetrain.ops.adam import Adam
-from provetrain.train.certificate import GRAD, LOSS, ClauseLedger, certify_step, outcome_of
+from provetrain.train.certificate import GRAD, LOSS, ClauseLedger, ContractSpec, certify_step, outcome_of
 from provetrain.train.outputs import write_json
 from provetrain.train.policies import SkipBudget, nonfinite_clause
 
@@ -152,6 +153,8 @@ class StepCertifier:
     Args:
         optimizer: the provetrain Adam/AdamW the framework steps.
         contract: the contract to certify; default the bundled ``training-loop-v1.yaml``.
+        contracts: the contracts the certificate has a section for (files, bundled names such as
+            ``optimizer-v1``, or loaded); default ``["training-loop-v1"]``.
         max_consecutive_skips, max_total_skips: the skip budget; past it :meth:`read_back` raises
             :class:`~provetrain.errors.ContractViolation` (skipping is only acceptable when bounded).
 
@@ -171,6 +174,7 @@ class StepCertifier:
         optimizer: Adam,
         *,
         contract: Contract | None = None,
+        contracts: Sequence[ContractSpec] | None = None,
         max_consecutive_skips: int = 5,
         max_total_skips: int = 50,
     ) -> None:
@@ -178,7 +182,7 @@ class StepCertifier:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} must be an int >= 1, e.g. {name}=5")
         self.optimizer = optimizer
-        self.ledger = ClauseLedger(contract or load_contract())
+        self.ledger = ClauseLedger(contract or load_contract(), contracts=contracts)
         self.budget = SkipBudget(max_consecutive_skips, max_total_skips)
         self.steps = 0
         self.last_row: dict[str, Any] | None = None

@@ -15,7 +15,7 @@ Import this module explicitly; it needs ``pip install 'provetrain[hf]'``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from provetrain.integrations._certify import (
     require_provetrain_optimizer,
     skip_aware_scheduler,
 )
+from provetrain.train.certificate import load_contracts
 
 try:
     import transformers
@@ -60,6 +61,8 @@ class ProvetrainTrainerCallback(TrainerCallback):
     Args:
         path: where to write the certificate; default ``<args.output_dir>/certificate.json``.
         contract: the contract to certify; default the bundled ``training-loop-v1.yaml``.
+        contracts: the contracts the certificate has a section for (files or bundled names such as
+            ``optimizer-v1``), loaded here; default ``["training-loop-v1"]``.
         max_consecutive_skips, max_total_skips: the skip budget; past it training stops with
             :class:`~provetrain.errors.ContractViolation` (no skipped update was ever applied).
 
@@ -87,11 +90,13 @@ class ProvetrainTrainerCallback(TrainerCallback):
         *,
         path: str | Path | None = None,
         contract: Contract | None = None,
+        contracts: Sequence[str | Path] | None = None,
         max_consecutive_skips: int = 5,
         max_total_skips: int = 50,
     ) -> None:
         self.path = None if path is None else Path(path)
         self.contract = contract
+        self.contracts = load_contracts(contracts)
         self.max_consecutive_skips = max_consecutive_skips
         self.max_total_skips = max_total_skips
         self.certifier: StepCertifier | None = None
@@ -113,6 +118,7 @@ class ProvetrainTrainerCallback(TrainerCallback):
         self.certifier = StepCertifier(
             optimizer,
             contract=self.contract,
+            contracts=self.contracts,
             max_consecutive_skips=self.max_consecutive_skips,
             max_total_skips=self.max_total_skips,
         )

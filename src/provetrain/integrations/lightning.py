@@ -15,6 +15,7 @@ Import this module explicitly; it needs ``pip install 'provetrain[lightning]'``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from provetrain.integrations._certify import (
     skip_aware_scheduler,
 )
 from provetrain.ops.adam import Adam
+from provetrain.train.certificate import load_contracts
 
 try:
     import lightning
@@ -57,6 +59,8 @@ class ProvetrainCallback(pl.Callback):
     Args:
         path: where to write the certificate; default ``<trainer.log_dir>/certificate.json``.
         contract: the contract to certify; default the bundled ``training-loop-v1.yaml``.
+        contracts: the contracts the certificate has a section for (files or bundled names such as
+            ``optimizer-v1``), loaded here; default ``["training-loop-v1"]``.
         max_consecutive_skips, max_total_skips: the skip budget; past it the fit stops with
             :class:`~provetrain.errors.ContractViolation` (no skipped update was ever applied).
 
@@ -85,11 +89,13 @@ class ProvetrainCallback(pl.Callback):
         *,
         path: str | Path | None = None,
         contract: Contract | None = None,
+        contracts: Sequence[str | Path] | None = None,
         max_consecutive_skips: int = 5,
         max_total_skips: int = 50,
     ) -> None:
         self.path = None if path is None else Path(path)
         self.contract = contract
+        self.contracts = load_contracts(contracts)
         self.max_consecutive_skips = max_consecutive_skips
         self.max_total_skips = max_total_skips
         self.certifier: StepCertifier | None = None
@@ -124,6 +130,7 @@ class ProvetrainCallback(pl.Callback):
         self.certifier = StepCertifier(
             self._optimizer,
             contract=self.contract,
+            contracts=self.contracts,
             max_consecutive_skips=self.max_consecutive_skips,
             max_total_skips=self.max_total_skips,
         )

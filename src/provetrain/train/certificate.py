@@ -4,21 +4,91 @@ what the declared policy did about it.
 The Trainer records into a :class:`ClauseLedger` at fixed points (before training, after each step read
 back from the device, at checkpoint); :meth:`ClauseLedger.certificate` turns it into the JSON written as
 ``certificate.json``, with each clause's evidence taken from the clause registry.
+
+A run is certified against several contracts (the config's ``contracts``, default ``[training-loop-v1]``):
+the certificate's ``contracts`` holds a section per contract, each clause with its state (bound, not
+applicable with the reason, or unbound with its gaps), its binding, and its run-time counts where the run
+evaluates it. Counts come from the one ledger the loop records into: a clause of the ledger's own contract
+has its own counts; a clause of another contract has the counts of the seed's clause only when its binding
+is carried by text (the same check, see :mod:`provetrain.contract.registry`); any other clause has
+``checks: null`` (not evaluated at run time: it is evidenced by the tests and proofs its binding lists).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from provetrain.contract.clauses import Clause
-from provetrain.contract.registry import clause_statuses
+from provetrain.contract.load import (
+    DEFAULT_CONTRACTS,
+    LoadedContract,
+    bundled_contract_names,
+    bundled_contract_path,
+    load_contract_with_warnings,
+    resolve_contract_path,
+)
+from provetrain.contract.registry import ClauseStatus, clause_statuses
 from provetrain.contract.schema import Contract
-from provetrain.errors import ContractViolation
+from provetrain.errors import ContractError, ContractViolation
+from provetrain.train.config import TrainConfig, config_error
 
-__all__ = ["ClauseLedger", "ClauseRecord", "certify_step", "outcome_of"]
+__all__ = [
+    "ClauseLedger",
+    "ClauseRecord",
+    "ContractSpec",
+    "certify_step",
+    "config_contracts",
+    "load_contracts",
+    "outcome_of",
+]
+
+# A contract a run is certified against: a file, the name of a bundled contract (optimizer-v1), or one loaded.
+ContractSpec = str | Path | LoadedContract
+
+
+def load_contracts(specs: Sequence[ContractSpec] | None = None) -> tuple[LoadedContract, ...]:
+    """Each contract of ``specs`` loaded (default: ``training-loop-v1``), in order, duplicates dropped.
+
+    Raises:
+        ContractError: a contract cannot be found or does not load (located in its file).
+    """
+    loaded: list[LoadedContract] = []
+    for spec in DEFAULT_CONTRACTS if specs is None else specs:
+        contract = spec if isinstance(spec, LoadedContract) else load_contract_with_warnings(spec)
+        if all((c.name, c.contract) != (contract.name, contract.contract) for c in loaded):
+            loaded.append(contract)
+    return tuple(loaded)
+
+
+def config_contracts(config: TrainConfig) -> tuple[LoadedContract, ...]:
+    """The config's ``contracts``, loaded.
+
+    Raises:
+        ConfigError: located at the entry (``contracts[1]``) that names no file and no bundled contract, or
+            whose contract does not load (the message then locates the problem in the contract's file too).
+    """
+    loaded = []
+    for index, spec in enumerate(config.contracts):
+        key = f"contracts[{index}]"
+        if not resolve_contract_path(spec).exists():
+            raise config_error(
+                config,
+                f"{spec!r} is neither a contract file nor a bundled contract",
+                key=key,
+                expected="a path to a contract YAML, or one of " + ", ".join(bundled_contract_names()),
+            )
+        try:
+            loaded.append(load_contract_with_warnings(spec))
+        except ContractError as error:
+            raise config_error(config, f"the contract does not load: {error}", key=key) from None
+    return load_contracts(loaded)
+
 
 # The clauses a training step is certified against, exactly as training-loop-v1.yaml writes them.
 LOSS = "loss_decrease"
@@ -44,8 +114,9 @@ class ClauseRecord:
 class ClauseLedger:
     """Per-clause counters for one run, keyed like the registry: ``(owner, kind, text)``."""
 
-    def __init__(self, contract: Contract) -> None:
+    def __init__(self, contract: Contract, *, contracts: Sequence[ContractSpec] | None = None) -> None:
         self.contract = contract
+        self.contracts = load_contracts(contracts)
         self._statuses = clause_statuses(contract)
         self.records: dict[tuple[str, str, str], ClauseRecord] = {s.clause.key: ClauseRecord() for s in self._statuses}
 
@@ -135,7 +206,69 @@ class ClauseLedger:
             "outcome": outcome,
             "run": run,
             "clauses": clauses,
+            "contracts": [self._section(loaded) for loaded in self.contracts],
         }
+
+    def _section(self, loaded: LoadedContract) -> dict[str, Any]:
+        """One contract's section: where it came from, its warnings, and each clause with state and counts."""
+        statuses = clause_statuses(loaded.contract, name=loaded.name)
+        own = loaded.contract == self.contract
+        clauses = [_section_clause(status, self._record_for(status, own=own)) for status in statuses]
+        return {
+            "name": loaded.name,
+            "source": _source(loaded),
+            "sha256": hashlib.sha256(loaded.path.read_bytes()).hexdigest() if loaded.path else None,
+            "version": loaded.contract.metadata.version,
+            "description": loaded.contract.metadata.description,
+            "warnings": [str(w) for w in loaded.warnings],
+            "summary": {
+                "total": len(statuses),
+                "bound": sum(s.bound for s in statuses),
+                "not_applicable": sum(s.not_applicable is not None for s in statuses),
+                "unbound": sum(bool(s.gaps) for s in statuses),
+                "checked_at_run_time": sum(bool(c["checks"]) for c in clauses),
+            },
+            "clauses": clauses,
+        }
+
+    def _record_for(self, status: ClauseStatus, *, own: bool) -> ClauseRecord | None:
+        """The counts of a clause: its own in the ledger's contract; else the seed's for a binding carried
+        by text (the same check); else None."""
+        if own:
+            return self.records.get(status.clause.key)
+        if status.carried_from is None:
+            return None
+        kind_text = (status.clause.kind, status.clause.text)
+        return next((r for (_, kind, text), r in self.records.items() if (kind, text) == kind_text), None)
+
+
+def _source(loaded: LoadedContract) -> str | None:
+    if loaded.path is None:
+        return None
+    return "bundled" if loaded.path == bundled_contract_path(loaded.name) else str(loaded.path)
+
+
+def _section_clause(status: ClauseStatus, record: ClauseRecord | None) -> dict[str, Any]:
+    counts: dict[str, Any] = {"checks": None, "violations": None, "first_violation_step": None, "actions": {}}
+    if record is not None:
+        counts = {
+            "checks": record.checks,
+            "violations": record.violations,
+            "first_violation_step": record.first_violation_step,
+            "actions": dict(record.actions),
+        }
+    return {
+        "id": status.clause.id,
+        "kind": status.clause.kind,
+        "text": status.clause.text,
+        "state": status.state,
+        "not_applicable": status.not_applicable,
+        "gaps": list(status.gaps),
+        "carried_from": status.carried_from,
+        **counts,
+        "enforced_by": list(status.binding.enforced_by),
+        "evidence": [{"kind": e.kind, "ref": e.ref} for e in status.binding.evidence],
+    }
 
 
 def outcome_of(error: BaseException | None) -> str:

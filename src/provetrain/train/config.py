@@ -67,6 +67,11 @@ def _checkpoint_targets(value: Any) -> Any:
     )
 
 
+def _path_text(value: Any) -> Any:
+    # A contract is named by a string in YAML; the Python API may pass a Path.
+    return str(value) if isinstance(value, Path) else value
+
+
 Int = Annotated[int, Strict()]
 Float = Annotated[float, BeforeValidator(_no_bool)]
 
@@ -95,6 +100,10 @@ class TrainConfig(BaseModel):
     # What to train: a built-in ("mlp", "cnn", "tiny-gpt") or "module:function", with its keywords.
     model: str = "mlp"
     model_args: dict[str, Any] = {}
+
+    # The contracts the run is certified against, a section each in certificate.json: contract files, or names
+    # of the bundled ones (training-loop-v1, optimizer-v1, backward-pass-v1, checkpoint-v1, batch-v1, ...).
+    contracts: list[Annotated[str, BeforeValidator(_path_text)]] = Field(default=["training-loop-v1"], min_length=1)
 
     # Optimizer: provetrain's guarded Adam or AdamW (decoupled weight decay).
     optimizer: Literal["adam", "adamw"] = "adamw"

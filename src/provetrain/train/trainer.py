@@ -59,6 +59,7 @@ from provetrain.train.certificate import (
     LOSS_TREND,
     ClauseLedger,
     certify_step,
+    config_contracts,
     outcome_of,
 )
 from provetrain.train.checkpoint import (
@@ -232,6 +233,8 @@ class Trainer:
         config: a :class:`TrainConfig`; keyword ``overrides`` replace its fields (``lr=1e-3, steps=500``...).
         callbacks: :class:`Callback` objects.
         contract: the contract to enforce and certify; default the bundled ``training-loop-v1.yaml``.
+            The certificate also has a section per contract of ``contracts=[...]`` (a config key: files or
+            bundled names; default ``["training-loop-v1"]``).
         console: where the progress bar and messages go; ``None`` for a quiet run.
 
     Under ``torch.distributed`` (more than one process) every rank builds the same Trainer; the model is
@@ -273,7 +276,7 @@ class Trainer:
         self.callbacks = list(callbacks)
         self.contract = contract or load_contract()
         self.console = console if self.world.is_main else None
-        self.ledger = ClauseLedger(self.contract)
+        self.ledger = ClauseLedger(self.contract, contracts=config_contracts(self.config))
         self.steps_per_epoch = math.ceil(len(data.train) / self.config.batch_size)
         self.total_steps = self.config.steps or self.config.epochs * self.steps_per_epoch  # type: ignore[operator]
         self.schedule = Schedule(
