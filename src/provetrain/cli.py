@@ -588,6 +588,14 @@ def verify(
     json_path: Annotated[
         Path | None, typer.Option("--json", help="Also write the results as JSON to this file.")
     ] = None,
+    gradient_samples: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="backward-pass-v1's gradient check: coordinates per parameter tensor compared with float64 "
+            "central differences (2 forwards each).",
+        ),
+    ] = 3,
     contracts: Annotated[
         list[str] | None,
         typer.Option(
@@ -598,7 +606,8 @@ def verify(
         ),
     ] = None,
 ) -> None:
-    """Run the contracts' falsification tests and proof obligations on a model; exit 1 unless all pass.
+    """Run the contracts' falsification tests and proof obligations on a model, and backward-pass-v1's gradient
+    check (analytical vs numerical, gradients finite); exit 1 unless all pass.
     After the checks, each contract's clauses are summarised (bound, not applicable, unbound); exit 2 when a
     contract does not load."""
     import inspect
@@ -616,7 +625,8 @@ def verify(
     takes_contracts = "contracts" in inspect.signature(run_verification).parameters
     try:
         net, inputs = model_and_inputs(model, input_shape)
-        results = run_verification(net, inputs, thorough=thorough, **({"contracts": loaded} if takes_contracts else {}))
+        options = {"contracts": loaded} if takes_contracts else {}
+        results = run_verification(net, inputs, thorough=thorough, gradient_samples=gradient_samples, **options)
     except (ValueError, TypeError) as error:
         _exit_with_error(error)
     table = Table(title="provetrain verify" + (" --thorough" if thorough else ""))
@@ -627,6 +637,9 @@ def verify(
         result = Text(r.result, colour[r.result])
         table.add_row(r.clause, escape(r.text), r.method, result, escape(r.evidence), f"{r.seconds:.2f}s")
     stdout.print(table)
+    for r in results:
+        if r.details:
+            _print_gradient_details(r.details)
     for contract in loaded:
         _print_warnings(contract, stderr)
         stdout.print(f"{contract.name}: {_summary(_statuses(contract))}", highlight=False, markup=False)
@@ -640,6 +653,26 @@ def verify(
             _exit_with_error(ValueError(f"--json {json_path}: cannot write it ({error.strerror or error})"))
     if any(r.result != "pass" for r in results):
         raise typer.Exit(1)
+
+
+def _print_gradient_details(details: tuple[dict[str, Any], ...]) -> None:
+    """The gradient check per parameter tensor: its largest sampled error and where."""
+    table = Table(title="gradient check per tensor (float64 central differences)")
+    for column in ("tensor", "shape", "coordinates", "max error", "at", "analytical", "numerical", "result"):
+        table.add_column(column, overflow="fold")
+    for d in details:
+        verdict = "[green]pass[/]" if d["result"] == "pass" else "[red]FAIL[/]"
+        table.add_row(
+            escape(d["tensor"]),
+            str(tuple(d["shape"])),
+            str(d["coordinates"]),
+            f"{d['max_error']:.2e}",
+            str(tuple(d["index"])),
+            f"{d['analytical']:.6e}",
+            f"{d['numerical']:.6e}",
+            verdict,
+        )
+    stdout.print(table)
 
 
 def main() -> None:

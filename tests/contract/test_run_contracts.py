@@ -146,7 +146,7 @@ def test_verify_takes_contracts_and_summarises_each(monkeypatch: pytest.MonkeyPa
 
     seen: dict = {}
 
-    def one_check(model, inputs, *, thorough=False, contracts=()):  # the suite's signature, stubbed
+    def one_check(model, inputs, *, thorough=False, contracts=(), gradient_samples=3):  # the suite's signature, stubbed
         seen["contracts"] = [c.name for c in contracts]
         return [suite.CheckResult("FALSIFY-TRAIN-001", "clip", "falsification", "pass", "stub", 0.0)]
 

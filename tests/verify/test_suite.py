@@ -58,8 +58,10 @@ def test_run_verification_reports_every_contract_check() -> None:
         "train-kani-001",
         "loss_decrease.lean_theorem",
         "loss_decrease.lean_theorem",
+        "backward-pass-v1: proof_obligations[0]",
+        "backward-pass-v1: proof_obligations[1]",
     ]
-    proof, runtime = results[-2:]
+    proof, runtime = results[-4:-2]
     assert proof.method == "smt proof under axioms" and "Not the cited Lean proof" in proof.evidence
     assert runtime.text == "the loss training reads is finite and >= 0 in float32"
     assert all(r.result == "pass" for r in results)

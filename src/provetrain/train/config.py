@@ -58,6 +58,17 @@ def _no_bool(value: Any) -> Any:
     return value
 
 
+def _checkpoint_targets(value: Any) -> Any:
+    if value is None or value == "module_lists":
+        return value
+    if isinstance(value, list) and value and all(isinstance(v, str) and v for v in value):
+        return value
+    raise PydanticCustomError(
+        "activation_checkpointing",
+        "expected 'module_lists' or a non-empty list of submodule name patterns such as ['blocks.*']",
+    )
+
+
 def _path_text(value: Any) -> Any:
     # A contract is named by a string in YAML; the Python API may pass a Path.
     return str(value) if isinstance(value, Path) else value
@@ -183,6 +194,13 @@ class TrainConfig(BaseModel):
     on_loss_increase: TrendPolicy = "warn"
     monitor_window: Int = Field(default=50, ge=5)
     monitor_alpha: Float = Field(default=1e-3, gt=0, lt=0.5)
+
+    # Activation checkpointing (checkpoint-v1): these submodules' activations are recomputed in the backward
+    # instead of kept, outputs and gradients unchanged; "module_lists" (each child of every nn.ModuleList) or
+    # fnmatch patterns over submodule names (["blocks.*"]); None: off.
+    activation_checkpointing: Annotated[
+        Literal["module_lists"] | list[str] | None, BeforeValidator(_checkpoint_targets)
+    ] = None
 
     # Checkpoints every N applied steps into output_dir/checkpoints (None: only the final one).
     checkpoint_every: Int | None = Field(default=None, ge=1)

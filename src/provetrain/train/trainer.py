@@ -64,6 +64,7 @@ from provetrain.data.sources import DataSplits, as_splits, resolve_function
 from provetrain.errors import ConfigError, ContractViolation
 from provetrain.ops.adam import Adam, AdamW
 from provetrain.ops.clip import first_nonfinite_gradient
+from provetrain.train.activation_checkpointing import apply_activation_checkpointing
 from provetrain.train.certificate import (
     GRAD,
     LOSS,
@@ -319,6 +320,11 @@ class Trainer:
         self.model = _uncompiled(model).to(self.device)
         self._user_compiled = model if self.model is not model else None
         self._compile = self.config.compile or self._user_compiled is not None
+        if self.config.activation_checkpointing is not None:  # checkpoint-v1: recompute, do not keep, activations
+            try:
+                apply_activation_checkpointing(self.model, self.config.activation_checkpointing)
+            except ValueError as error:
+                raise config_error(self.config, str(error), key="activation_checkpointing") from None
         # The loss on the model's output: the part at output_key, then loss_fn (default cross-entropy).
         self.loss_fn: LossFn = loss_on_output(loss_fn or self._configured_loss(data.task), self.config.output_key)
         self.callbacks = list(callbacks)

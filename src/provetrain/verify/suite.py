@@ -11,6 +11,11 @@ SMT proof, parity), the result and the evidence it produced. The falsification t
   labels, the loss checked finite at every step.
 - FALSIFY-TRAIN-003 "Same input, compare CUDA and CPU outputs": :func:`provetrain.verify.parity.forward_parity`.
 
+From the sibling contract backward-pass-v1, its obligations "Analytical gradient matches numerical gradient"
+(tolerance 1e-3) and "Gradient finite": :func:`provetrain.verify.gradient_check.check_gradients` on the model
+(float64 central differences on a few seeded coordinates per parameter tensor), one row each, the first with
+each tensor's largest error in ``details``.
+
 The ``lean_theorem`` loss_decrease cites is reported as what is really shown for it
 (``provetrain.contract.bindings.THEOREMS``): a z3 proof of non-negativity under stated axioms, not a Lean
 proof and not decrease; and, as its own row, the float32 fact training relies on, checked on the model's
@@ -25,7 +30,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -37,9 +42,11 @@ from provetrain.models.builtin import build_model
 from provetrain.ops.adam import AdamW
 from provetrain.ops.clip import clip_grad_norm_
 
-__all__ = ["CheckResult", "exact_norm_at_most", "model_and_inputs", "run_verification"]
+__all__ = ["CheckResult", "exact_norm_at_most", "gradient_check_results", "model_and_inputs", "run_verification"]
 
-Method = Literal["falsification", "property test", "smt proof", "smt proof under axioms", "parity"]
+Method = Literal[
+    "falsification", "property test", "smt proof", "smt proof under axioms", "parity", "finite differences", "backward"
+]
 Result = Literal["pass", "fail", "unknown"]
 
 
@@ -53,6 +60,7 @@ class CheckResult:
     result: Result
     evidence: str
     seconds: float
+    details: tuple[dict[str, Any], ...] = ()
 
 
 def exact_norm_at_most(tensors: Sequence[Tensor], bound: float) -> bool:
@@ -277,10 +285,69 @@ def _check_forward(model: nn.Module, inputs: Tensor, spec: str) -> None:
         ) from None
 
 
+def gradient_check_results(model: nn.Module, inputs: Tensor, *, samples: int = 3) -> list[CheckResult]:
+    """backward-pass-v1's gradient obligations on ``model``: two rows, the first with per-tensor details.
+
+    A model that cannot be checked (its forward fails in float64) gives ``unknown`` rows saying why."""
+    from provetrain.verify.gradient_check import check_gradients
+
+    started = time.perf_counter()
+    try:
+        report = check_gradients(model, inputs, samples=samples)
+    except ValueError as error:
+        seconds = time.perf_counter() - started
+        return [
+            CheckResult(clause, text, method, "unknown", f"not checked: {error}", seconds)
+            for clause, text, method in _GRADIENT_ROWS
+        ]
+    seconds = time.perf_counter() - started
+    worst = max(report.tensors, key=lambda t: t.max_error)
+    match = (
+        f"{sum(t.coordinates for t in report.tensors)} coordinates of {len(report.tensors)} tensors, float64 "
+        f"central differences ({report.forward_passes} forwards); max error {report.max_error:.2e} "
+        f"({worst.name}), tolerance {report.tolerance:g}"
+    )
+    failures = report.failures()
+    match += f"; FAILED {'; '.join(failures)}" if failures else ""
+    details = tuple(
+        {
+            "tensor": t.name,
+            "shape": list(t.shape),
+            "coordinates": t.coordinates,
+            "max_error": t.max_error,
+            "analytical": t.analytical,
+            "numerical": t.numerical,
+            "index": list(t.worst_index),
+            "result": "pass" if t.max_error <= report.tolerance else "fail",
+        }
+        for t in report.tensors
+    )
+    finite = f"one backward in the model's own dtype: every gradient of {len(report.tensors)} tensors finite"
+    if report.nonfinite:
+        finite = f"one backward in the model's own dtype: NaN/Inf in the gradient of {', '.join(report.nonfinite)}"
+    match_row, finite_row = _GRADIENT_ROWS
+    return [
+        CheckResult(*match_row, "pass" if report.gradients_match else "fail", match, seconds, details),
+        CheckResult(*finite_row, "pass" if report.gradients_finite else "fail", finite, 0.0),
+    ]
+
+
+_GRADIENT_ROWS: tuple[tuple[str, str, Method], tuple[str, str, Method]] = (
+    ("backward-pass-v1: proof_obligations[0]", "Analytical gradient matches numerical gradient", "finite differences"),
+    ("backward-pass-v1: proof_obligations[1]", "Gradient finite", "backward"),
+)
+
+
 def run_verification(
-    model: nn.Module, inputs: Tensor, *, thorough: bool = False, proof_bound: int | None = None
+    model: nn.Module,
+    inputs: Tensor,
+    *,
+    thorough: bool = False,
+    proof_bound: int | None = None,
+    gradient_samples: int = 3,
 ) -> list[CheckResult]:
-    """Run every falsification test and obligation check on ``model`` (one example batch ``inputs``)."""
+    """Run every falsification test and obligation check on ``model`` (one example batch ``inputs``), then
+    backward-pass-v1's gradient check (``gradient_samples`` coordinates per parameter tensor)."""
     with torch.no_grad():
         outputs = copy.deepcopy(model).float().eval()(inputs)
     if not isinstance(outputs, Tensor) or outputs.ndim < 2 or not outputs.is_floating_point():
@@ -311,4 +378,5 @@ def run_verification(
     for clause, text, method, check in plan:
         result, evidence, seconds = _timed(check)
         results.append(CheckResult(clause, text, method, result, evidence, seconds))
+    results.extend(gradient_check_results(model, inputs, samples=gradient_samples))
     return results
