@@ -16,7 +16,7 @@ Gaps left on purpose (what provetrain does not do, said rather than papered over
 - optimizer-v1: ``beta1 > 0.0 && beta1 < 1.0`` and ``beta2 > 0.0 && beta2 < 1.0`` (provetrain's Adam, like
   torch's, accepts beta = 0); ``lr < 2.0 / l_smooth`` and ``loss_final <= loss_initial`` (hypothesis and
   conclusion of a convergence theorem: nothing enforces them at run time; the loss-trend monitor is
-  statistical); every ``sgd_momentum_update`` clause and FALSIFY-OPT-003 (no SGD in provetrain yet).
+  statistical); ``momentum >= 0.0 && momentum < 1.0`` (provetrain's SGD, like torch's, accepts momentum >= 1).
 - checkpoint-v1: ``checkpoint_memory`` (the O(sqrt N) segment bound; provetrain checkpoints the modules the
   user names, and keeps each one's input, O(N)) and "Checkpoint memory bounded"; FALSIFY-CKPT-005 (no
   best-loss checkpoint callback).
@@ -47,6 +47,7 @@ def _tests(kind: EvidenceKind, *refs: str) -> tuple[Evidence, ...]:
 
 ADAM = "provetrain.ops.adam.Adam"
 ADAMW = "provetrain.ops.adam.AdamW"
+SGD = "provetrain.ops.sgd.SGD"
 TRAINER = "provetrain.train.trainer.Trainer"
 CKPT = "provetrain.train.checkpoint"
 ACT = "provetrain.train.activation_checkpointing"
@@ -55,6 +56,7 @@ S = "tests/contract/siblings/"
 T_OPT, T_BWD, T_CKPT, T_BATCH = (
     f"{S}test_{name}.py::" for name in ("optimizer", "backward_pass", "checkpoint", "batch")
 )
+T_SGD = f"{S}test_optimizer_sgd.py::"
 T_ADAM = "tests/ops/test_adam.py::"
 T_TRAINER = "tests/train/test_trainer.py::"
 
@@ -90,12 +92,23 @@ _DECOUPLED = Binding(
     + _tests("parity", f"{T_ADAM}test_trajectory_matches_torch"),
 )
 _CONVERGES = Binding(
-    enforced_by=(f"{ADAM}.step",),
+    enforced_by=(f"{ADAM}.step", f"{SGD}.step"),
     evidence=_tests(
         "property-test",
         f"{T_OPT}test_adamw_reaches_the_minimiser_of_strongly_convex_quadratics",
         f"{T_OPT}test_falsify_opt_001_adamw_loss_decreases_over_100_steps_on_a_convex_quadratic",
+        f"{T_SGD}test_sgd_below_two_over_l_reaches_the_minimiser_and_above_it_diverges",
+        f"{T_SGD}test_falsify_opt_003_momentum_reaches_a_lower_loss_in_the_same_budget",
     ),
+)
+_SGD_STEP = Binding(
+    enforced_by=(f"{SGD}.step",),
+    evidence=_tests(
+        "unit-test",
+        f"{T_SGD}test_sgd_velocity_accumulates_the_gradient_history",
+        f"{T_SGD}test_sgd_without_momentum_is_theta_minus_lr_grad",
+    )
+    + _tests("parity", "tests/ops/test_sgd.py::test_trajectory_matches_torch_bit_for_bit"),
 )
 
 OPTIMIZER: dict[BindingKey, Binding | NotApplicable] = {
@@ -127,6 +140,32 @@ OPTIMIZER: dict[BindingKey, Binding | NotApplicable] = {
         evidence=_tests("unit-test", f"{T_OPT}test_update_follows_the_equation_and_keeps_every_parameter")
         + _tests("parity", f"{T_ADAM}test_trajectory_matches_torch"),
     ),
+    ("sgd_momentum_update", "precondition", "lr > 0.0"): Binding(
+        enforced_by=(f"{SGD}.__init__",),
+        evidence=_tests("unit-test", f"{T_SGD}test_sgd_refuses_each_violated_precondition"),
+    ),
+    ("sgd_momentum_update", "precondition", "!params.is_empty()"): Binding(
+        enforced_by=(f"{SGD}.__init__",),
+        evidence=_tests("unit-test", f"{T_SGD}test_sgd_refuses_each_violated_precondition"),
+    ),
+    ("sgd_momentum_update", "precondition", "grad.len() == params.len()"): NotApplicable(
+        "the lengths of entrenar's flat gradient and parameter buffers; here each gradient is its parameter's "
+        ".grad, which torch's autograd shapes like the parameter"
+    ),
+    ("sgd_momentum_update", "postcondition", "params.iter().all(|p| p.is_finite())"): Binding(
+        enforced_by=(f"{SGD}.step",),  # a non-finite loss or gradient skips the step: nothing changes
+        evidence=_tests(
+            "unit-test",
+            f"{T_SGD}test_a_non_finite_gradient_leaves_every_parameter_and_velocity_as_it_was",
+            "tests/ops/test_sgd.py::test_skipped_step_leaves_parameters_and_momentum_buffers_unchanged",
+        ),
+    ),
+    ("sgd_momentum_update", "postcondition", "velocity.len() == params.len()"): Binding(
+        enforced_by=(f"{SGD}.step",),  # one momentum buffer per parameter, shaped like it
+        evidence=_tests("unit-test", f"{T_SGD}test_sgd_velocity_accumulates_the_gradient_history"),
+    ),
+    ("sgd_momentum_update", "invariant", "Velocity accumulates gradient history"): _SGD_STEP,
+    ("sgd_momentum_update", "invariant", "Without momentum (mu=0), reduces to theta -= lr * grad"): _SGD_STEP,
     ("convergence", "precondition", "lr > 0.0"): _LR_POSITIVE,
     ("convergence", "precondition", "num_steps > 0"): Binding(
         enforced_by=("provetrain.train.config.TrainConfig",),
@@ -163,6 +202,11 @@ OPTIMIZER: dict[BindingKey, Binding | NotApplicable] = {
     ),
     ("falsification_tests", "falsification", "FALSIFY-OPT-002"): Binding(
         evidence=_tests("falsification-test", f"{T_OPT}test_falsify_opt_002_parameters_are_smaller_with_weight_decay"),
+    ),
+    ("falsification_tests", "falsification", "FALSIFY-OPT-003"): Binding(
+        evidence=_tests(
+            "falsification-test", f"{T_SGD}test_falsify_opt_003_momentum_reaches_a_lower_loss_in_the_same_budget"
+        ),
     ),
     ("falsification_tests", "falsification", "FALSIFY-OPT-004"): Binding(
         evidence=_tests(
