@@ -20,7 +20,7 @@ Gaps left on purpose (what provetrain does not do, said rather than papered over
 - checkpoint-v1: ``checkpoint_memory`` (the O(sqrt N) segment bound; provetrain checkpoints the modules the
   user names, and keeps each one's input, O(N)) and "Checkpoint memory bounded"; FALSIFY-CKPT-005 (no
   best-loss checkpoint callback).
-- batch-v1: ``n > 0`` (the Trainer does not refuse an empty training set itself); gradient_scaling's
+- batch-v1: gradient_scaling's
   ``gradients.iter().all(|g| g.is_finite())`` over *per-example* gradients, which autograd never
   materialises (the batch gradient is what the guard checks: bound under ``ret.iter()...``).
 """
@@ -425,8 +425,9 @@ CHECKPOINT: dict[BindingKey, Binding | NotApplicable] = {
 
 # ------------------------------------------------------------------------------------------------ batch-v1
 
+MAP_BATCHES = "provetrain.data.batches.MapBatches"
 _PARTITION = Binding(
-    enforced_by=(f"{TRAINER}.__init__", f"{TRAINER}._batch_indices"),
+    enforced_by=(f"{MAP_BATCHES}.__init__", f"{MAP_BATCHES}.next_batch", f"{TRAINER}.__init__"),
     evidence=_tests(
         "unit-test",
         f"{T_BATCH}test_each_epoch_is_ceil_n_over_b_batches_covering_every_example_once",
@@ -439,7 +440,7 @@ _BATCH_SIZE_POSITIVE = Binding(
     evidence=_tests("unit-test", f"{T_BATCH}test_falsify_batch_003_batch_size_is_read_from_the_yaml_config"),
 )
 _PAIRED = Binding(
-    enforced_by=(f"{TRAINER}._examples",),  # the same indices into inputs and targets
+    enforced_by=(f"{MAP_BATCHES}.examples_at",),  # the same indices into inputs and targets
     evidence=_tests(
         "unit-test",
         f"{T_BATCH}test_inputs_stay_paired_with_their_targets",
@@ -448,6 +449,10 @@ _PAIRED = Binding(
 )
 
 BATCH: dict[BindingKey, Binding | NotApplicable] = {
+    ("batch_partition", "precondition", "n > 0"): Binding(
+        enforced_by=(f"{MAP_BATCHES}.__init__", f"{TRAINER}._batch_source"),
+        evidence=_tests("unit-test", f"{T_BATCH}test_an_empty_training_set_is_refused"),
+    ),
     ("batch_partition", "precondition", "batch_size > 0"): _BATCH_SIZE_POSITIVE,
     ("batch_partition", "postcondition", "ret >= 1"): _PARTITION,
     ("batch_partition", "postcondition", "ret == (n + batch_size - 1) / batch_size"): _PARTITION,
@@ -466,7 +471,7 @@ BATCH: dict[BindingKey, Binding | NotApplicable] = {
     ),
     ("gradient_scaling", "postcondition", "ret.iter().all(|g| g.is_finite())"): _GRADIENTS_FINITE,
     ("gradient_scaling", "invariant", "Mean gradient independent of batch size for same data"): Binding(
-        enforced_by=("provetrain.train.trainer._default_loss", f"{TRAINER}._train_step"),
+        enforced_by=("provetrain.train.model_output.default_loss", f"{TRAINER}._train_step"),
         evidence=_tests("unit-test", f"{T_BATCH}test_the_batch_gradient_is_the_mean_of_per_example_gradients"),
     ),
     ("proof_obligations", "obligation", "Batch size matches input-target pairing"): _PAIRED,

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
-from provetrain import Trainer, load_config
+from provetrain import ConfigError, Trainer, load_config
+from provetrain.data.batches import MapBatches
 from provetrain.train.config import TrainConfig
 
 CLASSES = 3
@@ -129,7 +130,9 @@ def test_batch_counts_for_every_size_up_to_the_bound() -> None:
     for n in range(1, 17):
         for batch_size in range(1, 5):
             trainer = Trainer(Seen(), _indexed(n), batch_size=batch_size, epochs=1, console=None)
-            batches = [trainer._batch_indices(step) for step in range(trainer.steps_per_epoch)]
+            source = MapBatches(_indexed(n), batch_size)
+            assert trainer.steps_per_epoch == source.batches_per_epoch
+            batches = [source.next_batch()[0][:, 0].long() for _ in range(source.batches_per_epoch)]
             assert len(batches) == (n + batch_size - 1) // batch_size >= 1
             assert all(0 < len(b) <= batch_size for b in batches)
             assert sorted(torch.cat(batches).tolist()) == list(range(n))
@@ -187,3 +190,9 @@ def test_falsify_batch_004_default_batch_size_without_a_setting(tmp_path: Path) 
     trainer, model, _ = _run(150, None, 1, tmp_path)
     assert trainer.config.batch_size == 64
     assert [len(b) for b in model.batches] == [64, 64, 22]
+
+
+def test_an_empty_training_set_is_refused() -> None:
+    """n > 0: a training set of no examples is a located error naming the data, before anything runs."""
+    with pytest.raises(ConfigError, match="empty"):
+        Trainer(Seen(), _indexed(0), batch_size=4, epochs=1, console=None)
