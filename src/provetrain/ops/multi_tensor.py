@@ -116,7 +116,14 @@ _PLAIN_TENSOR_TYPES = (Tensor, torch.nn.Parameter)
 
 def device_constant(value: float, dtype: torch.dtype, device: torch.device) -> Tensor:
     """A 0-d tensor holding ``value``, made once per (value, dtype, device) and reused: an operand of the
-    step's scalar ops that costs no fill kernel per step. Read only: never write into it."""
+    step's scalar ops that costs no fill kernel per step. Read only: never write into it.
+
+    While a CUDA graph is being captured it is a fresh fill instead, captured with the step: a cached tensor
+    made during capture would hold its value only after a replay, and one that the cache later drops would
+    leave the graph reading freed memory.
+    """
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return torch.full((), value, dtype=dtype, device=device)
     return _device_constant(float(value).hex(), dtype, device)
 
 
