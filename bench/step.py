@@ -405,8 +405,10 @@ def main() -> None:
         kernel, k_source = kernel_cases(params, grads)
         cases += kernel
         notes.append(f"k from {k_source}")
-    elif args.device == "cpu":
+    elif args.device == "cpu" and not fused.fused_available():
         notes.append(f"fused kernel unavailable: {fused.fused_unavailable_reason()}")
+    elif args.device == "cpu":
+        notes.append(f"no (c) cases for {args.model or args.dtype}: they time the C kernel's float32 path")
     adam, adam_note = provetrain_adam_cases(params, grads)
     cases += adam
     notes.append(adam_note)

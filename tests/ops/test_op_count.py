@@ -187,3 +187,40 @@ def test_round_up_to_float32_is_the_ceiling_of_the_next_float64() -> None:
     assert got.dtype == torch.float32
     assert got.tolist() == [ceiling_of_next_up(q) for q in quotients]
     assert math.isnan(multi_tensor_module._round_up_to_float32(torch.tensor(math.nan, dtype=torch.float64)).item())
+
+
+# -- the CPU branch: an unclipped step divides by nothing --------------------------------------------------
+
+
+class KernelScales(TorchDispatchMode):
+    """The ``grad_scale`` each fused Adam kernel call received."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scales: list[torch.Tensor | None] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._fused_adam_.default:
+            self.scales.append((kwargs or {}).get("grad_scale"))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cpu_branch_passes_no_divisor_when_nothing_is_clipped_and_matches_torch(dtype: torch.dtype) -> None:
+    ours, theirs = problem(6), problem(6)
+    for group in (ours, theirs):
+        for p in group:
+            p.data, p.grad = p.data.to(dtype), p.grad.to(dtype)
+    opt = Adam(ours, lr=1e-2, clip_value=1e6, foreach=True)
+    reference = torch.optim.Adam(theirs, lr=1e-2, fused=True)
+    for _ in range(3):
+        with KernelScales() as seen:
+            opt.step()
+        reference.step()
+        assert seen.scales == [None]  # D = 1: the kernel's own unscaled path
+    assert all(torch.equal(p, q) for p, q in zip(ours, theirs, strict=True))
+    assert all(torch.equal(p.grad, q.grad) for p, q in zip(ours, theirs, strict=True))
+    opt.clip_value = 1e-3  # now every step clips: the divisor goes to the kernel
+    with KernelScales() as seen:
+        opt.step()
+    assert len(seen.scales) == 1 and seen.scales[0] is not None and float(seen.scales[0]) > 1

@@ -749,12 +749,13 @@ class Adam(GuardedOptimizer):
                 torch._foreach_div_(grads, grad_scale)
             self._step_reference(batches, loss, None if found_inf is None else found_inf > 0)
             return
-        self._update_multi_tensor(
-            batches, torch.tensor(divisor, dtype=torch.float32), torch.zeros((), dtype=torch.float32)
-        )
+        # Known on the host: not skipped (no flag to pass), and D = 1 (no clip, no loss scale) divides by
+        # nothing: the kernel then neither divides nor writes the gradients back (the same bits, less traffic).
+        scale = None if divisor == 1.0 else torch.tensor(divisor, dtype=torch.float32)
+        self._update_multi_tensor(batches, scale, None)
         self._record_on_host(False, total_norm, total_norm * (sigma or 1.0) / divisor)
 
-    def _update_multi_tensor(self, batches: list[_GroupBatch], divisor: Tensor, found: Tensor) -> None:
+    def _update_multi_tensor(self, batches: list[_GroupBatch], divisor: Tensor | None, found: Tensor | None) -> None:
         for b in batches:
             hyper = b.hyperparameters()
             for indices in _group_by_device_and_dtype(b.params).values():

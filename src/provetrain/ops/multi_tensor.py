@@ -417,8 +417,8 @@ def adam_update_multi_tensor_(
     exp_avg_sqs: list[Tensor],
     steps: list[Tensor],
     *,
-    divisor: Tensor,
-    found_inf: Tensor,
+    divisor: Tensor | None,
+    found_inf: Tensor | None,
     lr: float | Tensor,
     beta1: float | Tensor,
     beta2: float | Tensor,
@@ -431,14 +431,17 @@ def adam_update_multi_tensor_(
     r"""One Adam (AdamW) step of one (device, dtype) group in torch's fused kernel, clipped by ``divisor``.
 
     Each gradient is divided by ``divisor`` in the kernel (and written back to ``.grad`` divided); nothing
-    changes where ``found_inf`` is 1 (0-d float32). The tensors must satisfy :func:`fused_kernel_supports`.
+    changes where ``found_inf`` is 1 (0-d float32). ``divisor=None`` divides by nothing (the kernel's own
+    path for ``D = 1``, bit for bit the same, without writing the gradients back) and ``found_inf=None`` never
+    skips (no count to take back): what the CPU branch passes, which knows both on the host.
+    The tensors must satisfy :func:`fused_kernel_supports`.
     ``steps`` are 0-d float32 counts on the parameters' device. No host read on CUDA (a tensor ``beta1`` or
     ``beta2`` is read once as a float, as torch's fused Adam reads it). ``max_exp_avg_sqs``: AMSGrad's
     maxima of ``v`` (the kernel's ``amsgrad=True``), laid out like the moments.
     """
     device = params[0].device
-    divisor = divisor.to(device, non_blocking=True)
-    found_inf = found_inf.to(device, non_blocking=True)
+    divisor = None if divisor is None else divisor.to(device, non_blocking=True)
+    found_inf = None if found_inf is None else found_inf.to(device, non_blocking=True)
     kernel = torch._fused_adamw_ if decoupled_weight_decay else torch._fused_adam_
     if isinstance(lr, Tensor):
         lr = lr.squeeze() if lr.device.type == "cpu" else lr.to(device, non_blocking=True).squeeze()
@@ -461,4 +464,5 @@ def adam_update_multi_tensor_(
         found_inf=found_inf,
     )
     # As torch.optim.Adam(fused=True) under a GradScaler: a skipped step takes back its count.
-    torch._foreach_sub_(steps, [found_inf] * len(steps))
+    if found_inf is not None:
+        torch._foreach_sub_(steps, [found_inf] * len(steps))
