@@ -700,15 +700,22 @@ class Adam(GuardedOptimizer):
         if sum_sq.is_cpu and _FREE_CPU_READS:
             self._step_multi_tensor_on_host(batches, grads, sum_sq, exponent, loss, grad_scale, found_inf, observed)
             return
+        # In skip mode the norm is written straight into its counter (no copy); raise mode may stop before
+        # recording, so there the counters are written only by _record.
+        norm_out = self._counters_on(sum_sq.device)["last_grad_norm"] if self.on_nonfinite == "skip" else None
         total_norm, divisor = multi_tensor.clip_divisor(
-            sum_sq, exponent, self.clip_value, grad_scale=grad_scale, **clip_metadata(grads)
+            sum_sq, exponent, self.clip_value, grad_scale=grad_scale, norm_out=norm_out, **clip_metadata(grads)
         )
         skip = self._guard(batches, sum_sq, total_norm, loss, found_inf, observed, step_dtype=torch.float32)
         # Pass 2: torch's fused kernel divides each gradient by the divisor, or does nothing when skipping.
         self._update_multi_tensor(batches, divisor, skip.to(torch.float32))
         # The clipped norm is N_hat sigma / D: no second pass over the gradients (ops.multi_tensor docstring).
-        scale = divisor.double() if grad_scale is None else divisor.double() / grad_scale.to(divisor.device).double()
-        self._record(skip, total_norm, total_norm / scale)
+        # float64 / float32 divides in float64 (D widens exactly): the same value as dividing by D.double().
+        if grad_scale is None:
+            clipped_norm = total_norm / divisor
+        else:
+            clipped_norm = total_norm / (divisor.double() / grad_scale.to(divisor.device).double())
+        self._record(skip, total_norm, clipped_norm)
 
     def _step_multi_tensor_on_host(
         self,
@@ -742,12 +749,13 @@ class Adam(GuardedOptimizer):
                 torch._foreach_div_(grads, grad_scale)
             self._step_reference(batches, loss, None if found_inf is None else found_inf > 0)
             return
-        self._update_multi_tensor(
-            batches, torch.tensor(divisor, dtype=torch.float32), torch.zeros((), dtype=torch.float32)
-        )
+        # Known on the host: not skipped (no flag to pass), and D = 1 (no clip, no loss scale) divides by
+        # nothing: the kernel then neither divides nor writes the gradients back (the same bits, less traffic).
+        scale = None if divisor == 1.0 else torch.tensor(divisor, dtype=torch.float32)
+        self._update_multi_tensor(batches, scale, None)
         self._record_on_host(False, total_norm, total_norm * (sigma or 1.0) / divisor)
 
-    def _update_multi_tensor(self, batches: list[_GroupBatch], divisor: Tensor, found: Tensor) -> None:
+    def _update_multi_tensor(self, batches: list[_GroupBatch], divisor: Tensor | None, found: Tensor | None) -> None:
         for b in batches:
             hyper = b.hyperparameters()
             for indices in _group_by_device_and_dtype(b.params).values():

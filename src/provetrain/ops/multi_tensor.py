@@ -39,7 +39,10 @@ against ``A_lo`` (:func:`~provetrain.ops.clip.unscale_clip_target`) instead of `
 *Step 2.* ``k N <= A (1 + u)^2`` (clip proof, step 4). ``D`` is ``sigma * (1 / k)`` evaluated in float64
 and moved one float64 step up, then cast to float32 and moved one float32 step up if the cast went down:
 ``D >= sigma / k`` exactly (``inf`` when ``k = 0`` or on overflow; ``g / inf = 0``). ``k == 1`` gives
-``D = sigma`` bit for bit, so without a scaler and without clipping every gradient is unchanged.
+``D = sigma`` bit for bit, so without a scaler and without clipping every gradient is unchanged. (The
+device code forms this same ``D`` in fewer ops, :func:`_round_up_to_float32` and, with neither a loss scale
+nor a float64 gradient, :func:`_clip_divisor_unscaled`: each says why the value is the same, and
+``tests/ops/test_op_count.py`` checks it against the host form.)
 
 *Step 3.* The kernels compute ``y = g_scaled / D`` in the op-math type (float32 for float16 / bfloat16 /
 float32 parameters, float64 for float64), CUDA's through a float64 quotient first (``g /=
@@ -71,6 +74,7 @@ synchronisation, so there such a step applies a zero gradient (Adam's moments st
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -78,6 +82,7 @@ import numpy
 import torch
 from torch import Tensor
 
+from provetrain.ops import clip as clip_module
 from provetrain.ops import fused
 from provetrain.ops.clip import _mul_pow2, _pow2, clip_coefficient, clip_coefficient_on_host, unscale_clip_target
 
@@ -87,6 +92,7 @@ __all__ = [
     "clip_divisor",
     "clip_divisor_on_host",
     "combine_scaled_sums",
+    "device_constant",
     "fused_kernel_supports",
     "scaled_sum_of_squares_multi_tensor",
 ]
@@ -106,6 +112,40 @@ NO_EXPONENT = -1073
 _FUSED_DEVICE_TYPES = frozenset({"cpu", "cuda", "xpu", "mps", "hpu"})
 _FUSED_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
 _PLAIN_TENSOR_TYPES = (Tensor, torch.nn.Parameter)
+
+
+def device_constant(value: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A 0-d tensor holding ``value``, made once per (value, dtype, device) and reused: an operand of the
+    step's scalar ops that costs no fill kernel per step. Read only: never write into it.
+
+    While a CUDA graph is being captured it is a fresh fill instead, captured with the step: a cached tensor
+    made during capture would hold its value only after a replay, and one that the cache later drops would
+    leave the graph reading freed memory.
+    """
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return torch.full((), value, dtype=dtype, device=device)
+    return _device_constant(float(value).hex(), dtype, device)
+
+
+@functools.lru_cache(maxsize=128)
+def _device_constant(value_hex: str, dtype: torch.dtype, device: torch.device) -> Tensor:
+    # Keyed by the hex form: NaN equals itself there, and 0.0 and -0.0 differ.
+    return torch.full((), float.fromhex(value_hex), dtype=dtype, device=device)
+
+
+def _round_up_to_float32(quotient: Tensor) -> Tensor:
+    r"""``ceil_32(nextup_64(q))`` for a 0-d float64 ``q > 0``: the least float32 strictly above ``q`` when
+    ``q`` is a float32 value, else the least float32 above it (``inf`` past float32's range, NaN for NaN).
+
+    Formed as ``r = round_32(q)`` (to nearest), kept when ``r > q`` and moved one float32 step up otherwise:
+    if ``q`` is a float32 value, ``r = q`` and the result is ``nextup_32(q)``; if not, ``r`` is ``q``'s
+    float32 ceiling (kept) or floor (whose next step up is the ceiling). Either way it is the float32 ceiling
+    of ``nextup_64(q)``, since every float32 value above ``q`` is a float64 value ``>= nextup_64(q)``:
+    the divisor of *Step 2* in three ops, without forming ``nextup_64(q)``.
+    """
+    narrow = quotient.to(torch.float32)
+    up = torch.nextafter(narrow, device_constant(math.inf, torch.float32, quotient.device))
+    return torch.where(narrow > quotient, narrow, up)
 
 
 def combine_scaled_sums(sums: Sequence[Tensor], exponents: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
@@ -199,6 +239,7 @@ def clip_divisor(
     numel: int,
     dtypes: Sequence[torch.dtype],
     grad_scale: Tensor | None = None,
+    norm_out: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     r"""The pre-clip norm and the float32 divisor ``D`` that clips a (loss-scaled) gradient: ``y = g / D``.
 
@@ -211,6 +252,9 @@ def clip_divisor(
         max_norm: the clip value ``c``, or None for no clipping (``D = sigma``).
         numel, dtypes: total element count and the gradient dtypes.
         grad_scale: GradScaler's 0-d float32 scale ``sigma`` on the gradients' device, or None (``sigma = 1``).
+        norm_out: a 0-d float64 tensor on ``sum_sq``'s device that may receive the norm (then returned as
+            ``total_norm``): written in place when there is no ``grad_scale`` and no float64 gradient, saving
+            a copy into a counter; otherwise untouched.
 
     Returns:
         ``(total_norm, D)``: the float64 norm of the *unscaled* gradient before clipping, and the 0-d float32
@@ -220,6 +264,13 @@ def clip_divisor(
         ``D >= sigma / k`` exactly, so ``||g / D|| <= c`` in the kernels' arithmetic (module docstring).
     """
     device = sum_sq.device
+    if grad_scale is None and isinstance(exponent, int) and exponent == 0:
+        sum_sq = sum_sq.to(torch.float64)
+        if max_norm is None:  # nothing to scale, nothing to clip: the norm, and D = 1
+            total_norm = torch.sqrt(sum_sq) if norm_out is None else torch.sqrt(sum_sq, out=norm_out)
+            return total_norm, device_constant(1.0, torch.float32, device)
+        if max_norm != math.inf:
+            return _clip_divisor_unscaled(sum_sq, max_norm, numel, dtypes, norm_out)
     extra = EXTRA_ROUNDINGS
     if grad_scale is not None:
         # S / sigma^2 with sigma = m 2^j: two roundings by m (none for a power of two), exact shift of e.
@@ -238,15 +289,47 @@ def clip_divisor(
         extra_roundings=extra,
     )
     if max_norm is None:
-        unit = torch.ones((), dtype=torch.float32, device=device)
+        unit = device_constant(1.0, torch.float32, device)
         return total_norm, unit if grad_scale is None else grad_scale.to(device, torch.float32)
-    # sigma / k rounds to nearest once; one step up makes it >= the exact quotient (inf when k = 0).
+    # sigma / k rounds to nearest once; one float64 step up makes it >= the exact quotient (inf when k = 0),
+    # then the float32 ceiling of that (_round_up_to_float32 forms both at once).
     quotient = torch.reciprocal(k) if grad_scale is None else grad_scale.to(device, torch.float64) / k
-    wide = torch.nextafter(quotient, torch.full_like(quotient, math.inf))
-    narrow = wide.to(torch.float32)
-    narrow = torch.where(narrow < wide, torch.nextafter(narrow, torch.full_like(narrow, math.inf)), narrow)
-    sigma = 1.0 if grad_scale is None else grad_scale.to(device, torch.float32)
+    narrow = _round_up_to_float32(quotient)
+    sigma = device_constant(1.0, torch.float32, device) if grad_scale is None else grad_scale.to(device, torch.float32)
     return total_norm, torch.where(k == 1.0, sigma, narrow)
+
+
+def _clip_divisor_unscaled(
+    sum_sq: Tensor, max_norm: float, numel: int, dtypes: Sequence[torch.dtype], norm_out: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    r""":func:`clip_divisor` with a clip value, no loss scale and ``e = 0`` (no float64 gradient): the same
+    ``(total_norm, D)``, bit for bit, in eight ops (the general form takes about twenty).
+
+    It is :func:`~provetrain.ops.clip.clip_coefficient`'s unscaled form followed by *Step 2*, with three
+    steps left out because they cannot change ``D``:
+
+    - *The subnormal step of k.* ``A_lo > 0`` exceeds ``eta_d >= 2^-149`` and ``N_up < 2^150`` (``S <
+      2^297``), so ``k = fl(A_lo / N_up) > 2^-300`` is never subnormal; and where ``A_lo <= 0``, ``k = 0 /
+      N_up`` is the ``0`` (NaN for NaN) that the general form selects.
+    - *The select of k = 1 before the divisor.* ``D`` is selected as 1 directly where ``N_up <= c``. Elsewhere
+      ``N_up > c`` and ``A_lo <= c (1 - 4 u_d)`` give ``A_lo / N_up < 1 - 2^-22``, so ``k < 1``: the general
+      form's test ``k == 1`` is exactly ``N_up <= c`` (both false for NaN).
+    - *The separate float64 step up* (:func:`_round_up_to_float32`).
+
+    Operands are cached constants (:func:`device_constant`); the clip module's ``upper_factor`` and
+    ``_margin_numerator`` are read from it on each call, as the proof harness and its mutants see them.
+    """
+    max_norm = clip_module._check_max_norm(max_norm)
+    clip_module._check_counts(numel, EXTRA_ROUNDINGS)
+    device = sum_sq.device
+    u_d, eta_d = clip_module._rounding_constants(set(dtypes))
+    total_norm = torch.sqrt(sum_sq) if norm_out is None else torch.sqrt(sum_sq, out=norm_out)
+    upper = total_norm * clip_module.upper_factor(numel, EXTRA_ROUNDINGS)  # C >= 1 + (n + 4 + x) u, exact
+    numerator = clip_module._margin_numerator(max_norm, numel, u_d, eta_d)
+    # A tensor-by-tensor division rounds once (a float / tensor would be reciprocal() * float: twice).
+    k = torch.div(device_constant(max(numerator, 0.0), torch.float64, device), upper)
+    divisor = _round_up_to_float32(torch.reciprocal(k))
+    return total_norm, torch.where(upper <= max_norm, device_constant(1.0, torch.float32, device), divisor)
 
 
 def clip_divisor_on_host(
@@ -334,8 +417,8 @@ def adam_update_multi_tensor_(
     exp_avg_sqs: list[Tensor],
     steps: list[Tensor],
     *,
-    divisor: Tensor,
-    found_inf: Tensor,
+    divisor: Tensor | None,
+    found_inf: Tensor | None,
     lr: float | Tensor,
     beta1: float | Tensor,
     beta2: float | Tensor,
@@ -348,14 +431,17 @@ def adam_update_multi_tensor_(
     r"""One Adam (AdamW) step of one (device, dtype) group in torch's fused kernel, clipped by ``divisor``.
 
     Each gradient is divided by ``divisor`` in the kernel (and written back to ``.grad`` divided); nothing
-    changes where ``found_inf`` is 1 (0-d float32). The tensors must satisfy :func:`fused_kernel_supports`.
+    changes where ``found_inf`` is 1 (0-d float32). ``divisor=None`` divides by nothing (the kernel's own
+    path for ``D = 1``, bit for bit the same, without writing the gradients back) and ``found_inf=None`` never
+    skips (no count to take back): what the CPU branch passes, which knows both on the host.
+    The tensors must satisfy :func:`fused_kernel_supports`.
     ``steps`` are 0-d float32 counts on the parameters' device. No host read on CUDA (a tensor ``beta1`` or
     ``beta2`` is read once as a float, as torch's fused Adam reads it). ``max_exp_avg_sqs``: AMSGrad's
     maxima of ``v`` (the kernel's ``amsgrad=True``), laid out like the moments.
     """
     device = params[0].device
-    divisor = divisor.to(device, non_blocking=True)
-    found_inf = found_inf.to(device, non_blocking=True)
+    divisor = None if divisor is None else divisor.to(device, non_blocking=True)
+    found_inf = None if found_inf is None else found_inf.to(device, non_blocking=True)
     kernel = torch._fused_adamw_ if decoupled_weight_decay else torch._fused_adam_
     if isinstance(lr, Tensor):
         lr = lr.squeeze() if lr.device.type == "cpu" else lr.to(device, non_blocking=True).squeeze()
@@ -378,4 +464,5 @@ def adam_update_multi_tensor_(
         found_inf=found_inf,
     )
     # As torch.optim.Adam(fused=True) under a GradScaler: a skipped step takes back its count.
-    torch._foreach_sub_(steps, [found_inf] * len(steps))
+    if found_inf is not None:
+        torch._foreach_sub_(steps, [found_inf] * len(steps))
