@@ -31,7 +31,7 @@ from pydantic_core import PydanticCustomError
 
 from provetrain.errors import ConfigError
 from provetrain.train.schedule import ScheduleName
-from provetrain.yaml_schema import KeyPositions, read_yaml_text, validate_yaml_located
+from provetrain.yaml_schema import KeyPositions, LocatedProblem, read_yaml_text, validate_yaml_located
 
 __all__ = [
     "ConfigSource",
@@ -111,7 +111,8 @@ class TrainConfig(BaseModel):
     # of the bundled ones (training-loop-v1, optimizer-v1, backward-pass-v1, checkpoint-v1, batch-v1, ...).
     contracts: list[Annotated[str, BeforeValidator(_path_text)]] = Field(default=["training-loop-v1"], min_length=1)
 
-    # Optimizer: provetrain's guarded Adam or AdamW (decoupled weight decay); "sgd" once provetrain.SGD exists.
+    # Optimizer: provetrain's guarded Adam, AdamW (decoupled weight decay) or SGD (weight decay as an L2 term
+    # of the gradient, as torch.optim.SGD's); all three clip, guard and skip alike.
     optimizer: Literal["adam", "adamw", "sgd"] = "adamw"
     lr: Float = Field(default=1e-3, gt=0, allow_inf_nan=False)
     # The contract's lr_max, which the contract itself does not define: a number is the bound that the
@@ -124,8 +125,13 @@ class TrainConfig(BaseModel):
     # What lr_max: auto may spend: Hessian-vector products (each about 2-3 training steps of compute) and
     # seconds, whichever runs out first, and how many micro-batches it uses.
     lr_max_budget: LrMaxBudget = Field(default_factory=lambda: LrMaxBudget())
+    # Adam's and AdamW's moment decay rates and denominator guard (refused when set with optimizer: sgd).
     betas: tuple[Float, Float] = (0.9, 0.999)
     eps: Float = Field(default=1e-8, gt=0, allow_inf_nan=False)
+    # SGD's heavy-ball momentum mu in [0, 1) (0: plain SGD) and Nesterov's variant (needs momentum > 0);
+    # optimizer: sgd only (Adam's momentum is betas[0]): set with adam or adamw they are refused.
+    momentum: Float = Field(default=0.0, ge=0, lt=1, allow_inf_nan=False)
+    nesterov: StrictBool = False
     weight_decay: Float = Field(default=1e-2, ge=0, allow_inf_nan=False)
     # Parameters that get no weight decay, as shell-style patterns of their names (`*.bias`, `ln_*`); None
     # (default): nanoGPT's rule, every parameter with fewer than 2 dimensions (biases, norm weights) and
@@ -224,9 +230,39 @@ class TrainConfig(BaseModel):
             )
         if self.min_lr is not None and self.min_lr >= self.lr:
             raise ValueError(f"min_lr ({self.min_lr}) must be below lr ({self.lr}): it is where the decay ends")
+        self._check_optimizer_settings()
         if self.loss_fn is not None and self.loss_fn.count(":") != 1:
             raise ValueError(f"loss_fn must be 'module:function', got {self.loss_fn!r}")
         return self
+
+    def _check_optimizer_settings(self) -> None:
+        """Settings of one optimizer are refused with another rather than silently ignored (a value equal to
+        the default changes nothing and passes, so a dumped config validates again)."""
+        fields = type(self).model_fields
+        given = {key for key in ("betas", "eps", "momentum", "nesterov") if getattr(self, key) != fields[key].default}
+        if self.optimizer == "sgd":
+            for key in ("betas", "eps"):
+                if key in given:
+                    raise LocatedProblem(
+                        (key,),
+                        f"{key} is a setting of Adam and AdamW, not of optimizer: sgd",
+                        expected=f"no {key} with optimizer: sgd (its settings are momentum and nesterov), or "
+                        "optimizer: adam or adamw",
+                    )
+            if self.nesterov and self.momentum == 0:
+                raise LocatedProblem(
+                    ("nesterov",),
+                    "nesterov: true needs momentum > 0 (it is Nesterov's variant of momentum)",
+                    expected="a momentum in (0, 1), e.g. 0.9, or nesterov: false",
+                )
+            return
+        for key in ("momentum", "nesterov"):
+            if key in given:
+                raise LocatedProblem(
+                    (key,),
+                    f"{key} is a setting of optimizer: sgd, not of {self.optimizer} (whose momentum is betas[0])",
+                    expected=f"no {key} with optimizer: {self.optimizer}, or optimizer: sgd",
+                )
 
 
 def load_config(path: str | Path) -> TrainConfig:
@@ -277,5 +313,9 @@ def make_config(values: dict[str, Any]) -> TrainConfig:
         return TrainConfig.model_validate(values)
     except ValidationError as error:
         detail = error.errors(include_url=False)[0]
+        cause = (detail.get("ctx") or {}).get("error")
+        if isinstance(cause, LocatedProblem):
+            key = ".".join(str(part) for part in cause.loc) or None
+            raise ConfigError(cause.problem, key=key, expected=cause.expected) from None
         key = ".".join(str(part) for part in detail["loc"]) or None
         raise ConfigError(f"{detail['msg']}; got {detail.get('input')!r}", key=key) from None

@@ -212,19 +212,27 @@ class World:
             _set_pg_timeout(timedelta(minutes=minutes), self.group)
 
     def check_strategy(self, config: Any) -> None:
-        """Refuse, before anything runs, what the Trainer does not do under ``strategy: fsdp``."""
+        """Refuse, before anything runs, what the Trainer does not do under ``strategy: fsdp`` (located at the
+        key in the config's file, when it came from one)."""
+        from provetrain.train.config import config_error  # config imports nothing of this module's
+
         if config.strategy != "fsdp" or self.size == 1:
             return
         refused = {
             "lr_max": (config.lr_max == "auto", "lr_max: auto runs forwards on rank 0 alone, which FSDP2 cannot"),
             "precision": (config.precision == "fp16-amp", "fp16-amp's GradScaler does not take FSDP2's shards"),
+            "optimizer": (
+                config.optimizer == "sgd",
+                "provetrain.SGD has no sharded step: its clip norm would be one rank's shard's",
+            ),
         }
         for key, (bad, why) in refused.items():
             if bad:
-                raise ConfigError(
-                    f"{key}={getattr(config, key)!r} is not supported with strategy: fsdp ({why}); use "
-                    "strategy: ddp, or another value of it",
+                raise config_error(
+                    config,
+                    f"{key}={getattr(config, key)!r} is not supported with strategy: fsdp ({why})",
                     key=key,
+                    expected="strategy: ddp, or another value of it",
                 )
 
     def barrier(self) -> None:

@@ -13,7 +13,7 @@ One step, in order (each phase a short helper):
 4. the step's mean loss over its micro-batches (under ``torch.distributed``, over every rank's shares in one
    collective): the same on every rank, and non-finite when any micro-batch's loss was;
 5. ``optimizer.step(loss=...)``: global-norm clip, finite guard and update, with the skip decided on the
-   device (provetrain's Adam/AdamW): a NaN loss on any micro-step skips the whole accumulated step;
+   device (provetrain's Adam, AdamW or SGD): a NaN loss on any micro-step skips the whole accumulated step;
 6. on a skipped step, module buffers the forward wrote (BatchNorm statistics) are put back, on the device;
 7. record the step's loss, gradient norms and skip count as device tensors.
 
@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import math
 import signal
 import threading
@@ -64,6 +65,8 @@ from provetrain.data.sources import DataSplits, as_splits, resolve_function
 from provetrain.errors import ConfigError, ContractViolation
 from provetrain.ops.adam import Adam, AdamW
 from provetrain.ops.clip import first_nonfinite_gradient
+from provetrain.ops.guarded import GuardedOptimizer
+from provetrain.ops.sgd import SGD
 from provetrain.train.certificate import (
     GRAD,
     LOSS,
@@ -204,7 +207,7 @@ def _same_layout(a: Tensor, b: Tensor) -> bool:
 # rewritten by the next step. A checkpoint records them as absent (the finiteness rule is for state), and a
 # resumed optimizer starts them afresh.
 _DIAGNOSTIC_COUNTERS = ("last_grad_norm", "last_clipped_grad_norm")
-_COUNTERS = "provetrain"  # where provetrain's Adam keeps its counters in its state_dict
+_COUNTERS = "provetrain"  # where provetrain's optimizers keep their counters in their state_dict
 
 # The outcome of a run that has started and not ended: what a killed run's certificate keeps saying.
 _UNFINISHED = "failed: did not finish (the process was killed, or the final certificate could not be written)"
@@ -232,20 +235,22 @@ def no_decay_names(model: nn.Module, patterns: Sequence[str] | None) -> set[str]
     return {n for n, p in named.items() if p.dim() < 2 or id(p) in embeddings}
 
 
-def _optimizer_class(name: str) -> type[Adam]:
-    """The optimizer class ``optimizer`` names; ``sgd`` when provetrain has a guarded SGD."""
-    if name == "sgd":
-        import provetrain
+def _optimizer_class(name: str) -> type[GuardedOptimizer]:
+    """The provetrain optimizer ``optimizer`` names."""
+    return {"adam": Adam, "adamw": AdamW, "sgd": SGD}[name]
 
-        sgd = getattr(provetrain, "SGD", None)
-        if sgd is None:
-            raise ConfigError(
-                "optimizer 'sgd' is not available yet: provetrain has no guarded SGD in this version",
-                key="optimizer",
-                expected="'adam' or 'adamw'",
-            )
-        return sgd  # type: ignore[no-any-return]
-    return AdamW if name == "adamw" else Adam
+
+def _with_momentum(estimate: LrMaxEstimate, momentum: float, *, nesterov: bool) -> LrMaxEstimate:
+    r"""SGD's threshold ``2 / λ`` for momentum :math:`\mu` (torch's form, no dampening): on the quadratic's top
+    eigen-direction the heavy ball is stable while :math:`\eta\lambda < 2(1 + \mu)`, Nesterov's variant while
+    :math:`\eta\lambda < 2(1 + \mu) / (1 + 2\mu)` (the roots of each iteration's characteristic polynomial
+    stay inside the unit circle; Goh 2017, *Why momentum really works*)."""
+    if momentum == 0:
+        return estimate
+    factor = 2 * (1 + momentum) / (1 + 2 * momentum) if nesterov else 2 * (1 + momentum)
+    form = "2(1 + mu) / (1 + 2 mu)" if nesterov else "2(1 + mu)"
+    note = f" With {'Nesterov ' if nesterov else ''}momentum mu = {momentum:g} the bound is lr * lambda_max < {form}."
+    return dataclasses.replace(estimate, lr_max=estimate.lr_max * factor / 2, explanation=estimate.explanation + note)
 
 
 def _uncompiled(module: nn.Module) -> nn.Module:
@@ -434,7 +439,7 @@ class Trainer:
         ]
         return [g for g in groups if g["params"]]
 
-    def _build_optimizer(self) -> Adam:
+    def _build_optimizer(self) -> GuardedOptimizer:
         cls = _optimizer_class(self.config.optimizer)
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         if not PREDICATES["!params.is_empty()"](params=[p for _, p in named]):
@@ -447,14 +452,19 @@ class Trainer:
         self.ledger.check(LOSS, "precondition", "!params.is_empty()")
         if self.config.clip_value is not None:
             self.ledger.check(GRAD, "precondition", "clip_value > 0.0")
-        hyper = {"betas": self.config.betas, "eps": self.config.eps} if issubclass(cls, Adam) else {}
         return cls(
             self._param_groups(named),
             lr=self.config.lr,
             clip_value=self.config.clip_value,
             on_nonfinite="skip",
-            **hyper,
+            **self._optimizer_hyperparameters(),
         )
+
+    def _optimizer_hyperparameters(self) -> dict[str, Any]:
+        """The settings of the configured optimizer alone (the config refuses another's)."""
+        if self.config.optimizer == "sgd":
+            return {"momentum": self.config.momentum, "nesterov": self.config.nesterov}
+        return {"betas": self.config.betas, "eps": self.config.eps}
 
     def _preflight_lr(self) -> None:
         """``lr > 0.0``, and ``lr < lr_max`` for a declared lr_max, for every lr the schedule will produce."""
@@ -836,11 +846,13 @@ class Trainer:
         self.skips.applied()  # the skipped run was undone with the state
 
     def _estimate_lr_max_if_asked(self) -> None:
-        """``lr_max: auto`` (opt-in): estimate Adam's edge of stability at the initial point and report it.
+        """``lr_max: auto`` (opt-in): estimate the optimizer's edge of stability at the initial point and
+        report it.
 
-        Not enforced: the estimate models Adam on a frozen-preconditioner quadratic, while real runs train
-        above it (``bench/lr_max_divergence.py`` measures where they diverge), and power iteration may stop
-        before it converges. Refusing a rate on it would refuse rates that train."""
+        Not enforced: the estimate models the optimizer on a local quadratic (Adam with a frozen
+        preconditioner), while real runs train above it (``bench/lr_max_divergence.py`` measures where they
+        diverge), and power iteration may stop before it converges. Refusing a rate on it would refuse rates
+        that train."""
         if self.config.lr_max != "auto":
             return
         # Estimated once, by rank 0, and sent to every rank: the same report everywhere.
@@ -864,11 +876,12 @@ class Trainer:
         seconds: float | None = None,
         progress: Callable[[int], None] | None = None,
     ) -> LrMaxEstimate:
-        """An estimate of Adam's largest stable lr at the initial point (``provetrain.train.lr_max``).
+        """An estimate of the optimizer's largest stable lr at the initial point (``provetrain.train.lr_max``).
 
         Adam's preconditioner is the root mean squared gradient of the first ``batches`` micro-batches (one
-        backward each); the curvature is measured on the union of the first ``lr_max_budget.curvature_batches``
-        of them, by at most ``iterations`` Hessian-vector products in all,
+        backward each); SGD has none, and its threshold counts its momentum (:func:`_with_momentum`). The
+        curvature is measured on the union of the first ``lr_max_budget.curvature_batches`` micro-batches, by
+        at most ``iterations`` Hessian-vector products in all,
         for at most ``seconds`` (defaults: the config's ``lr_max_budget``). ``progress(products_done)`` is
         called after each product. Measured on the uncompiled module (double backward through a compiled
         graph is not supported), in training mode; its buffers are put back after, and nothing else changes.
@@ -884,23 +897,25 @@ class Trainer:
         # Its forwards run in training mode and write buffers (BatchNorm statistics): they are put back after.
         buffers = {name: b.clone() for name, b in self.model.named_buffers()}
         try:
-            wanted = batches or budget.batches
+            sgd = self.config.optimizer == "sgd"
+            wanted = curvature_batches if sgd else batches or budget.batches
             loaded = self._first_batches(min(wanted, self.steps_per_epoch or wanted))
             params = [p for p in self.model.parameters() if p.requires_grad]
             losses = [lambda x=x, y=y: self.loss_fn(self.model(x), y) for x, y in loaded]
-            preconditioner = preconditioner_from_batches(losses, params, eps=self.config.eps)
+            preconditioner = None if sgd else preconditioner_from_batches(losses, params, eps=self.config.eps)
             # The curvature of their union: one minibatch's is noisy enough to turn its sign.
             inputs, targets = (torch.cat(parts) for parts in zip(*loaded[:curvature_batches], strict=True))
-            return estimate_lr_max(
+            estimate = estimate_lr_max(
                 lambda: self.loss_fn(self.model(inputs), targets),
                 params,
-                optimizer="adam",
+                optimizer="sgd" if sgd else "adam",
                 betas=self.config.betas,
                 eps=self.config.eps,
                 preconditioner=preconditioner,
                 iterations=products,
                 budget=PowerBudget(products, seconds if seconds is not None else budget.seconds, progress),
             )
+            return _with_momentum(estimate, self.config.momentum, nesterov=self.config.nesterov) if sgd else estimate
         except (ValueError, RuntimeError) as error:
             problem = f"the lr_max estimate failed: {type(error).__name__}: {error}"
             raise config_error(
