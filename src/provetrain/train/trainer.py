@@ -7,7 +7,8 @@ One step, in order (each phase a short helper):
 2. for each of the ``gradient_accumulation_steps`` (k) micro-batches of the step (the data position
    advances even when the step is later skipped: a bad batch is dropped, so the run equals one that never
    saw it): forward (through ``torch.compile`` under ``compile``), the loss on the output at ``output_key``,
-   backward of loss / k (under DDP's ``no_sync`` but for the last); the micro-batch losses are summed on the
+   backward of loss / k (without the gradients' reduction across ranks but for the last: DDP's
+   ``no_sync``, FSDP2's ``set_requires_gradient_sync(False)``); the micro-batch losses are summed on the
    device in float64;
 3. check ``!gradients.is_empty()``;
 4. the step's mean loss over its micro-batches (under ``torch.distributed``, over every rank's shares in one
@@ -47,7 +48,6 @@ from typing import Any
 import torch
 from rich.console import Console
 from torch import Tensor, nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
 from provetrain.contract.load import load_contract
@@ -87,7 +87,7 @@ from provetrain.train.checkpoint import (
     unflatten_state,
 )
 from provetrain.train.config import TrainConfig, config_error, make_config, override
-from provetrain.train.distributed import World
+from provetrain.train.distributed import World, gradient_sync
 from provetrain.train.lr_max import LrMaxEstimate, PowerBudget, estimate_lr_max, preconditioner_from_batches
 from provetrain.train.model_output import LossFn, default_loss, loss_on_output, select_output
 from provetrain.train.monitor import LossTrendMonitor
@@ -626,14 +626,14 @@ class Trainer:
         """Forward and backward of micro-batch ``micro`` of optimizer step ``step``; returns this rank's share
         of its mean loss (``share * loss``, float64, on the device: no host read).
 
-        Under DDP the backward averages the gradients over the ranks, on the last micro-batch only (the
-        others run under ``no_sync``: the gradients accumulate locally and are averaged once). The weight
+        Under DDP (FSDP2) the backward averages (reduce-scatters) the gradients over the ranks on the last
+        micro-batch only: the others run under ``no_sync`` (``set_requires_gradient_sync(False)``), so the
+        gradients accumulate locally and are reduced once per step (:func:`~.distributed.gradient_sync`). The weight
         ``W * share / k`` (``1 / k`` for equal shares) makes the sum the gradient of the step's mean loss."""
         inputs, targets = self._next_batch()
         share = self.batch_share
         last = micro == self.accumulation - 1
-        inner = not last and isinstance(self._ddp, DistributedDataParallel)
-        with self._ddp.no_sync() if inner else contextlib.nullcontext():  # type: ignore[operator]
+        with gradient_sync(self._ddp, enabled=last):
             with self._autocast():
                 loss = self.loss_fn(self._forward(inputs, step), targets)
             weight = self.world.size * share / self.accumulation
