@@ -63,7 +63,10 @@ def _path_text(value: Any) -> Any:
     return str(value) if isinstance(value, Path) else value
 
 
-Int = Annotated[int, Strict()]
+# A count beyond this is a typo, never a plan (2**31 - 1 steps at 1 ms each is 25 days); it also keeps every
+# count a 32-bit integer where torch and JSON readers store one.
+MAX_COUNT = 2**31 - 1
+Int = Annotated[int, Strict(), Field(le=MAX_COUNT)]
 Float = Annotated[float, BeforeValidator(_no_bool)]
 
 NonFinitePolicy = Literal["skip", "raise", "rollback"]
@@ -194,7 +197,7 @@ class TrainConfig(BaseModel):
     checkpoint_every: Int | None = Field(default=None, ge=1)
     keep_checkpoints: Int = Field(default=2, ge=1)
 
-    seed: Int = Field(default=0, ge=0, le=MAX_SEED)
+    seed: Annotated[int, Strict()] = Field(default=0, ge=0, le=MAX_SEED)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # Under torch.distributed: how long a collective may wait for a frozen or dead process before the run
     # ends with an error on every process still alive (torch's gloo default is 30).
@@ -218,21 +221,37 @@ class TrainConfig(BaseModel):
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:
         if self.steps is not None and self.epochs is not None:
-            raise ValueError("give only one of steps or epochs")
+            raise LocatedProblem(("epochs",), "give only one of steps or epochs", expected="steps or epochs, not both")
         for beta in self.betas:
             if not 0.0 <= beta < 1.0 or math.isnan(beta):
-                raise ValueError(f"betas must each be in [0, 1), got {self.betas}")
+                raise LocatedProblem(
+                    ("betas",), f"betas must each be in [0, 1), got {self.betas}", expected="[0.9, 0.999]"
+                )
         if isinstance(self.lr_max, float) and not (self.lr_max > 0 and math.isfinite(self.lr_max)):
-            raise ValueError(f"lr_max must be a finite number > 0, 'auto' or null, got {self.lr_max}")
+            raise LocatedProblem(
+                ("lr_max",),
+                f"lr_max must be a finite number > 0, got {self.lr_max}",
+                expected="a number > 0, auto or null",
+            )
         if self.min_lr is not None and self.min_lr_ratio:
-            raise ValueError(
-                f"give only one of min_lr ({self.min_lr}) or min_lr_ratio ({self.min_lr_ratio}): both set the floor"
+            raise LocatedProblem(
+                ("min_lr",),
+                f"give only one of min_lr ({self.min_lr}) or min_lr_ratio ({self.min_lr_ratio}): both set the floor",
+                expected="min_lr or min_lr_ratio, not both",
             )
         if self.min_lr is not None and self.min_lr >= self.lr:
-            raise ValueError(f"min_lr ({self.min_lr}) must be below lr ({self.lr}): it is where the decay ends")
+            raise LocatedProblem(
+                ("min_lr",),
+                f"min_lr ({self.min_lr}) must be below lr ({self.lr}): it is where the decay ends",
+                expected=f"a number in [0, {self.lr})",
+            )
         self._check_optimizer_settings()
-        if self.loss_fn is not None and self.loss_fn.count(":") != 1:
-            raise ValueError(f"loss_fn must be 'module:function', got {self.loss_fn!r}")
+        if self.loss_fn is not None and (self.loss_fn.count(":") != 1 or not all(self.loss_fn.split(":"))):
+            raise LocatedProblem(
+                ("loss_fn",),
+                f"loss_fn must be 'module:function', got {self.loss_fn!r}",
+                expected="'module:function', e.g. torch.nn.functional:cross_entropy, or null for cross-entropy",
+            )
         return self
 
     def _check_optimizer_settings(self) -> None:

@@ -432,12 +432,28 @@ class Trainer:
 
     def _param_groups(self, named: list[tuple[str, nn.Parameter]]) -> list[dict[str, Any]]:
         """Two groups: decayed with ``weight_decay``, and :func:`no_decay_names` with none (empty ones dropped)."""
+        self._check_no_decay_patterns([n for n, _ in named])
         exempt = no_decay_names(self.model, self.config.no_weight_decay)
         groups = [
             {"params": [(n, p) for n, p in named if n not in exempt], "weight_decay": self.config.weight_decay},
             {"params": [(n, p) for n, p in named if n in exempt], "weight_decay": 0.0},
         ]
         return [g for g in groups if g["params"]]
+
+    def _check_no_decay_patterns(self, names: list[str]) -> None:
+        """Each ``no_weight_decay`` pattern names at least one trainable parameter: one that matches none is a
+        typo (``*.bais``) whose parameters would silently be decayed."""
+        import fnmatch
+
+        for index, pattern in enumerate(self.config.no_weight_decay or ()):
+            if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+                shown = ", ".join(names[:8]) + (f", ... ({len(names)} in all)" if len(names) > 8 else "")
+                raise config_error(
+                    self.config,
+                    f"no_weight_decay pattern {pattern!r} matches no trainable parameter of the model ({shown})",
+                    key=f"no_weight_decay[{index}]",
+                    expected="shell-style patterns of parameter names, e.g. '*.bias'; [] decays every parameter",
+                )
 
     def _build_optimizer(self) -> GuardedOptimizer:
         cls = _optimizer_class(self.config.optimizer)
@@ -1045,6 +1061,8 @@ class Trainer:
             else:
                 checkpoint = self._load_resume_checkpoint(path)
             state = checkpoint.state
+            if not isinstance(state, dict):
+                raise ResumeError(f"cannot resume from {path}: state.json holds {type(state).__name__}, not a mapping")
             next_step = self._check_resume_state(checkpoint.path, checkpoint.step, state)
             if not self._sharded:
                 self.model.load_state_dict(unflatten_state(checkpoint.tensors, state["model"]))
@@ -1055,21 +1073,24 @@ class Trainer:
             if self._scaler is not None and state.get("grad_scaler"):
                 self._scaler.load_state_dict(state["grad_scaler"])
             self._restore_data_position(state.get("data"), next_step)
+            # The bound is this run's declared lr_max (as before training); the estimate, made at the start of
+            # the run, is kept for the certificate. (A checkpoint from before lr_max: auto stopped being a bound
+            # holds the estimate as "lr_max": it is not enforced either.)
+            saved_estimate = state.get("lr_max_estimate")
+            lr_max_estimate = None if saved_estimate is None else LrMaxEstimate.from_dict(saved_estimate)
+            restore_rng_state(state["rng"])
         except ResumeError:
             raise
-        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as error:
+        except KeyError as error:
+            raise ResumeError(f"cannot resume from {path}: state.json has no entry {error}") from error
+        except (OSError, ValueError, TypeError, AttributeError, RuntimeError) as error:
             raise ResumeError(f"cannot resume from {path}: {error}") from error
         self.applied_steps = state["applied_steps"]
         self.skips.total = state["skipped_steps"]
         self.skips.consecutive = state["consecutive_skips"]
         self.rollbacks = state["rollbacks"]
         self.lr_scale = state["lr_scale"]
-        # The bound is this run's declared lr_max (as before training); the estimate, made at the start of the
-        # run, is kept for the certificate. (A checkpoint from before lr_max: auto stopped being a bound holds
-        # the estimate as "lr_max": it is not enforced either.)
-        saved_estimate = state.get("lr_max_estimate")
-        self.lr_max_estimate = None if saved_estimate is None else LrMaxEstimate.from_dict(saved_estimate)
-        restore_rng_state(state["rng"])
+        self.lr_max_estimate = lr_max_estimate
         return next_step
 
     def _restore_data_position(self, saved: dict[str, Any] | None, next_step: int) -> None:
@@ -1112,6 +1133,10 @@ class Trainer:
         if not isinstance(scale, float | int) or not 0 < scale <= 1:
             raise ResumeError(f"cannot resume from {where}: state.json: lr_scale is {scale!r}, not in (0, 1]")
         saved, current = state["config"], self.config.model_dump(mode="json")
+        if not isinstance(saved, dict):
+            raise ResumeError(
+                f"cannot resume from {where}: state.json: config is {type(saved).__name__}, not a mapping"
+            )
         changed = [k for k in self._RESUME_INVARIANT_KEYS if saved.get(k) != current.get(k)]
         if changed:
             raise ResumeError(
