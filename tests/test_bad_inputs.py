@@ -179,12 +179,20 @@ TRAIN_CONFIGS: list[tuple[str, str, str]] = [
     ("unknown key", "learning_rate: 0.1\n", r"cfg\.yaml:1:1: key 'learning_rate': unknown key"),
     # the settings for real models, several processes and the contract family (issues 12-15)
     *[
-        (f"{key}: {value}", f"steps: 2\n{key}: {value}\n", rf"cfg\.yaml:2:\d+: key '{re.escape(key)}[^']*': .*{message}")
+        (
+            f"{key}: {value}",
+            f"steps: 2\n{key}: {value}\n",
+            rf"cfg\.yaml:2:\d+: key '{re.escape(key)}[^']*': .*{message}",
+        )
         for key, value, message in [
             ("gradient_accumulation_steps", "0", r"Input should be greater than or equal to 1"),
             ("gradient_accumulation_steps", "true", r"Input should be a valid integer; got bool True"),
             ("gradient_accumulation_steps", "1e100", r"Input should be a valid integer; got str '1e100'"),
-            ("gradient_accumulation_steps", "99999999999999999999999", r"Input should be less than or equal to 2147483647"),
+            (
+                "gradient_accumulation_steps",
+                "99999999999999999999999",
+                r"Input should be less than or equal to 2147483647",
+            ),
             ("gradient_accumulation_steps", ".nan", r"Input should be a valid integer; got float nan"),
             ("output_key", "1.5", r"Input should be a valid integer"),
             ("output_key", "[0]", r"Input should be a valid integer; got list"),
@@ -204,7 +212,11 @@ TRAIN_CONFIGS: list[tuple[str, str, str]] = [
             ("no_weight_decay", "'*.bias'", r"Input should be a valid list"),
             ("no_weight_decay", "[1]", r"Input should be a valid string; got int 1"),
             ("no_weight_decay", "['']", r"no_weight_decay pattern '' matches no trainable parameter of the model"),
-            ("no_weight_decay", "['*.bais']", r"pattern '\*\.bais' matches no trainable parameter .*\(1\.weight, 1\.bias"),
+            (
+                "no_weight_decay",
+                "['*.bais']",
+                r"pattern '\*\.bais' matches no trainable parameter .*\(1\.weight, 1\.bias",
+            ),
             ("decay_steps", "0", r"Input should be greater than or equal to 1"),
             ("decay_steps", ".inf", r"Input should be a valid integer; got float inf"),
             ("min_lr", ".nan", r"Input should be greater than or equal to 0; got float nan"),
@@ -374,7 +386,8 @@ TRAIN_CONFIGS: list[tuple[str, str, str]] = [
     (
         "data function returns a number",
         f"data: {HERE}:returns_number\n",
-        r"cfg\.yaml:1:1: key 'data': data function .* returned int; expected DataSplits, a Dataset, IterableDataset or DataLoader, or a \(train, test\) pair",
+        r"cfg\.yaml:1:1: key 'data': data function .* returned int; expected DataSplits, a Dataset, "
+        r"IterableDataset or DataLoader, or a \(train, test\) pair",
     ),
     (
         "data function float labels",
