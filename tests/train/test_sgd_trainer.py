@@ -230,7 +230,7 @@ def test_lr_max_auto_with_sgd_reports_sgds_threshold(tmp_path: Path) -> None:
     result = trainer.fit()
     estimate = result.lr_max_estimate
     assert estimate is not None and estimate.method == "sgd" and estimate.preconditioner == "none"
-    assert re.search(r"Nesterov momentum mu = 0\.9", estimate.explanation)
+    assert re.search(r"Nesterov momentum mu = 0\.9 .* so lr_max = ", estimate.explanation)
     assert estimate.lr_max == pytest.approx(2 * 1.9 / 2.8 / estimate.eigenvalue)
 
 

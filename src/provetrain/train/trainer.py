@@ -249,8 +249,12 @@ def _with_momentum(estimate: LrMaxEstimate, momentum: float, *, nesterov: bool) 
         return estimate
     factor = 2 * (1 + momentum) / (1 + 2 * momentum) if nesterov else 2 * (1 + momentum)
     form = "2(1 + mu) / (1 + 2 mu)" if nesterov else "2(1 + mu)"
-    note = f" With {'Nesterov ' if nesterov else ''}momentum mu = {momentum:g} the bound is lr * lambda_max < {form}."
-    return dataclasses.replace(estimate, lr_max=estimate.lr_max * factor / 2, explanation=estimate.explanation + note)
+    lr_max = estimate.lr_max * factor / 2
+    note = (
+        f" With {'Nesterov ' if nesterov else ''}momentum mu = {momentum:g} the bound is lr·λ_max(H) < {form} instead"
+        f" of 2, so lr_max = {lr_max:.6g}."
+    )
+    return dataclasses.replace(estimate, lr_max=lr_max, explanation=estimate.explanation + note)
 
 
 def _uncompiled(module: nn.Module) -> nn.Module:
