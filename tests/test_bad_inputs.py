@@ -240,6 +240,10 @@ TRAIN_CONFIGS: list[tuple[str, str, str]] = [
             ("momentum", "0.9", r"momentum is a setting of optimizer: sgd, not of adamw"),
             ("nesterov", "true", r"nesterov is a setting of optimizer: sgd, not of adamw"),
             ("epochs", "3", r"give only one of steps or epochs"),
+            ("collective_timeout_minutes", "true", r"Input should be a number, not a boolean"),
+            ("collective_timeout_minutes", "0", r"Input should be greater than 0"),
+            ("output_dir", "''", r"String should have at least 1 character"),
+            ("batch_size", "99999999999", r"Input should be less than or equal to 2147483647"),
         ]
     ],
     *[

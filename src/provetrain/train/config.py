@@ -201,12 +201,12 @@ class TrainConfig(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # Under torch.distributed: how long a collective may wait for a frozen or dead process before the run
     # ends with an error on every process still alive (torch's gloo default is 30).
-    collective_timeout_minutes: float = Field(default=10.0, gt=0, allow_inf_nan=False)
+    collective_timeout_minutes: Float = Field(default=10.0, gt=0, allow_inf_nan=False)
     # Under torch.distributed: ddp (every rank holds the whole model) or fsdp (FSDP2: parameters, gradients
     # and Adam state sharded over the ranks, checkpoints written shard by shard); no effect in one process.
     strategy: Literal["ddp", "fsdp"] = "ddp"
     # Run outputs; None: runs/<data>-<model>-<timestamp>.
-    output_dir: str | None = None
+    output_dir: str | None = Field(default=None, min_length=1)
 
     # Where the values came from, when they were read from a file (see config_error).
     _source: ConfigSource | None = PrivateAttr(default=None)
