@@ -232,7 +232,7 @@ TRAIN_CONFIGS: list[tuple[str, str, str]] = [
             ("contracts", "nope-v1", r"Input should be a valid list"),
             ("contracts", "[nope-v1]", r"'nope-v1' is neither a contract file nor a bundled contract"),
             ("contracts", "[null]", r"Input should be a valid string"),
-            ("contracts", "[/dev/null]", r"the contract does not load: /dev/null: the file is empty"),
+            ("contracts", "[/dev/null]", r"the contract does not load: /dev/null: the contract file is not a regular file"),
             ("contracts", "[cfg.yaml]", r"the contract does not load: cfg\.yaml:1:1: key 'metadata': required key"),
             ("contracts", "[ok.npz]", r"the contract does not load: ok\.npz: not UTF-8 text"),
             ("eval_batches", "0", r"Input should be greater than or equal to 1"),
@@ -706,6 +706,7 @@ CONTRACT_FILES: list[tuple[str, Callable[[Path], None] | None, str]] = [
     ("a directory", lambda path: path.mkdir(), r"cannot read the contract file: Is a directory"),
     ("empty", lambda path: path.write_text(""), r"the file is empty"),
     ("binary", lambda path: path.write_bytes(bytes(range(256)) * 8), r"not UTF-8 text"),
+    ("a device", lambda path: path.symlink_to("/dev/zero"), r"the contract file is not a regular file"),
     ("a list", lambda path: path.write_text("- a\n- b\n"), r"Input should be a valid dictionary .*got list"),
     ("a scalar", lambda path: path.write_text("just words\n"), r"Input should be a valid dictionary .*got str"),
     (

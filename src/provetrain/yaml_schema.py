@@ -65,6 +65,10 @@ class LocatedProblem(ValueError):
 def read_yaml_text(path: Path, error: type[LocatedError], *, what: str) -> str:
     """The file's text, or ``error`` naming the path and why it cannot be read (or is too large to be one)."""
     try:
+        if path.exists() and not path.is_file() and not path.is_dir():  # /dev/zero would be read forever
+            raise error(
+                f"the {what} is not a regular file (a device, pipe or socket)", path=path, expected="a YAML file"
+            )
         size = path.stat().st_size if path.is_file() else 0
         if size > MAX_YAML_BYTES:
             raise error(
