@@ -232,7 +232,11 @@ TRAIN_CONFIGS: list[tuple[str, str, str]] = [
             ("contracts", "nope-v1", r"Input should be a valid list"),
             ("contracts", "[nope-v1]", r"'nope-v1' is neither a contract file nor a bundled contract"),
             ("contracts", "[null]", r"Input should be a valid string"),
-            ("contracts", "[/dev/null]", r"the contract does not load: /dev/null: the contract file is not a regular file"),
+            (
+                "contracts",
+                "[/dev/null]",
+                r"the contract does not load: /dev/null: the contract file is not a regular file",
+            ),
             ("contracts", "[cfg.yaml]", r"the contract does not load: cfg\.yaml:1:1: key 'metadata': required key"),
             ("contracts", "[ok.npz]", r"the contract does not load: ok\.npz: not UTF-8 text"),
             ("eval_batches", "0", r"Input should be greater than or equal to 1"),
