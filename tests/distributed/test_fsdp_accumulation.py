@@ -86,3 +86,27 @@ def test_fsdp_accumulation_reduce_scatters_once_per_step_and_equals_one_process(
         assert torch.equal(x, y)
         torch.testing.assert_close(x, z, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(x, w, rtol=1e-5, atol=1e-6)
+
+
+def test_gradient_sync_turns_fsdp2s_sync_off_for_the_backward_and_on_after() -> None:
+    """The unit behind the 2-rank test: the flag is off inside, on again after, DDP gets no_sync, and a
+    plain module (one process) is left alone."""
+    from torch.distributed.fsdp import FSDPModule
+
+    from provetrain.train.distributed import gradient_sync
+
+    calls: list[bool] = []
+
+    def record(self: nn.Module, requires_gradient_sync: bool, *, recurse: bool = True) -> None:
+        calls.append(requires_gradient_sync)
+
+    module = nn.Linear(2, 2)
+    # As fully_shard does: the module's class becomes a subclass of FSDPModule (here without a process group).
+    module.__class__ = type("FSDPLinear", (FSDPModule, nn.Linear), {"set_requires_gradient_sync": record})
+    with gradient_sync(module, enabled=True):
+        assert calls == []
+    with gradient_sync(module, enabled=False):
+        assert calls == [False]
+    assert calls == [False, True]
+    with gradient_sync(nn.Linear(2, 2), enabled=False):
+        pass
