@@ -89,8 +89,8 @@ def test_fsdp_accumulation_reduce_scatters_once_per_step_and_equals_one_process(
 
 
 def test_gradient_sync_turns_fsdp2s_sync_off_for_the_backward_and_on_after() -> None:
-    """The unit behind the 2-rank test: the flag is off inside, on again after, DDP gets no_sync, and a
-    plain module (one process) is left alone."""
+    """The unit behind the 2-rank test: the flag is off inside, on again after, and a plain module (one
+    process) is left alone (DDP's no_sync is counted in tests/train/test_accumulation.py)."""
     from torch.distributed.fsdp import FSDPModule
 
     from provetrain.train.distributed import gradient_sync
