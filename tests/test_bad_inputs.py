@@ -177,6 +177,93 @@ TRAIN_CONFIGS: list[tuple[str, str, str]] = [
     ("markup in a value", 'optimizer: "[/x]"\n', r"cfg\.yaml:1:12: key 'optimizer': .*got str '\[/x\]'"),
     ("unknown device", "device: tpu\n", r"cfg\.yaml:1:9: key 'device': Input should be 'auto', 'cpu' or 'cuda'"),
     ("unknown key", "learning_rate: 0.1\n", r"cfg\.yaml:1:1: key 'learning_rate': unknown key"),
+    # the settings for real models, several processes and the contract family (issues 12-15)
+    *[
+        (
+            f"{key}: {value}",
+            f"steps: 2\n{key}: {value}\n",
+            rf"cfg\.yaml:2:\d+: key '{re.escape(key)}[^']*': .*{message}",
+        )
+        for key, value, message in [
+            ("gradient_accumulation_steps", "0", r"Input should be greater than or equal to 1"),
+            ("gradient_accumulation_steps", "true", r"Input should be a valid integer; got bool True"),
+            ("gradient_accumulation_steps", "1e100", r"Input should be a valid integer; got str '1e100'"),
+            (
+                "gradient_accumulation_steps",
+                "99999999999999999999999",
+                r"Input should be less than or equal to 2147483647",
+            ),
+            ("gradient_accumulation_steps", ".nan", r"Input should be a valid integer; got float nan"),
+            ("output_key", "1.5", r"Input should be a valid integer"),
+            ("output_key", "[0]", r"Input should be a valid integer; got list"),
+            ("output_key", "-1", r"output_key -1 indexes a tuple or list, but the model's output is a Tensor"),
+            ("output_key", "''", r"output_key '' is not in the model's output"),
+            ("loss_fn", "''", r"loss_fn must be 'module:function', got ''"),
+            ("loss_fn", "a:b:c", r"loss_fn must be 'module:function', got 'a:b:c'"),
+            ("loss_fn", "nowhere:fn", r"loss_fn 'nowhere:fn': cannot import module 'nowhere'"),
+            ("loss_fn", "math:pi", r"module 'math' has no callable 'pi'"),
+            ("loss_fn", "builtins:len", r"loss_fn 'builtins:len' fails on the model 'mlp''s outputs .*TypeError"),
+            ("compile", "1", r"Input should be a valid boolean; got int 1"),
+            ("compile", "'true'", r"Input should be a valid boolean; got str 'true'"),
+            ("compile_backend", "3", r"Input should be a valid string"),
+            ("weight_decay", "-1", r"Input should be greater than or equal to 0"),
+            ("weight_decay", ".inf", r"Input should be a finite number"),
+            ("weight_decay", "true", r"Input should be a number, not a boolean"),
+            ("no_weight_decay", "'*.bias'", r"Input should be a valid list"),
+            ("no_weight_decay", "[1]", r"Input should be a valid string; got int 1"),
+            ("no_weight_decay", "['']", r"no_weight_decay pattern '' matches no trainable parameter of the model"),
+            (
+                "no_weight_decay",
+                "['*.bais']",
+                r"pattern '\*\.bais' matches no trainable parameter .*\(1\.weight, 1\.bias",
+            ),
+            ("decay_steps", "0", r"Input should be greater than or equal to 1"),
+            ("decay_steps", ".inf", r"Input should be a valid integer; got float inf"),
+            ("min_lr", ".nan", r"Input should be greater than or equal to 0; got float nan"),
+            ("min_lr", "1.0", r"min_lr \(1\.0\) must be below lr \(0\.001\)"),
+            ("lr_max_budget", "[]", r"Input should be a valid dictionary"),
+            ("lr_max_budget", "{hvp: 0}", r"Input should be greater than or equal to 1"),
+            ("lr_max_budget", "{seconds: .inf}", r"Input should be a finite number"),
+            ("lr_max_budget", "{curvature_batches: true}", r"Input should be a valid integer; got bool True"),
+            ("lr_max_budget", "{foo: 1}", r"unknown key \(expected one of the keys hvp, seconds, batches"),
+            ("strategy", "fsdp2", r"Input should be 'ddp' or 'fsdp'"),
+            ("strategy", "null", r"Input should be 'ddp' or 'fsdp'; got NoneType None"),
+            ("contracts", "[]", r"List should have at least 1 item"),
+            ("contracts", "nope-v1", r"Input should be a valid list"),
+            ("contracts", "[nope-v1]", r"'nope-v1' is neither a contract file nor a bundled contract"),
+            ("contracts", "[null]", r"Input should be a valid string"),
+            (
+                "contracts",
+                "[/dev/null]",
+                r"the contract does not load: /dev/null: the contract file is not a regular file",
+            ),
+            ("contracts", "[cfg.yaml]", r"the contract does not load: cfg\.yaml:1:1: key 'metadata': required key"),
+            ("contracts", "[ok.npz]", r"the contract does not load: ok\.npz: not UTF-8 text"),
+            ("eval_batches", "0", r"Input should be greater than or equal to 1"),
+            ("eval_batches", "'3'", r"Input should be a valid integer; got str '3'"),
+            ("momentum", "0.9", r"momentum is a setting of optimizer: sgd, not of adamw"),
+            ("nesterov", "true", r"nesterov is a setting of optimizer: sgd, not of adamw"),
+            ("epochs", "3", r"give only one of steps or epochs"),
+            ("collective_timeout_minutes", "true", r"Input should be a number, not a boolean"),
+            ("collective_timeout_minutes", "0", r"Input should be greater than 0"),
+            ("output_dir", "''", r"String should have at least 1 character"),
+            ("batch_size", "99999999999", r"Input should be less than or equal to 2147483647"),
+        ]
+    ],
+    *[
+        (f"sgd {key}: {value}", f"optimizer: sgd\n{key}: {value}\n", rf"cfg\.yaml:2:\d+: key '{key}': {message}")
+        for key, value, message in [
+            ("momentum", "-0.1", r"Input should be greater than or equal to 0"),
+            ("momentum", "1", r"Input should be less than 1"),
+            ("momentum", ".nan", r"Input should be a finite number"),
+            ("momentum", "true", r"Input should be a number, not a boolean"),
+            ("momentum", "null", r"Input should be a valid number"),
+            ("nesterov", "true", r"nesterov: true needs momentum > 0"),
+            ("nesterov", "1", r"Input should be a valid boolean; got int 1"),
+            ("betas", "[0.8, 0.9]", r"betas is a setting of Adam and AdamW, not of optimizer: sgd"),
+            ("eps", "1.0e-6", r"eps is a setting of Adam and AdamW, not of optimizer: sgd"),
+        ]
+    ],
     # data files
     ("no such data file", arrays("missing.npz"), PATH_KEY + r"data file missing\.npz does not exist"),
     ("empty npz", arrays("empty.npz"), PATH_KEY + r"empty\.npz: x holds no examples"),
@@ -615,3 +702,98 @@ def test_an_alias_bomb_ends_a_real_process_at_once(workdir: Path, argv: list[str
     assert done.returncode == 2, done.stderr
     assert "node budget" in done.stderr and "Traceback" not in done.stderr
     assert not (workdir / "runs").exists()
+
+
+# ----------------------------------------------------------------------- contract files that are not ones
+CONTRACT_FILES: list[tuple[str, Callable[[Path], None] | None, str]] = [
+    ("missing", None, r"cannot read the contract file: No such file or directory"),
+    ("a directory", lambda path: path.mkdir(), r"cannot read the contract file: Is a directory"),
+    ("empty", lambda path: path.write_text(""), r"the file is empty"),
+    ("binary", lambda path: path.write_bytes(bytes(range(256)) * 8), r"not UTF-8 text"),
+    ("a device", lambda path: path.symlink_to("/dev/zero"), r"the contract file is not a regular file"),
+    ("a list", lambda path: path.write_text("- a\n- b\n"), r"Input should be a valid dictionary .*got list"),
+    ("a scalar", lambda path: path.write_text("just words\n"), r"Input should be a valid dictionary .*got str"),
+    (
+        "10 MB",
+        lambda path: path.write_text("metadata:\n" + "".join(f"  k{i}: {'x' * 90}\n" for i in range(110_000))),
+        r"the contract file is \d+\.\d MB, too large to be one",
+    ),
+]
+
+
+@pytest.mark.parametrize(("write", "pattern"), [r[1:] for r in CONTRACT_FILES], ids=[r[0] for r in CONTRACT_FILES])
+@pytest.mark.parametrize("command", ["status", "audit", "lint"])
+def test_contract_commands_refuse_what_is_not_a_contract(
+    workdir: Path, command: str, write: Callable[[Path], None] | None, pattern: str
+) -> None:
+    if write is not None:
+        write(workdir / "c.yaml")
+    result = runner.invoke(app, ["contract", command, "c.yaml"])
+    output = result.output + (result.stderr or "")
+    assert result.exit_code == 2, output
+    assert isinstance(result.exception, SystemExit) and "Traceback" not in output
+    assert re.match(r"error: c\.yaml" + r"[:\d]*: " + ".*" + pattern, result.stderr), result.stderr
+
+
+# ------------------------------------------------------------------------------- --resume at garbage
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real checkpoint of the default job (step 2), to tamper with."""
+    run = tmp_path_factory.mktemp("real") / "run"
+    result = runner.invoke(app, ["train", "--steps", "2", "--quiet", "--output-dir", str(run)])
+    assert result.exit_code == 0, result.output
+    return run / "checkpoints" / "step-2"
+
+
+def _tampered(checkpoint: Path, target: Path, **state: object) -> Path:
+    """A copy of ``checkpoint`` with state.json entries replaced (``None``: removed), its manifest updated
+    so that only the content is wrong."""
+    import hashlib
+    import json
+    import shutil
+
+    shutil.copytree(checkpoint, target)
+    saved = json.loads((target / "state.json").read_text())
+    for key, value in state.items():
+        saved.pop(key) if value is None else saved.__setitem__(key, value)
+    text = json.dumps(saved) if "whole" not in state else json.dumps(state["whole"])
+    (target / "state.json").write_text(text)
+    manifest = json.loads((target / "manifest.json").read_text())
+    manifest["files"]["state.json"] = {"bytes": len(text.encode()), "sha256": hashlib.sha256(text.encode()).hexdigest()}
+    (target / "manifest.json").write_text(json.dumps(manifest))
+    return target
+
+
+RESUMES: list[tuple[str, dict[str, object], str]] = [
+    ("missing", {}, r"checkpoint directory nowhere does not exist"),
+    ("a file", {}, r"checkpoint directory ok\.npz is a file, not a directory"),
+    ("an empty directory", {}, r"no checkpoint in .*: it holds no step-<N> directory"),
+    ("step-x", {}, r"a checkpoint is named step-<N> with N a number"),
+    ("state a list", {"whole": [1, 2]}, r"state\.json holds list, not a mapping"),
+    ("no config", {"config": None}, r"state\.json has no entry 'config'"),
+    ("config a list", {"config": [1]}, r"state\.json: config is list, not a mapping"),
+    ("no rng", {"rng": None}, r"state\.json has no entry 'rng'"),
+    ("rng garbage", {"rng": {"torch": "zz"}}, r"RNG state lacks"),
+    ("estimate garbage", {"lr_max_estimate": {"x": 1}}, r"state\.json has no entry 'lr_max'"),
+    ("lr_scale NaN", {"lr_scale": "NaN"}, r"lr_scale is 'NaN', not in \(0, 1\]"),
+]
+
+
+@pytest.mark.parametrize(("state", "pattern"), [r[1:] for r in RESUMES], ids=[r[0] for r in RESUMES])
+def test_resume_refuses_garbage(
+    workdir: Path, checkpoint: Path, request: pytest.FixtureRequest, state: dict[str, object], pattern: str
+) -> None:
+    name = request.node.callspec.id
+    target = {"missing": "nowhere", "a file": "ok.npz", "an empty directory": "empty", "step-x": "run/step-x"}.get(name)
+    if target is None:
+        target = str(_tampered(checkpoint, workdir / "tampered" / "step-2", **state))
+    elif name == "an empty directory":
+        (workdir / "empty").mkdir()
+    elif name == "step-x":
+        (workdir / "run" / "step-x").mkdir(parents=True)
+    result = runner.invoke(app, ["train", "--steps", "4", "--quiet", "--output-dir", "out", "--resume", target])
+    output = result.output + (result.stderr or "")
+    assert result.exit_code == 2, output
+    assert isinstance(result.exception, SystemExit) and "Traceback" not in output
+    assert re.search(r"^error: cannot resume from .*" + pattern, result.stderr), result.stderr
+    assert not (workdir / "out").exists() and not (workdir / "runs").exists()

@@ -45,6 +45,10 @@ KeyPositions = dict[str, tuple[int, int]]
 # Largest number of nodes a file may expand to, aliases followed. The bundled contract has 131 and a
 # training config a few dozen; walking 10,000 nodes takes milliseconds.
 NODE_BUDGET = 10_000
+# Largest file read at all: the largest contract in the sample of the format is 25 KB, and a file of more than this
+# cannot stay within the node budget except by long strings; refused before it is parsed (10 MB took 8 s
+# to compose before the node budget refused it).
+MAX_YAML_BYTES = 2 * 1024 * 1024
 _TAG_PREFIX = "tag:yaml.org,2002:"
 
 
@@ -59,8 +63,20 @@ class LocatedProblem(ValueError):
 
 
 def read_yaml_text(path: Path, error: type[LocatedError], *, what: str) -> str:
-    """The file's text, or ``error`` naming the path and why it cannot be read."""
+    """The file's text, or ``error`` naming the path and why it cannot be read (or is too large to be one)."""
     try:
+        if path.exists() and not path.is_file() and not path.is_dir():  # /dev/zero would be read forever
+            raise error(
+                f"the {what} is not a regular file (a device, pipe or socket)", path=path, expected="a YAML file"
+            )
+        size = path.stat().st_size if path.is_file() else 0
+        if size > MAX_YAML_BYTES:
+            raise error(
+                f"the {what} is {size / 1e6:.1f} MB, too large to be one (the node budget, {NODE_BUDGET:,} nodes, "
+                "would refuse it after parsing)",
+                path=path,
+                expected=f"a {what} of at most {MAX_YAML_BYTES // 2**20} MiB",
+            )
         return path.read_text(encoding="utf-8")
     except OSError as exc:
         raise error(

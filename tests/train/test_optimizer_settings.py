@@ -11,7 +11,6 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-import provetrain
 from provetrain.data.sources import DataSplits
 from provetrain.errors import ConfigError, ContractViolation
 from provetrain.train.schedule import Schedule
@@ -67,14 +66,6 @@ def test_a_step_with_zero_gradients_shrinks_only_decayed_weights() -> None:
     for name, p in model.named_parameters():
         expected = before[name] * 0.95 if name == "head.weight" else before[name]
         torch.testing.assert_close(p.detach(), expected, rtol=0, atol=1e-7)
-
-
-@pytest.mark.skipif(hasattr(provetrain, "SGD"), reason="provetrain has SGD: optimizer: sgd is accepted")
-def test_sgd_is_refused_until_provetrain_has_one(tmp_path: Path) -> None:
-    trainer = Trainer(TinyLm(), tokens(), steps=2, optimizer="sgd", output_dir=str(tmp_path / "run"))
-    with pytest.raises(ConfigError, match=re.escape("optimizer 'sgd' is not available yet")):
-        trainer.fit()
-    assert not (tmp_path / "run").exists()
 
 
 # --- schedule: decay_steps and min_lr -------------------------------------------------------------------

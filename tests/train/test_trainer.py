@@ -188,9 +188,9 @@ def test_model_without_trainable_parameters_is_refused(tmp_path: Path) -> None:
         ({"lr": 0.0}, "lr", "greater than 0"),
         ({"clip_value": -1.0}, "clip_value", "greater than 0"),
         ({"on_nonfinite": "ignore"}, "on_nonfinite", "'skip', 'raise' or 'rollback'"),
-        ({"betas": (0.9, 1.0)}, None, r"betas must each be in \[0, 1\)"),
-        ({"steps": 10, "epochs": 2}, None, "only one of steps or epochs"),
-        ({"lr_max": -1.0}, None, "lr_max must be a finite number > 0"),
+        ({"betas": (0.9, 1.0)}, "betas", r"betas must each be in \[0, 1\)"),
+        ({"steps": 10, "epochs": 2}, "epochs", "only one of steps or epochs"),
+        ({"lr_max": -1.0}, "lr_max", "lr_max must be a finite number > 0"),
         ({"unknown_setting": 1}, "unknown_setting", "Extra inputs are not permitted"),
     ],
 )

@@ -376,7 +376,10 @@ def load_checkpoint(
     """
     directory = Path(directory)
     if not directory.is_dir():
-        raise FileNotFoundError(f"checkpoint directory {directory} does not exist; check the path")
+        what = "is a file, not a directory" if directory.exists() else "does not exist"
+        raise FileNotFoundError(
+            f"checkpoint directory {directory} {what}; give a run's checkpoints directory or one step-<N> in it"
+        )
     if step is not None:
         _check_step(step)
         path = directory / f"step-{step}"

@@ -31,7 +31,7 @@ from pydantic_core import PydanticCustomError
 
 from provetrain.errors import ConfigError
 from provetrain.train.schedule import ScheduleName
-from provetrain.yaml_schema import KeyPositions, read_yaml_text, validate_yaml_located
+from provetrain.yaml_schema import KeyPositions, LocatedProblem, read_yaml_text, validate_yaml_located
 
 __all__ = [
     "ConfigSource",
@@ -74,7 +74,10 @@ def _path_text(value: Any) -> Any:
     return str(value) if isinstance(value, Path) else value
 
 
-Int = Annotated[int, Strict()]
+# A count beyond this is a typo, never a plan (2**31 - 1 steps at 1 ms each is 25 days); it also keeps every
+# count a 32-bit integer where torch and JSON readers store one.
+MAX_COUNT = 2**31 - 1
+Int = Annotated[int, Strict(), Field(le=MAX_COUNT)]
 Float = Annotated[float, BeforeValidator(_no_bool)]
 
 NonFinitePolicy = Literal["skip", "raise", "rollback"]
@@ -122,7 +125,8 @@ class TrainConfig(BaseModel):
     # of the bundled ones (training-loop-v1, optimizer-v1, backward-pass-v1, checkpoint-v1, batch-v1, ...).
     contracts: list[Annotated[str, BeforeValidator(_path_text)]] = Field(default=["training-loop-v1"], min_length=1)
 
-    # Optimizer: provetrain's guarded Adam or AdamW (decoupled weight decay); "sgd" once provetrain.SGD exists.
+    # Optimizer: provetrain's guarded Adam, AdamW (decoupled weight decay) or SGD (weight decay as an L2 term
+    # of the gradient, as torch.optim.SGD's); all three clip, guard and skip alike.
     optimizer: Literal["adam", "adamw", "sgd"] = "adamw"
     lr: Float = Field(default=1e-3, gt=0, allow_inf_nan=False)
     # The contract's lr_max, which the contract itself does not define: a number is the bound that the
@@ -135,8 +139,13 @@ class TrainConfig(BaseModel):
     # What lr_max: auto may spend: Hessian-vector products (each about 2-3 training steps of compute) and
     # seconds, whichever runs out first, and how many micro-batches it uses.
     lr_max_budget: LrMaxBudget = Field(default_factory=lambda: LrMaxBudget())
+    # Adam's and AdamW's moment decay rates and denominator guard (refused when set with optimizer: sgd).
     betas: tuple[Float, Float] = (0.9, 0.999)
     eps: Float = Field(default=1e-8, gt=0, allow_inf_nan=False)
+    # SGD's heavy-ball momentum mu in [0, 1) (0: plain SGD) and Nesterov's variant (needs momentum > 0);
+    # optimizer: sgd only (Adam's momentum is betas[0]): set with adam or adamw they are refused.
+    momentum: Float = Field(default=0.0, ge=0, lt=1, allow_inf_nan=False)
+    nesterov: StrictBool = False
     weight_decay: Float = Field(default=1e-2, ge=0, allow_inf_nan=False)
     # Parameters that get no weight decay, as shell-style patterns of their names (`*.bias`, `ln_*`); None
     # (default): nanoGPT's rule, every parameter with fewer than 2 dimensions (biases, norm weights) and
@@ -206,16 +215,16 @@ class TrainConfig(BaseModel):
     checkpoint_every: Int | None = Field(default=None, ge=1)
     keep_checkpoints: Int = Field(default=2, ge=1)
 
-    seed: Int = Field(default=0, ge=0, le=MAX_SEED)
+    seed: Annotated[int, Strict()] = Field(default=0, ge=0, le=MAX_SEED)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # Under torch.distributed: how long a collective may wait for a frozen or dead process before the run
     # ends with an error on every process still alive (torch's gloo default is 30).
-    collective_timeout_minutes: float = Field(default=10.0, gt=0, allow_inf_nan=False)
+    collective_timeout_minutes: Float = Field(default=10.0, gt=0, allow_inf_nan=False)
     # Under torch.distributed: ddp (every rank holds the whole model) or fsdp (FSDP2: parameters, gradients
     # and Adam state sharded over the ranks, checkpoints written shard by shard); no effect in one process.
     strategy: Literal["ddp", "fsdp"] = "ddp"
     # Run outputs; None: runs/<data>-<model>-<timestamp>.
-    output_dir: str | None = None
+    output_dir: str | None = Field(default=None, min_length=1)
 
     # Where the values came from, when they were read from a file (see config_error).
     _source: ConfigSource | None = PrivateAttr(default=None)
@@ -230,21 +239,67 @@ class TrainConfig(BaseModel):
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:
         if self.steps is not None and self.epochs is not None:
-            raise ValueError("give only one of steps or epochs")
+            raise LocatedProblem(("epochs",), "give only one of steps or epochs", expected="steps or epochs, not both")
         for beta in self.betas:
             if not 0.0 <= beta < 1.0 or math.isnan(beta):
-                raise ValueError(f"betas must each be in [0, 1), got {self.betas}")
+                raise LocatedProblem(
+                    ("betas",), f"betas must each be in [0, 1), got {self.betas}", expected="[0.9, 0.999]"
+                )
         if isinstance(self.lr_max, float) and not (self.lr_max > 0 and math.isfinite(self.lr_max)):
-            raise ValueError(f"lr_max must be a finite number > 0, 'auto' or null, got {self.lr_max}")
+            raise LocatedProblem(
+                ("lr_max",),
+                f"lr_max must be a finite number > 0, got {self.lr_max}",
+                expected="a number > 0, auto or null",
+            )
         if self.min_lr is not None and self.min_lr_ratio:
-            raise ValueError(
-                f"give only one of min_lr ({self.min_lr}) or min_lr_ratio ({self.min_lr_ratio}): both set the floor"
+            raise LocatedProblem(
+                ("min_lr",),
+                f"give only one of min_lr ({self.min_lr}) or min_lr_ratio ({self.min_lr_ratio}): both set the floor",
+                expected="min_lr or min_lr_ratio, not both",
             )
         if self.min_lr is not None and self.min_lr >= self.lr:
-            raise ValueError(f"min_lr ({self.min_lr}) must be below lr ({self.lr}): it is where the decay ends")
-        if self.loss_fn is not None and self.loss_fn.count(":") != 1:
-            raise ValueError(f"loss_fn must be 'module:function', got {self.loss_fn!r}")
+            raise LocatedProblem(
+                ("min_lr",),
+                f"min_lr ({self.min_lr}) must be below lr ({self.lr}): it is where the decay ends",
+                expected=f"a number in [0, {self.lr})",
+            )
+        self._check_optimizer_settings()
+        if self.loss_fn is not None and (self.loss_fn.count(":") != 1 or not all(self.loss_fn.split(":"))):
+            raise LocatedProblem(
+                ("loss_fn",),
+                f"loss_fn must be 'module:function', got {self.loss_fn!r}",
+                expected="'module:function', e.g. torch.nn.functional:cross_entropy, or null for cross-entropy",
+            )
         return self
+
+    def _check_optimizer_settings(self) -> None:
+        """Settings of one optimizer are refused with another rather than silently ignored (a value equal to
+        the default changes nothing and passes, so a dumped config validates again)."""
+        fields = type(self).model_fields
+        given = {key for key in ("betas", "eps", "momentum", "nesterov") if getattr(self, key) != fields[key].default}
+        if self.optimizer == "sgd":
+            for key in ("betas", "eps"):
+                if key in given:
+                    raise LocatedProblem(
+                        (key,),
+                        f"{key} is a setting of Adam and AdamW, not of optimizer: sgd",
+                        expected=f"no {key} with optimizer: sgd (its settings are momentum and nesterov), or "
+                        "optimizer: adam or adamw",
+                    )
+            if self.nesterov and self.momentum == 0:
+                raise LocatedProblem(
+                    ("nesterov",),
+                    "nesterov: true needs momentum > 0 (it is Nesterov's variant of momentum)",
+                    expected="a momentum in (0, 1), e.g. 0.9, or nesterov: false",
+                )
+            return
+        for key in ("momentum", "nesterov"):
+            if key in given:
+                raise LocatedProblem(
+                    (key,),
+                    f"{key} is a setting of optimizer: sgd, not of {self.optimizer} (whose momentum is betas[0])",
+                    expected=f"no {key} with optimizer: {self.optimizer}, or optimizer: sgd",
+                )
 
 
 def load_config(path: str | Path) -> TrainConfig:
@@ -295,5 +350,9 @@ def make_config(values: dict[str, Any]) -> TrainConfig:
         return TrainConfig.model_validate(values)
     except ValidationError as error:
         detail = error.errors(include_url=False)[0]
+        cause = (detail.get("ctx") or {}).get("error")
+        if isinstance(cause, LocatedProblem):
+            key = ".".join(str(part) for part in cause.loc) or None
+            raise ConfigError(cause.problem, key=key, expected=cause.expected) from None
         key = ".".join(str(part) for part in detail["loc"]) or None
         raise ConfigError(f"{detail['msg']}; got {detail.get('input')!r}", key=key) from None

@@ -76,6 +76,7 @@ __all__ = [
     "World",
     "clip_grad_norm_distributed_",
     "failing_peers_stop",
+    "gradient_sync",
     "scaled_sum_of_squares_across_ranks",
     "shard_fully_",
     "sums_and_maxima_across_ranks",
@@ -212,19 +213,27 @@ class World:
             _set_pg_timeout(timedelta(minutes=minutes), self.group)
 
     def check_strategy(self, config: Any) -> None:
-        """Refuse, before anything runs, what the Trainer does not do under ``strategy: fsdp``."""
+        """Refuse, before anything runs, what the Trainer does not do under ``strategy: fsdp`` (located at the
+        key in the config's file, when it came from one)."""
+        from provetrain.train.config import config_error  # config imports nothing of this module's
+
         if config.strategy != "fsdp" or self.size == 1:
             return
         refused = {
             "lr_max": (config.lr_max == "auto", "lr_max: auto runs forwards on rank 0 alone, which FSDP2 cannot"),
             "precision": (config.precision == "fp16-amp", "fp16-amp's GradScaler does not take FSDP2's shards"),
+            "optimizer": (
+                config.optimizer == "sgd",
+                "provetrain.SGD has no sharded step: its clip norm would be one rank's shard's",
+            ),
         }
         for key, (bad, why) in refused.items():
             if bad:
-                raise ConfigError(
-                    f"{key}={getattr(config, key)!r} is not supported with strategy: fsdp ({why}); use "
-                    "strategy: ddp, or another value of it",
+                raise config_error(
+                    config,
+                    f"{key}={getattr(config, key)!r} is not supported with strategy: fsdp ({why})",
                     key=key,
+                    expected="strategy: ddp, or another value of it",
                 )
 
     def barrier(self) -> None:
@@ -451,6 +460,35 @@ def shard_fully_(
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
     return model
+
+
+@contextmanager
+def gradient_sync(module: nn.Module, *, enabled: bool) -> Iterator[None]:
+    """Whether a backward run inside reduces the gradients across ranks (``enabled``), or only accumulates
+    them locally, as the inner micro-steps of gradient accumulation should (one reduction per optimizer
+    step instead of one per micro-step; the sum of the local gradients is reduced once, so the result is
+    the same up to summation order).
+
+    DDP: its ``no_sync()`` when not ``enabled``. FSDP2 (``fully_shard``): ``set_requires_gradient_sync(False)``
+    on the module and its sharded blocks for the backward, ``True`` again after (the unsharded gradients
+    are kept, and reduce-scattered by the first synchronising backward). Anything else: nothing to do.
+    """
+    if enabled or not dist.is_available():
+        yield
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(module, DistributedDataParallel):
+        with module.no_sync():
+            yield
+    elif isinstance(module, FSDPModule):
+        module.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            module.set_requires_gradient_sync(True)
+    else:
+        yield
 
 
 def _refuse_sharded_parameters(model: nn.Module) -> None:

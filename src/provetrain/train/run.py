@@ -92,10 +92,10 @@ def _check_first_batch(trainer: Trainer, config: TrainConfig) -> None:
         raise config_error(config, str(error), key="data") from None
     was_training = trainer.model.training
     trainer.model.eval()
+    # A configured loss_fn is blamed for what fails after the forward, the model for the forward itself.
+    loss_key = "model" if config.loss_fn is None else "loss_fn"
     try:
-        loss = trainer.loss_fn(trainer.model(inputs), targets)
-    except ModelOutputError as error:  # a tuple without output_key, a key the output does not have
-        raise config_error(config, str(error), key=error.key) from None
+        outputs = trainer.model(inputs)
     except Exception as error:
         shape = tuple(inputs.shape[1:])
         problem = (
@@ -105,9 +105,20 @@ def _check_first_batch(trainer: Trainer, config: TrainConfig) -> None:
         raise config_error(config, problem, key="model") from None
     finally:
         trainer.model.train(was_training)
+    try:
+        loss = trainer.loss_fn(outputs, targets)
+    except ModelOutputError as error:  # a tuple without output_key, a key the output does not have
+        raise config_error(config, str(error), key=error.key) from None
+    except Exception as error:
+        source = "the default loss" if config.loss_fn is None else f"loss_fn {config.loss_fn!r}"
+        problem = (
+            f"{source} fails on the model {config.model!r}'s outputs and the data {config.data!r}'s targets: "
+            f"{type(error).__name__}: {error}"
+        )
+        raise config_error(config, problem, key=loss_key, expected="loss_fn(outputs, targets) -> a scalar") from None
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
         shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-        raise config_error(config, f"the loss on the model's outputs is not a scalar (got {shape})", key="model")
+        raise config_error(config, f"the loss on the model's outputs is not a scalar (got {shape})", key=loss_key)
 
 
 def train_from_config(

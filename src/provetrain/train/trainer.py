@@ -7,13 +7,14 @@ One step, in order (each phase a short helper):
 2. for each of the ``gradient_accumulation_steps`` (k) micro-batches of the step (the data position
    advances even when the step is later skipped: a bad batch is dropped, so the run equals one that never
    saw it): forward (through ``torch.compile`` under ``compile``), the loss on the output at ``output_key``,
-   backward of loss / k (under DDP's ``no_sync`` but for the last); the micro-batch losses are summed on the
+   backward of loss / k (without the gradients' reduction across ranks but for the last: DDP's
+   ``no_sync``, FSDP2's ``set_requires_gradient_sync(False)``); the micro-batch losses are summed on the
    device in float64;
 3. check ``!gradients.is_empty()``;
 4. the step's mean loss over its micro-batches (under ``torch.distributed``, over every rank's shares in one
    collective): the same on every rank, and non-finite when any micro-batch's loss was;
 5. ``optimizer.step(loss=...)``: global-norm clip, finite guard and update, with the skip decided on the
-   device (provetrain's Adam/AdamW): a NaN loss on any micro-step skips the whole accumulated step;
+   device (provetrain's Adam, AdamW or SGD): a NaN loss on any micro-step skips the whole accumulated step;
 6. on a skipped step, module buffers the forward wrote (BatchNorm statistics) are put back, on the device;
 7. record the step's loss, gradient norms and skip count as device tensors.
 
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import math
 import signal
 import threading
@@ -46,7 +48,6 @@ from typing import Any
 import torch
 from rich.console import Console
 from torch import Tensor, nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
 from provetrain.contract.load import load_contract
@@ -64,6 +65,8 @@ from provetrain.data.sources import DataSplits, as_splits, resolve_function
 from provetrain.errors import ConfigError, ContractViolation
 from provetrain.ops.adam import Adam, AdamW
 from provetrain.ops.clip import first_nonfinite_gradient
+from provetrain.ops.guarded import GuardedOptimizer
+from provetrain.ops.sgd import SGD
 from provetrain.train.activation_checkpointing import apply_activation_checkpointing
 from provetrain.train.certificate import (
     GRAD,
@@ -85,7 +88,7 @@ from provetrain.train.checkpoint import (
     unflatten_state,
 )
 from provetrain.train.config import TrainConfig, config_error, make_config, override
-from provetrain.train.distributed import World
+from provetrain.train.distributed import World, gradient_sync
 from provetrain.train.lr_max import LrMaxEstimate, PowerBudget, estimate_lr_max, preconditioner_from_batches
 from provetrain.train.model_output import LossFn, default_loss, loss_on_output, select_output
 from provetrain.train.monitor import LossTrendMonitor
@@ -205,7 +208,7 @@ def _same_layout(a: Tensor, b: Tensor) -> bool:
 # rewritten by the next step. A checkpoint records them as absent (the finiteness rule is for state), and a
 # resumed optimizer starts them afresh.
 _DIAGNOSTIC_COUNTERS = ("last_grad_norm", "last_clipped_grad_norm")
-_COUNTERS = "provetrain"  # where provetrain's Adam keeps its counters in its state_dict
+_COUNTERS = "provetrain"  # where provetrain's optimizers keep their counters in their state_dict
 
 # The outcome of a run that has started and not ended: what a killed run's certificate keeps saying.
 _UNFINISHED = "failed: did not finish (the process was killed, or the final certificate could not be written)"
@@ -233,20 +236,26 @@ def no_decay_names(model: nn.Module, patterns: Sequence[str] | None) -> set[str]
     return {n for n, p in named.items() if p.dim() < 2 or id(p) in embeddings}
 
 
-def _optimizer_class(name: str) -> type[Adam]:
-    """The optimizer class ``optimizer`` names; ``sgd`` when provetrain has a guarded SGD."""
-    if name == "sgd":
-        import provetrain
+def _optimizer_class(name: str) -> type[GuardedOptimizer]:
+    """The provetrain optimizer ``optimizer`` names."""
+    return {"adam": Adam, "adamw": AdamW, "sgd": SGD}[name]
 
-        sgd = getattr(provetrain, "SGD", None)
-        if sgd is None:
-            raise ConfigError(
-                "optimizer 'sgd' is not available yet: provetrain has no guarded SGD in this version",
-                key="optimizer",
-                expected="'adam' or 'adamw'",
-            )
-        return sgd  # type: ignore[no-any-return]
-    return AdamW if name == "adamw" else Adam
+
+def _with_momentum(estimate: LrMaxEstimate, momentum: float, *, nesterov: bool) -> LrMaxEstimate:
+    r"""SGD's threshold ``2 / λ`` for momentum :math:`\mu` (torch's form, no dampening): on the quadratic's top
+    eigen-direction the heavy ball is stable while :math:`\eta\lambda < 2(1 + \mu)`, Nesterov's variant while
+    :math:`\eta\lambda < 2(1 + \mu) / (1 + 2\mu)` (the roots of each iteration's characteristic polynomial
+    stay inside the unit circle; Goh 2017, *Why momentum really works*)."""
+    if momentum == 0:
+        return estimate
+    factor = 2 * (1 + momentum) / (1 + 2 * momentum) if nesterov else 2 * (1 + momentum)
+    form = "2(1 + mu) / (1 + 2 mu)" if nesterov else "2(1 + mu)"
+    lr_max = estimate.lr_max * factor / 2
+    note = (
+        f" With {'Nesterov ' if nesterov else ''}momentum mu = {momentum:g} the bound is lr·λ_max(H) < {form} instead"
+        f" of 2, so lr_max = {lr_max:.6g}."
+    )
+    return dataclasses.replace(estimate, lr_max=lr_max, explanation=estimate.explanation + note)
 
 
 def _uncompiled(module: nn.Module) -> nn.Module:
@@ -436,6 +445,7 @@ class Trainer:
 
     def _param_groups(self, named: list[tuple[str, nn.Parameter]]) -> list[dict[str, Any]]:
         """Two groups: decayed with ``weight_decay``, and :func:`no_decay_names` with none (empty ones dropped)."""
+        self._check_no_decay_patterns([n for n, _ in named])
         exempt = no_decay_names(self.model, self.config.no_weight_decay)
         groups = [
             {"params": [(n, p) for n, p in named if n not in exempt], "weight_decay": self.config.weight_decay},
@@ -443,7 +453,22 @@ class Trainer:
         ]
         return [g for g in groups if g["params"]]
 
-    def _build_optimizer(self) -> Adam:
+    def _check_no_decay_patterns(self, names: list[str]) -> None:
+        """Each ``no_weight_decay`` pattern names at least one trainable parameter: one that matches none is a
+        typo (``*.bais``) whose parameters would silently be decayed."""
+        import fnmatch
+
+        for index, pattern in enumerate(self.config.no_weight_decay or ()):
+            if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+                shown = ", ".join(names[:8]) + (f", ... ({len(names)} in all)" if len(names) > 8 else "")
+                raise config_error(
+                    self.config,
+                    f"no_weight_decay pattern {pattern!r} matches no trainable parameter of the model ({shown})",
+                    key=f"no_weight_decay[{index}]",
+                    expected="shell-style patterns of parameter names, e.g. '*.bias'; [] decays every parameter",
+                )
+
+    def _build_optimizer(self) -> GuardedOptimizer:
         cls = _optimizer_class(self.config.optimizer)
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         if not PREDICATES["!params.is_empty()"](params=[p for _, p in named]):
@@ -456,14 +481,19 @@ class Trainer:
         self.ledger.check(LOSS, "precondition", "!params.is_empty()")
         if self.config.clip_value is not None:
             self.ledger.check(GRAD, "precondition", "clip_value > 0.0")
-        hyper = {"betas": self.config.betas, "eps": self.config.eps} if issubclass(cls, Adam) else {}
         return cls(
             self._param_groups(named),
             lr=self.config.lr,
             clip_value=self.config.clip_value,
             on_nonfinite="skip",
-            **hyper,
+            **self._optimizer_hyperparameters(),
         )
+
+    def _optimizer_hyperparameters(self) -> dict[str, Any]:
+        """The settings of the configured optimizer alone (the config refuses another's)."""
+        if self.config.optimizer == "sgd":
+            return {"momentum": self.config.momentum, "nesterov": self.config.nesterov}
+        return {"betas": self.config.betas, "eps": self.config.eps}
 
     def _preflight_lr(self) -> None:
         """``lr > 0.0``, and ``lr < lr_max`` for a declared lr_max, for every lr the schedule will produce."""
@@ -625,14 +655,14 @@ class Trainer:
         """Forward and backward of micro-batch ``micro`` of optimizer step ``step``; returns this rank's share
         of its mean loss (``share * loss``, float64, on the device: no host read).
 
-        Under DDP the backward averages the gradients over the ranks, on the last micro-batch only (the
-        others run under ``no_sync``: the gradients accumulate locally and are averaged once). The weight
+        Under DDP (FSDP2) the backward averages (reduce-scatters) the gradients over the ranks on the last
+        micro-batch only: the others run under ``no_sync`` (``set_requires_gradient_sync(False)``), so the
+        gradients accumulate locally and are reduced once per step (:func:`~.distributed.gradient_sync`). The weight
         ``W * share / k`` (``1 / k`` for equal shares) makes the sum the gradient of the step's mean loss."""
         inputs, targets = self._next_batch()
         share = self.batch_share
         last = micro == self.accumulation - 1
-        inner = not last and isinstance(self._ddp, DistributedDataParallel)
-        with self._ddp.no_sync() if inner else contextlib.nullcontext():  # type: ignore[operator]
+        with gradient_sync(self._ddp, enabled=last):
             with self._autocast():
                 loss = self.loss_fn(self._forward(inputs, step), targets)
             weight = self.world.size * share / self.accumulation
@@ -845,11 +875,13 @@ class Trainer:
         self.skips.applied()  # the skipped run was undone with the state
 
     def _estimate_lr_max_if_asked(self) -> None:
-        """``lr_max: auto`` (opt-in): estimate Adam's edge of stability at the initial point and report it.
+        """``lr_max: auto`` (opt-in): estimate the optimizer's edge of stability at the initial point and
+        report it.
 
-        Not enforced: the estimate models Adam on a frozen-preconditioner quadratic, while real runs train
-        above it (``bench/lr_max_divergence.py`` measures where they diverge), and power iteration may stop
-        before it converges. Refusing a rate on it would refuse rates that train."""
+        Not enforced: the estimate models the optimizer on a local quadratic (Adam with a frozen
+        preconditioner), while real runs train above it (``bench/lr_max_divergence.py`` measures where they
+        diverge), and power iteration may stop before it converges. Refusing a rate on it would refuse rates
+        that train."""
         if self.config.lr_max != "auto":
             return
         # Estimated once, by rank 0, and sent to every rank: the same report everywhere.
@@ -873,11 +905,12 @@ class Trainer:
         seconds: float | None = None,
         progress: Callable[[int], None] | None = None,
     ) -> LrMaxEstimate:
-        """An estimate of Adam's largest stable lr at the initial point (``provetrain.train.lr_max``).
+        """An estimate of the optimizer's largest stable lr at the initial point (``provetrain.train.lr_max``).
 
         Adam's preconditioner is the root mean squared gradient of the first ``batches`` micro-batches (one
-        backward each); the curvature is measured on the union of the first ``lr_max_budget.curvature_batches``
-        of them, by at most ``iterations`` Hessian-vector products in all,
+        backward each); SGD has none, and its threshold counts its momentum (:func:`_with_momentum`). The
+        curvature is measured on the union of the first ``lr_max_budget.curvature_batches`` micro-batches, by
+        at most ``iterations`` Hessian-vector products in all,
         for at most ``seconds`` (defaults: the config's ``lr_max_budget``). ``progress(products_done)`` is
         called after each product. Measured on the uncompiled module (double backward through a compiled
         graph is not supported), in training mode; its buffers are put back after, and nothing else changes.
@@ -893,23 +926,25 @@ class Trainer:
         # Its forwards run in training mode and write buffers (BatchNorm statistics): they are put back after.
         buffers = {name: b.clone() for name, b in self.model.named_buffers()}
         try:
-            wanted = batches or budget.batches
+            sgd = self.config.optimizer == "sgd"
+            wanted = curvature_batches if sgd else batches or budget.batches
             loaded = self._first_batches(min(wanted, self.steps_per_epoch or wanted))
             params = [p for p in self.model.parameters() if p.requires_grad]
             losses = [lambda x=x, y=y: self.loss_fn(self.model(x), y) for x, y in loaded]
-            preconditioner = preconditioner_from_batches(losses, params, eps=self.config.eps)
+            preconditioner = None if sgd else preconditioner_from_batches(losses, params, eps=self.config.eps)
             # The curvature of their union: one minibatch's is noisy enough to turn its sign.
             inputs, targets = (torch.cat(parts) for parts in zip(*loaded[:curvature_batches], strict=True))
-            return estimate_lr_max(
+            estimate = estimate_lr_max(
                 lambda: self.loss_fn(self.model(inputs), targets),
                 params,
-                optimizer="adam",
+                optimizer="sgd" if sgd else "adam",
                 betas=self.config.betas,
                 eps=self.config.eps,
                 preconditioner=preconditioner,
                 iterations=products,
                 budget=PowerBudget(products, seconds if seconds is not None else budget.seconds, progress),
             )
+            return _with_momentum(estimate, self.config.momentum, nesterov=self.config.nesterov) if sgd else estimate
         except (ValueError, RuntimeError) as error:
             problem = f"the lr_max estimate failed: {type(error).__name__}: {error}"
             raise config_error(
@@ -1039,6 +1074,8 @@ class Trainer:
             else:
                 checkpoint = self._load_resume_checkpoint(path)
             state = checkpoint.state
+            if not isinstance(state, dict):
+                raise ResumeError(f"cannot resume from {path}: state.json holds {type(state).__name__}, not a mapping")
             next_step = self._check_resume_state(checkpoint.path, checkpoint.step, state)
             if not self._sharded:
                 self.model.load_state_dict(unflatten_state(checkpoint.tensors, state["model"]))
@@ -1049,21 +1086,24 @@ class Trainer:
             if self._scaler is not None and state.get("grad_scaler"):
                 self._scaler.load_state_dict(state["grad_scaler"])
             self._restore_data_position(state.get("data"), next_step)
+            # The bound is this run's declared lr_max (as before training); the estimate, made at the start of
+            # the run, is kept for the certificate. (A checkpoint from before lr_max: auto stopped being a bound
+            # holds the estimate as "lr_max": it is not enforced either.)
+            saved_estimate = state.get("lr_max_estimate")
+            lr_max_estimate = None if saved_estimate is None else LrMaxEstimate.from_dict(saved_estimate)
+            restore_rng_state(state["rng"])
         except ResumeError:
             raise
-        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as error:
+        except KeyError as error:
+            raise ResumeError(f"cannot resume from {path}: state.json has no entry {error}") from error
+        except (OSError, ValueError, TypeError, AttributeError, RuntimeError) as error:
             raise ResumeError(f"cannot resume from {path}: {error}") from error
         self.applied_steps = state["applied_steps"]
         self.skips.total = state["skipped_steps"]
         self.skips.consecutive = state["consecutive_skips"]
         self.rollbacks = state["rollbacks"]
         self.lr_scale = state["lr_scale"]
-        # The bound is this run's declared lr_max (as before training); the estimate, made at the start of the
-        # run, is kept for the certificate. (A checkpoint from before lr_max: auto stopped being a bound holds
-        # the estimate as "lr_max": it is not enforced either.)
-        saved_estimate = state.get("lr_max_estimate")
-        self.lr_max_estimate = None if saved_estimate is None else LrMaxEstimate.from_dict(saved_estimate)
-        restore_rng_state(state["rng"])
+        self.lr_max_estimate = lr_max_estimate
         return next_step
 
     def _restore_data_position(self, saved: dict[str, Any] | None, next_step: int) -> None:
@@ -1106,6 +1146,10 @@ class Trainer:
         if not isinstance(scale, float | int) or not 0 < scale <= 1:
             raise ResumeError(f"cannot resume from {where}: state.json: lr_scale is {scale!r}, not in (0, 1]")
         saved, current = state["config"], self.config.model_dump(mode="json")
+        if not isinstance(saved, dict):
+            raise ResumeError(
+                f"cannot resume from {where}: state.json: config is {type(saved).__name__}, not a mapping"
+            )
         changed = [k for k in self._RESUME_INVARIANT_KEYS if saved.get(k) != current.get(k)]
         if changed:
             raise ResumeError(
