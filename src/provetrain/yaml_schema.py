@@ -342,6 +342,7 @@ _EXPECTED_BY_TYPE = {
     "dict_type": "a mapping",
     "model_type": "a mapping",
     "missing": "this key to be present",
+    "activation_checkpointing": "'module_lists' or a non-empty list of submodule name patterns such as ['blocks.*']",
 }
 
 

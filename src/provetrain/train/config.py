@@ -65,7 +65,7 @@ def _checkpoint_targets(value: Any) -> Any:
         return value
     raise PydanticCustomError(
         "activation_checkpointing",
-        "expected 'module_lists' or a non-empty list of submodule name patterns such as ['blocks.*']",
+        "not a setting of activation_checkpointing",
     )
 
 
