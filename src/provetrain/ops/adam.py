@@ -80,7 +80,6 @@ from provetrain.ops.guarded import (
     is_real,
     is_set,
     loss_is_finite,
-    param_label,
     real_view,
     unscale_,
 )
@@ -836,37 +835,10 @@ class Adam(GuardedOptimizer):
 
     def _check_loadable(self, state_dict: Mapping[str, Any]) -> None:
         super()._check_loadable(state_dict)
-        saved_groups = state_dict["param_groups"]
-        for i, group in enumerate(saved_groups):
-            if group.get("differentiable"):
-                raise ValueError(
-                    f"state_dict param_groups[{i}] was saved with differentiable=True, which provetrain's Adam "
-                    "does not implement (a guarded, clipped step is not differentiable); load it into "
-                    "torch.optim.Adam(differentiable=True) instead."
-                )
-        if len(saved_groups) != len(self.param_groups) or any(
-            len(s["params"]) != len(g["params"]) for s, g in zip(saved_groups, self.param_groups, strict=True)
-        ):
-            return  # torch's load_state_dict explains the mismatch
-        by_id = dict(
-            zip(
-                chain.from_iterable(s["params"] for s in saved_groups),
-                (
-                    (g, gi, pi, p, bool(saved.get("amsgrad", False)))
-                    for gi, (g, saved) in enumerate(zip(self.param_groups, saved_groups, strict=True))
-                    for pi, p in enumerate(g["params"])
-                ),
-                strict=True,
-            )
-        )
-        for param_id, p_state in state_dict["state"].items():
-            if param_id not in by_id:
-                continue
-            group, gi, pi, p, amsgrad = by_id[param_id]
-            label = param_label(group, gi, pi)
+        for label, p, p_state, saved_group in self._saved_parameter_states(state_dict):
             # The loaded group's amsgrad decides (torch takes the saved hyper-parameters); a state saved
             # with amsgrad and loaded into a group without it keeps its maximum, as torch's would.
-            expected = _AMSGRAD_STATE_KEYS if amsgrad else _STATE_KEYS
+            expected = _AMSGRAD_STATE_KEYS if saved_group.get("amsgrad", False) else _STATE_KEYS
             if not expected <= set(p_state) <= _AMSGRAD_STATE_KEYS:
                 raise ValueError(
                     f"state_dict holds keys {sorted(p_state)} for {label}, expected {sorted(expected)}: "

@@ -472,6 +472,31 @@ class GuardedOptimizer(Optimizer):
                 + (f" with keys {sorted(map(str, state_dict))}" if isinstance(state_dict, Mapping) else "")
             )
 
+    def _saved_parameter_states(
+        self, state_dict: Mapping[str, Any]
+    ) -> list[tuple[str, Tensor, Mapping[str, Any], Mapping[str, Any]]]:
+        """``(label, parameter, its saved state, its saved group)`` for each saved state of a parameter, after
+        refusing a state dict saved with ``differentiable=True``; empty when the groups do not line up (torch's
+        ``load_state_dict`` then explains the mismatch). For the subclasses' :meth:`_check_loadable`."""
+        saved_groups = state_dict["param_groups"]
+        for i, group in enumerate(saved_groups):
+            if group.get("differentiable"):
+                raise ValueError(
+                    f"state_dict param_groups[{i}] was saved with differentiable=True, which provetrain's "
+                    f"{self._algorithm} does not implement (a guarded, clipped step is not differentiable); load "
+                    f"it into torch.optim.{self._algorithm}(differentiable=True) instead."
+                )
+        if len(saved_groups) != len(self.param_groups) or any(
+            len(s["params"]) != len(g["params"]) for s, g in zip(saved_groups, self.param_groups, strict=True)
+        ):
+            return []
+        by_id = {
+            param_id: (param_label(group, gi, pi), p, saved)
+            for gi, (group, saved) in enumerate(zip(self.param_groups, saved_groups, strict=True))
+            for pi, (param_id, p) in enumerate(zip(saved["params"], group["params"], strict=True))
+        }
+        return [(*by_id[i][:2], p_state, by_id[i][2]) for i, p_state in state_dict["state"].items() if i in by_id]
+
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Load a state dict of this class or of its ``torch.optim`` counterpart.
 

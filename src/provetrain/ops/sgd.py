@@ -50,7 +50,6 @@ from provetrain.ops.guarded import (
     check_learning_rate,
     is_real,
     is_set,
-    param_label,
     real_view,
     unscale_,
 )
@@ -293,26 +292,7 @@ class SGD(GuardedOptimizer):
 
     def _check_loadable(self, state_dict: Mapping[str, Any]) -> None:
         super()._check_loadable(state_dict)
-        saved_groups = state_dict["param_groups"]
-        for i, group in enumerate(saved_groups):
-            if group.get("differentiable"):
-                raise ValueError(
-                    f"state_dict param_groups[{i}] was saved with differentiable=True, which provetrain's SGD "
-                    "does not implement (a guarded, clipped step is not differentiable); load it into "
-                    "torch.optim.SGD(differentiable=True) instead."
-                )
-        if len(saved_groups) != len(self.param_groups) or any(
-            len(s["params"]) != len(g["params"]) for s, g in zip(saved_groups, self.param_groups, strict=True)
-        ):
-            return  # torch's load_state_dict explains the mismatch
-        ids = [i for s in saved_groups for i in s["params"]]
-        where = [(g, gi, pi, p) for gi, g in enumerate(self.param_groups) for pi, p in enumerate(g["params"])]
-        by_id = dict(zip(ids, where, strict=True))
-        for param_id, p_state in state_dict["state"].items():
-            if param_id not in by_id:
-                continue
-            group, gi, pi, p = by_id[param_id]
-            label = param_label(group, gi, pi)
+        for label, p, p_state, _ in self._saved_parameter_states(state_dict):
             if not set(p_state) <= _STATE_KEYS:
                 raise ValueError(
                     f"state_dict holds keys {sorted(p_state)} for {label}, expected {sorted(_STATE_KEYS)}: "
