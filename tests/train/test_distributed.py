@@ -450,3 +450,18 @@ def test_a_frozen_rank_ends_the_run_on_every_survivor_and_the_certificate_says_f
     assert frozen.startswith("RuntimeError:")  # it woke up to a peer that had ended the run
     outcome = json.loads((tmp_path / "run" / "certificate.json").read_text())["outcome"]
     assert outcome.startswith("failed: RuntimeError:") and "Timed out" in outcome
+
+
+def test_fsdp_on_a_torch_without_fsdp2_or_dcp_safetensors_is_refused_at_the_strategy_key(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from provetrain.train import distributed
+    from provetrain.train.config import make_config
+
+    config = make_config({"strategy": "fsdp"})
+    distributed.World(0, 2).check_strategy(config)  # this torch has both: accepted
+    monkeypatch.setattr(distributed, "_FSDP_MODULES", ("torch.distributed.fsdp", "torch.no_such_module"))
+    with pytest.raises(ConfigError, match=r"strategy: fsdp needs torch\.no_such_module, which this torch \(") as error:
+        distributed.World(0, 2).check_strategy(config)
+    assert error.value.key == "strategy"
+    distributed.World(0, 1).check_strategy(config)  # one process: nothing is sharded, nothing refused

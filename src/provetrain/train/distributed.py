@@ -47,6 +47,7 @@ peer died or froze past the timeout raises :class:`PeerFailureError` saying what
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import pickle
@@ -235,6 +236,14 @@ class World:
                     key=key,
                     expected="strategy: ddp, or another value of it",
                 )
+        missing = [name for name in _FSDP_MODULES if importlib.util.find_spec(name) is None]
+        if missing:  # FSDP2 and DCP's safetensors storage are recent parts of torch
+            raise config_error(
+                config,
+                f"strategy: fsdp needs {' and '.join(missing)}, which this torch ({torch.__version__}) lacks",
+                key="strategy",
+                expected="strategy: ddp, or a torch release that has FSDP2 and DCP's hf_storage",
+            )
 
     def barrier(self) -> None:
         """Wait until every rank is here (nothing in one process)."""
@@ -243,6 +252,10 @@ class World:
 
     def _main_global_rank(self) -> int:
         return 0 if self.group is None else dist.get_global_rank(self.group, 0)
+
+
+# What strategy: fsdp imports: FSDP2's fully_shard and DCP's safetensors storage (no pickle in checkpoints).
+_FSDP_MODULES = ("torch.distributed.fsdp", "torch.distributed.checkpoint.hf_storage")
 
 
 def _barrier(group: dist.ProcessGroup | None) -> None:
