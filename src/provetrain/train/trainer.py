@@ -200,6 +200,18 @@ _AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {
 }
 
 
+def _class_scores(predicted: Any, targets: Tensor) -> bool:
+    """Whether ``predicted`` holds one score per class for each target, a class index: what an accuracy
+    (``argmax(-1) == targets``) means. A regression's output (float targets, one value per example) is not:
+    compared, it would broadcast to a meaningless number."""
+    return (
+        isinstance(predicted, Tensor)
+        and predicted.dim() == targets.dim() + 1
+        and predicted.shape[:-1] == targets.shape
+        and not (targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool)
+    )
+
+
 def _same_layout(a: Tensor, b: Tensor) -> bool:
     return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
 
@@ -1185,8 +1197,8 @@ class Trainer:
             inputs, targets = inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
             outputs = self.model(inputs)
             total_loss += self.loss_fn(outputs, targets).detach().double() * len(inputs)
-            predicted = self.select_output(outputs)  # no accuracy for an output that is not a tensor of logits
-            if isinstance(predicted, Tensor):
+            predicted = self.select_output(outputs)  # no accuracy for an output that is not class scores
+            if _class_scores(predicted, targets):
                 correct += (predicted.argmax(-1) == targets).sum()
                 targets_seen += targets.numel()
             examples += len(inputs)
