@@ -1003,6 +1003,9 @@ class Trainer:
         until it is written (or raise rank 0's error)."""
         if self._pending:  # the policies see every step before its state is saved (a host read, rare)
             self._read_back()
+        # A run resumed from this checkpoint rolls back to it (its first snapshot): so does this run, or the
+        # two would roll back to different states after a non-finite step (rollback policies only).
+        self._take_snapshot()
         if self._sharded:  # FSDP2: every rank writes its own shards, rank 0 commits (sharded_checkpoint)
             save_sharded_checkpoint(
                 self._checkpoint_dir(),
