@@ -738,6 +738,14 @@ class Trainer:
         """
         inputs, targets = self.batches.next_batch()
         examples = len(inputs)
+        if examples < self.world.size:  # every rank draws this batch: every rank raises here, none waits
+            raise DataError(
+                f"a training batch of {examples} example{'s' if examples != 1 else ''} is shared by "
+                f"{self.world.size} processes: a process without examples would have a NaN loss, and every such "
+                "step would be skipped. The last batch of an epoch is short when the data's length is not a "
+                f"multiple of its batch size: choose a batch size for which it holds at least {self.world.size} "
+                "examples (a DataLoader: drop_last=True)"
+            )
         inputs, targets = self.world.shard(inputs), self.world.shard(targets)
         self.batch_share = len(inputs) / examples
         # Pinned host memory (a DataLoader with pin_memory=True) lets these copies overlap the compute.
