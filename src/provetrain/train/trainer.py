@@ -999,6 +999,7 @@ class Trainer:
         "batch_size",
         "gradient_accumulation_steps",
         "seed",
+        "no_weight_decay",  # the parameter groups: which saved state belongs to which parameter
     )
 
     def _checkpoint_dir(self) -> Path:
@@ -1080,7 +1081,13 @@ class Trainer:
         if isinstance(counters, dict):
             live = self.optimizer.state_dict().get(_COUNTERS, {})
             state[_COUNTERS] = {k: v for k, v in live.items() if k in _DIAGNOSTIC_COUNTERS} | counters
+        # torch's load puts the saved groups' hyper-parameters back; this run's config (which its certificate
+        # records) decides them: a weight_decay or betas changed for the resumed run would be silently ignored.
+        # (lr is the schedule's, set at every step.)
+        configured = [{k: v for k, v in g.items() if k not in ("params", "lr")} for g in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state)
+        for group, settings in zip(self.optimizer.param_groups, configured, strict=True):
+            group.update(settings)
 
     def _resume(self, path: Path) -> int:
         """Restore a checkpoint saved by this Trainer; returns the step to continue from.
