@@ -305,6 +305,20 @@ def test_eval_batches_are_random_and_the_same_at_every_evaluation(tmp_path: Path
     assert draws[0] != [labels(b) for b in evaluation_batches(data, batch_size=8, count=3, seed=2)]
 
 
+@pytest.mark.parametrize("count", [None, 2])
+def test_a_held_out_loader_with_a_generator_evaluates_the_same_batches(count: int | None) -> None:
+    """A shuffling held-out DataLoader with its own generator drew a new order at every evaluation (the
+    seeded global RNG does not reach it), so evaluations were on different batches, a resumed run's too.
+    Its generator is seeded from the run's seed for the evaluation and left as it was after."""
+    generator = torch.Generator().manual_seed(1)
+    held_out = DataLoader(Pairs(20), batch_size=4, shuffle=True, generator=generator)
+    before = generator.get_state()
+    first = [labels(b) for b in evaluation_batches(held_out, batch_size=4, count=count)]
+    again = [labels(b) for b in evaluation_batches(held_out, batch_size=4, count=count)]
+    other_seed = [labels(b) for b in evaluation_batches(held_out, batch_size=4, count=count, seed=1)]
+    assert first == again != other_seed and torch.equal(generator.get_state(), before)
+
+
 # ------------------------------------------------------------------------------------------ bad datasets
 class Triples(Pairs):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:  # type: ignore[override]
