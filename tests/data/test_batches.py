@@ -125,10 +125,11 @@ SOURCES: dict[str, Callable[[Path], BatchSource]] = {
 
 
 @pytest.mark.parametrize("kind", list(SOURCES))
-@pytest.mark.parametrize("drawn", [0, 2, 5, 9])
+@pytest.mark.parametrize("drawn", [0, 2, 4, 5, 8, 9])
 def test_a_saved_position_resumes_the_same_batches(tmp_path: Path, kind: str, drawn: int) -> None:
     """Draw ``drawn`` batches, save, draw 6 more; a fresh source loading the (JSON round-tripped) state
-    draws the same 6, across epoch ends (4 batches per epoch)."""
+    draws the same 6, across epoch ends (4 batches per epoch, the last of 1 example: ``drawn`` 4 and 8 save
+    right after a short last batch, at the epoch's end)."""
     source = SOURCES[kind](tmp_path)
     for _ in range(drawn):
         source.next_batch()
@@ -158,6 +159,27 @@ def test_a_loader_epoch_is_seeded_by_the_run_not_by_the_global_rng() -> None:
     again = labels(LoaderBatches(loader(), seed=4).next_batch())
     other = labels(LoaderBatches(loader(), seed=5).next_batch())
     assert first == again and first != other
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_an_iterable_dataset_shorter_than_one_batch_resumes_after_each_batch(n: int) -> None:
+    """Every batch is the whole (short) pass: a position saved after any of them resumes onto the next."""
+    source = IterableBatches(Stream(n), 3)
+    for _ in range(3):
+        state = json.loads(json.dumps(source.state_dict()))
+        expected = labels(source.next_batch())
+        resumed = IterableBatches(Stream(n), 3)
+        resumed.load_state_dict(state)
+        assert labels(resumed.next_batch()) == expected and len(expected) == n
+    assert source.state_dict() == {"kind": "iterable", "epoch": 2, "batch": 1}
+
+
+def test_an_iterable_dataset_that_yields_fewer_items_on_resume_is_still_refused() -> None:
+    """A pass that ends before the checkpoint's last batch began is a different dataset, not a short batch."""
+    source = IterableBatches(Stream(7), 3)
+    source.load_state_dict({"kind": "iterable", "epoch": 0, "batch": 4})  # 7 items make 3 batches, not 4
+    with pytest.raises(DataError, match="yielded 7 items in epoch 0 on resume, fewer than the 12"):
+        source.next_batch()
 
 
 def test_an_iterable_dataset_starts_a_new_epoch_when_exhausted() -> None:
@@ -281,6 +303,20 @@ def test_eval_batches_are_random_and_the_same_at_every_evaluation(tmp_path: Path
     assert len(draws[0]) == 3 and all(len(b) == 8 for b in draws[0])
     assert draws[0] == draws[1]
     assert draws[0] != [labels(b) for b in evaluation_batches(data, batch_size=8, count=3, seed=2)]
+
+
+@pytest.mark.parametrize("count", [None, 2])
+def test_a_held_out_loader_with_a_generator_evaluates_the_same_batches(count: int | None) -> None:
+    """A shuffling held-out DataLoader with its own generator drew a new order at every evaluation (the
+    seeded global RNG does not reach it), so evaluations were on different batches, a resumed run's too.
+    Its generator is seeded from the run's seed for the evaluation and left as it was after."""
+    generator = torch.Generator().manual_seed(1)
+    held_out = DataLoader(Pairs(20), batch_size=4, shuffle=True, generator=generator)
+    before = generator.get_state()
+    first = [labels(b) for b in evaluation_batches(held_out, batch_size=4, count=count)]
+    again = [labels(b) for b in evaluation_batches(held_out, batch_size=4, count=count)]
+    other_seed = [labels(b) for b in evaluation_batches(held_out, batch_size=4, count=count, seed=1)]
+    assert first == again != other_seed and torch.equal(generator.get_state(), before)
 
 
 # ------------------------------------------------------------------------------------------ bad datasets

@@ -67,6 +67,35 @@ def test_a_model_with_structured_output_trains_with_output_key(tmp_path: Path, m
     assert result.evaluation is not None and result.evaluation["loss"] < 0.5  # ln 2 = 0.69 untrained
 
 
+@pytest.mark.parametrize("target_shape", [(1,), ()], ids=["targets-B-1", "targets-B"])
+def test_a_regression_evaluation_reports_no_accuracy(tmp_path: Path, target_shape: tuple[int, ...]) -> None:
+    """Float targets and one output per example (loss_fn: MSE) are not class scores: the evaluation has its
+    loss and no accuracy. (argmax(-1) of a (B, 1) output against (B, 1) targets broadcast to a (B, B)
+    comparison, and of a (B,) output to one index over the whole batch: an 'accuracy' of nothing.)"""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 8, generator=g)
+    y = x.sum(1).reshape(64, *target_shape)
+    torch.manual_seed(0)
+    model = nn.Linear(8, 1) if target_shape else nn.Sequential(nn.Linear(8, 1), nn.Flatten(0))
+    trainer = Trainer(
+        model,
+        TensorDataset(x[:48], y[:48]),
+        eval_data=TensorDataset(x[48:], y[48:]),
+        loss_fn=nn.functional.mse_loss,
+        steps=4,
+        lr=0.05,
+        batch_size=16,
+        output_dir=str(tmp_path),
+    )
+    result = trainer.fit()
+    assert result.evaluation is not None and set(result.evaluation) == {"loss"}
+
+
+def test_a_classifier_evaluation_still_reports_its_accuracy(tmp_path: Path) -> None:
+    result = Trainer(NanoStyle(), blobs(), steps=6, lr=0.05, output_key=0, output_dir=str(tmp_path)).fit()
+    assert result.evaluation is not None and 0.5 < result.evaluation["accuracy"] <= 1.0  # logits at output_key 0
+
+
 def test_a_tuple_without_output_key_is_refused_by_name(tmp_path: Path) -> None:
     message = (
         "the model returned a tuple of 2 (Tensor[2, 2], NoneType), and the default loss (cross-entropy) needs a "

@@ -55,6 +55,27 @@ def test_the_optimizer_decays_only_its_decay_group(tmp_path: Path) -> None:
     assert groups == {0.1: {"head.weight"}, 0.0: {"wte.weight", "ln.weight", "ln.bias", "head.bias"}}
 
 
+def test_a_resumed_run_uses_its_own_optimizer_settings(tmp_path: Path) -> None:
+    """The checkpoint's param_groups carry the first run's weight_decay and betas, and torch's load_state_dict
+    puts them back: a resumed run with other settings silently trained with the old ones while its
+    certificate recorded the new ones. Now the resumed run's config is what its optimizer uses."""
+    from provetrain.train.checkpoint import ResumeError
+
+    settings = {"steps": 4, "batch_size": 16, "lr": 1e-2, "lr_max": None, "checkpoint_every": 2}
+    Trainer(TinyLm(), tokens(), output_dir=str(tmp_path / "a"), weight_decay=0.0, **settings).fit()
+    resumed = Trainer(
+        TinyLm(), tokens(), output_dir=str(tmp_path / "b"), weight_decay=0.5, betas=(0.8, 0.99), **settings
+    )
+    resumed.fit(resume_from=tmp_path / "a" / "checkpoints" / "step-2")
+    groups = [(g["weight_decay"], g["betas"]) for g in resumed.optimizer.param_groups]
+    assert groups == [(0.5, (0.8, 0.99)), (0.0, (0.8, 0.99))]
+    assert resumed.optimizer.state[resumed.model.head.weight]["step"] == 4  # the state itself was loaded
+    # Which parameters are decayed decides which saved state goes to which parameter: it must not change.
+    other = Trainer(TinyLm(), tokens(), output_dir=str(tmp_path / "c"), no_weight_decay=["*.bias"], **settings)
+    with pytest.raises(ResumeError, match=r"used different no_weight_decay \(no_weight_decay=None; this run has"):
+        other.fit(resume_from=tmp_path / "a" / "checkpoints" / "step-2")
+
+
 def test_a_step_with_zero_gradients_shrinks_only_decayed_weights() -> None:
     """AdamW with lr * wd = 0.05 and zero gradients: decayed weights shrink by 5%, the others stay."""
     model = TinyLm()

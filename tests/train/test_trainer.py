@@ -163,6 +163,20 @@ def test_rollback_restores_the_last_good_state_and_lowers_lr(tmp_path: Path) -> 
     assert later and later[0] < recorder.rows[3]["lr"]
 
 
+def test_a_run_resumed_between_snapshots_rolls_back_as_the_uninterrupted_one(tmp_path: Path) -> None:
+    """Rollback snapshots every 4 applied steps, checkpoints every 5 steps, a NaN at step 7. The run resumed
+    from step 5 starts from the checkpoint, so the uninterrupted run must roll back to that state too; it
+    rolled back to its snapshot of applied step 4, and the two runs went different ways from step 7."""
+    settings = {"steps": 12, "batch_size": 32, "lr": 1e-2, "lr_max": None, "checkpoint_every": 5, "log_every": 4}
+    settings |= {"on_nonfinite": "rollback", "keep_checkpoints": 5}
+    Trainer(Poisoned({7}), blobs(), output_dir=str(tmp_path / "full"), **settings).fit()
+    resumed = Trainer(Poisoned({2}), blobs(), output_dir=str(tmp_path / "resumed"), **settings)  # its 3rd call
+    resumed.fit(resume_from=tmp_path / "full" / "checkpoints" / "step-5")
+    full, tail = losses_of(tmp_path / "full"), losses_of(tmp_path / "resumed")
+    assert sorted(tail) == list(range(5, 12)) and full[7] == tail[7] == "nan"  # metrics.jsonl: NaN as "nan"
+    assert all(tail[s] == full[s] for s in tail)
+
+
 def test_rollback_gives_up_after_max_rollbacks(tmp_path: Path) -> None:
     with pytest.raises(ContractViolation, match=r"Gave up after 2 rollbacks"):
         train(tmp_path, Poisoned({2, 4, 6}), on_nonfinite="rollback", max_rollbacks=2, log_every=1)

@@ -133,6 +133,35 @@ def _losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
+class ShortLastBatch(IterableDataset):
+    """17 examples, no __len__: batches of 8 are 8, 8 and 1, known only when the last one comes."""
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        yield from zip(*examples(17), strict=True)
+
+
+def _short_last_batch_on_two_ranks(rank: int, directory: Path) -> dict[str, Any]:
+    from provetrain.data.batches import DataError
+
+    trainer = Trainer(mlp(), ShortLastBatch(), output_dir=str(directory / "run"), **(SETTINGS | {"steps": 4}))
+    try:
+        trainer.fit()
+    except DataError as error:
+        return {"error": str(error), "applied": trainer.applied_steps}
+    return {"skipped": trainer.skips.total}
+
+
+def test_a_batch_too_small_to_share_between_ranks_is_refused_on_every_rank(tmp_path: Path) -> None:
+    """The epoch's last batch of 1 example would leave rank 1 no example: a NaN loss, a step silently skipped
+    at every epoch's end (and a misleading 'loss is not finite' under on_nonfinite: raise). Both ranks stop at
+    it with the reason, after the 2 steps before it."""
+    from .test_distributed import on_two_ranks
+
+    for result in on_two_ranks(_short_last_batch_on_two_ranks, tmp_path):
+        assert "a training batch of 1 example is shared by 2 processes" in result.get("error", str(result))
+        assert result["applied"] == 2
+
+
 def test_the_checkpoint_holds_the_data_position(tmp_path: Path) -> None:
     run(tmp_path, "IterableDataset", "run")
     state = json.loads((tmp_path / "run" / "checkpoints" / "step-4" / "state.json").read_text())

@@ -240,7 +240,9 @@ class IterableBatches:
         items = iter(self.dataset)
         consumed = self.batch * self.batch_size
         skipped = sum(1 for _ in itertools.islice(items, consumed))  # resume: re-read the consumed items
-        if skipped < consumed:
+        # The last batch of a pass may be short: a position saved right after it counts a whole batch for
+        # fewer items, and the pass is then exhausted (the next batch starts the next epoch).
+        if skipped < consumed and skipped <= (self.batch - 1) * self.batch_size:
             raise DataError(
                 f"{self.name} (an IterableDataset) yielded {skipped} items in epoch {self.epoch} on resume, "
                 f"fewer than the {consumed} the checkpoint had consumed: it must yield the same items again"
@@ -272,6 +274,12 @@ class IterableBatches:
 
 
 # ------------------------------------------------------------------------------------------------- loader
+def _loader_generators(loader: DataLoader) -> list[torch.Generator]:
+    """The generators a DataLoader draws from instead of the global RNG: its own and its sampler's (once each)."""
+    found = (loader.generator, getattr(loader.sampler, "generator", None))
+    return list(dict.fromkeys(g for g in found if g is not None))
+
+
 class LoaderBatches:
     """The batches of a user-built ``DataLoader``, as it makes them; a new epoch when it is exhausted."""
 
@@ -492,23 +500,33 @@ def evaluation_batches(data: Any, *, batch_size: int, count: int | None = None, 
         return
     if isinstance(data, DataLoader | IterableDataset):
         limit = math.inf if count is None else count
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed + EVAL_SEED_OFFSET)
-            batches: Iterator[Any] = iter(data)
-            first = next(batches, None)
-        if isinstance(data, DataLoader):
-            batches = batches if first is None else itertools.chain([first], batches)
-            for index, batch in enumerate(batches):
-                if index >= limit:
-                    return
-                yield as_pair(batch, f"{name}'s batch")
+        # A loader's own generators (its sampler's shuffle, its workers' base seed) are beyond the global
+        # RNG's reach: seeded from the run's seed as well for the evaluation, and put back after it.
+        own = _loader_generators(data) if isinstance(data, DataLoader) else []
+        saved = [g.get_state() for g in own]
+        try:
+            for g in own:
+                g.manual_seed(seed + EVAL_SEED_OFFSET)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed + EVAL_SEED_OFFSET)
+                batches: Iterator[Any] = iter(data)
+                first = next(batches, None)
+            if isinstance(data, DataLoader):
+                batches = batches if first is None else itertools.chain([first], batches)
+                for index, batch in enumerate(batches):
+                    if index >= limit:
+                        return
+                    yield as_pair(batch, f"{name}'s batch")
+                return
+            items = batches if first is None else itertools.chain([first], batches)
+            produced = 0
+            while produced < limit and (chunk := list(itertools.islice(items, batch_size))):
+                produced += 1
+                yield collate(chunk, f"{name} (an IterableDataset)")
             return
-        items = batches if first is None else itertools.chain([first], batches)
-        produced = 0
-        while produced < limit and (chunk := list(itertools.islice(items, batch_size))):
-            produced += 1
-            yield collate(chunk, f"{name} (an IterableDataset)")
-        return
+        finally:
+            for g, state in zip(own, saved, strict=True):
+                g.set_state(state)
     if not (hasattr(data, "__getitem__") and hasattr(data, "__len__")):
         raise DataError(f"{name} is of type {type(data).__name__}; expected a torch Dataset, DataLoader or token file")
     examples = len(data)

@@ -200,6 +200,18 @@ _AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {
 }
 
 
+def _class_scores(predicted: Any, targets: Tensor) -> bool:
+    """Whether ``predicted`` holds one score per class for each target, a class index: what an accuracy
+    (``argmax(-1) == targets``) means. A regression's output (float targets, one value per example) is not:
+    compared, it would broadcast to a meaningless number."""
+    return (
+        isinstance(predicted, Tensor)
+        and predicted.dim() == targets.dim() + 1
+        and predicted.shape[:-1] == targets.shape
+        and not (targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool)
+    )
+
+
 def _same_layout(a: Tensor, b: Tensor) -> bool:
     return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
 
@@ -726,6 +738,14 @@ class Trainer:
         """
         inputs, targets = self.batches.next_batch()
         examples = len(inputs)
+        if examples < self.world.size:  # every rank draws this batch: every rank raises here, none waits
+            raise DataError(
+                f"a training batch of {examples} example{'s' if examples != 1 else ''} is shared by "
+                f"{self.world.size} processes: a process without examples would have a NaN loss, and every such "
+                "step would be skipped. The last batch of an epoch is short when the data's length is not a "
+                f"multiple of its batch size: choose a batch size for which it holds at least {self.world.size} "
+                "examples (a DataLoader: drop_last=True)"
+            )
         inputs, targets = self.world.shard(inputs), self.world.shard(targets)
         self.batch_share = len(inputs) / examples
         # Pinned host memory (a DataLoader with pin_memory=True) lets these copies overlap the compute.
@@ -979,6 +999,7 @@ class Trainer:
         "batch_size",
         "gradient_accumulation_steps",
         "seed",
+        "no_weight_decay",  # the parameter groups: which saved state belongs to which parameter
     )
 
     def _checkpoint_dir(self) -> Path:
@@ -991,6 +1012,9 @@ class Trainer:
         until it is written (or raise rank 0's error)."""
         if self._pending:  # the policies see every step before its state is saved (a host read, rare)
             self._read_back()
+        # A run resumed from this checkpoint rolls back to it (its first snapshot): so does this run, or the
+        # two would roll back to different states after a non-finite step (rollback policies only).
+        self._take_snapshot()
         if self._sharded:  # FSDP2: every rank writes its own shards, rank 0 commits (sharded_checkpoint)
             save_sharded_checkpoint(
                 self._checkpoint_dir(),
@@ -1057,7 +1081,13 @@ class Trainer:
         if isinstance(counters, dict):
             live = self.optimizer.state_dict().get(_COUNTERS, {})
             state[_COUNTERS] = {k: v for k, v in live.items() if k in _DIAGNOSTIC_COUNTERS} | counters
+        # torch's load puts the saved groups' hyper-parameters back; this run's config (which its certificate
+        # records) decides them: a weight_decay or betas changed for the resumed run would be silently ignored.
+        # (lr is the schedule's, set at every step.)
+        configured = [{k: v for k, v in g.items() if k not in ("params", "lr")} for g in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state)
+        for group, settings in zip(self.optimizer.param_groups, configured, strict=True):
+            group.update(settings)
 
     def _resume(self, path: Path) -> int:
         """Restore a checkpoint saved by this Trainer; returns the step to continue from.
@@ -1185,8 +1215,8 @@ class Trainer:
             inputs, targets = inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
             outputs = self.model(inputs)
             total_loss += self.loss_fn(outputs, targets).detach().double() * len(inputs)
-            predicted = self.select_output(outputs)  # no accuracy for an output that is not a tensor of logits
-            if isinstance(predicted, Tensor):
+            predicted = self.select_output(outputs)  # no accuracy for an output that is not class scores
+            if _class_scores(predicted, targets):
                 correct += (predicted.argmax(-1) == targets).sum()
                 targets_seen += targets.numel()
             examples += len(inputs)

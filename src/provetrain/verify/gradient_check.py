@@ -189,7 +189,8 @@ def check_gradients(
         for name, grad in zip(names, grads, strict=True):
             param = params[name]
             analytical = torch.zeros_like(param) if grad is None else grad
-            scale = max(float(analytical.pow(2).mean().sqrt()), floor)
+            finite = analytical[torch.isfinite(analytical)]  # a NaN would make the floor NaN, and 0 / 0 follow
+            scale = max(float(finite.pow(2).mean().sqrt()) if finite.numel() else 0.0, floor)
             result, used = _check_tensor(name, param, analytical, loss_at, scale, samples, tolerance, generator)
             results.append(result)
             forwards += used
@@ -217,7 +218,9 @@ def _check_tensor(
             n = _central_difference(flat, index, step, loss_at)
             forwards += 2
             error = abs(a - n) / max(abs(a), abs(n), scale)
-            if error < best:
+            if math.isnan(error):  # a non-finite gradient, analytical or numerical, matches nothing
+                error = math.inf
+            if error <= best:
                 best, numerical = error, n
             if best <= tolerance:
                 break

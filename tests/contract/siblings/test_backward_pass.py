@@ -123,6 +123,42 @@ def test_nonfinite_gradients_are_found_in_the_models_own_dtype() -> None:
     assert not report.gradients_finite and not report.passed
 
 
+def test_a_gradient_nonfinite_in_float64_too_fails_at_its_coordinate() -> None:
+    """sqrt(|w|) at w = 0: the analytical gradient is NaN (0 * inf) in every dtype, so the comparison's error
+    is NaN. The report fails at that coordinate with an infinite error (it raised UnboundLocalError)."""
+
+    class SqrtAtZero(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.tensor([0.0]))
+
+        def forward(self, x: Tensor) -> Tensor:
+            return x * self.w.abs().sqrt()
+
+    report = check_gradients(SqrtAtZero(), torch.ones(2, 1))
+    assert report.nonfinite == ("w",) and not report.gradients_match and not report.passed
+    (tensor,) = report.tensors
+    assert tensor.max_error == math.inf and math.isnan(tensor.analytical) and tensor.numerical == 0.0
+    assert report.failures() == ["w[0]: analytical nan, numerical 0.000000e+00, error inf > 0.001"]
+
+
+def test_a_nan_gradient_beside_zero_gradients_fails_only_at_itself() -> None:
+    """w[0] has a NaN gradient, w[1:] none at all (analytical and numerical exactly 0): the tensor's floor is
+    taken over its finite gradients, so the zeros compare at 0 error (a NaN floor gave 0 / 0)."""
+
+    class NanBesideZeros(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(4))
+
+        def forward(self, x: Tensor) -> Tensor:
+            return x * torch.cat([self.w[:1].abs().sqrt(), self.w[1:] * 0.0])
+
+    report = check_gradients(NanBesideZeros(), torch.ones(2, 4), samples=4)
+    (tensor,) = report.tensors
+    assert tensor.coordinates == 4 and tensor.max_error == math.inf and tensor.worst_index == (0,)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
