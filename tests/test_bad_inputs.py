@@ -792,6 +792,22 @@ RESUMES: list[tuple[str, dict[str, object], str]] = [
 ]
 
 
+def test_a_checkpoint_older_than_the_decay_groups_names_the_setting_to_resume_it(
+    workdir: Path, checkpoint: Path
+) -> None:
+    """A checkpoint saved before gradient_accumulation_steps and no_weight_decay existed had no
+    accumulation and decayed every parameter: only the setting that differs from that is named."""
+    import json
+
+    config = json.loads((checkpoint / "state.json").read_text())["config"]
+    del config["gradient_accumulation_steps"], config["no_weight_decay"]
+    target = _tampered(checkpoint, workdir / "old" / "step-2", config=config)
+    result = runner.invoke(app, ["train", "--steps", "4", "--quiet", "--output-dir", "out", "--resume", str(target)])
+    assert result.exit_code == 2, result.output
+    assert re.search(r"its run used different no_weight_decay \(no_weight_decay=\[\]; this run has", result.stderr)
+    assert "gradient_accumulation_steps" not in result.stderr
+
+
 @pytest.mark.parametrize(("state", "pattern"), [r[1:] for r in RESUMES], ids=[r[0] for r in RESUMES])
 def test_resume_refuses_garbage(
     workdir: Path, checkpoint: Path, request: pytest.FixtureRequest, state: dict[str, object], pattern: str

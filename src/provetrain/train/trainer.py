@@ -283,6 +283,11 @@ def _resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+# The value a resume invariant had before the setting existed, for checkpoints older than it: no
+# accumulation, and weight decay on every parameter (one optimizer group).
+_BEFORE_THE_SETTING: dict[str, Any] = {"gradient_accumulation_steps": 1, "no_weight_decay": []}
+
+
 class Trainer:
     """Train ``model`` on ``data`` under the training-loop contract.
 
@@ -1180,6 +1185,8 @@ class Trainer:
             raise ResumeError(
                 f"cannot resume from {where}: state.json: config is {type(saved).__name__}, not a mapping"
             )
+        # A setting newer than the checkpoint is absent from its config: the run had the behaviour before it.
+        saved = {**_BEFORE_THE_SETTING, **saved}
         changed = [k for k in self._RESUME_INVARIANT_KEYS if saved.get(k) != current.get(k)]
         if changed:
             raise ResumeError(
