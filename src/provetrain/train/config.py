@@ -186,7 +186,8 @@ class TrainConfig(BaseModel):
 
     # How often device values are read on the host (metrics, policies); every step on CPU where it is free.
     log_every: Int = Field(default=10, ge=1)
-    # Evaluate on the held-out set every N applied steps (and always at the end); None: only at the end.
+    # Evaluate on the held-out set every N steps, skipped ones included (steps N-1, 2N-1... of the metrics), and
+    # always at the end; None: only at the end.
     eval_every: Int | None = Field(default=None, ge=1)
     # Evaluate on this many random held-out batches of batch_size (seeded by seed: the same batches at every
     # evaluation) instead of the whole held-out set (None, default), as nanoGPT's estimate_loss does.
@@ -211,7 +212,7 @@ class TrainConfig(BaseModel):
         Literal["module_lists"] | list[str] | None, BeforeValidator(_checkpoint_targets)
     ] = None
 
-    # Checkpoints every N applied steps into output_dir/checkpoints (None: only the final one).
+    # Checkpoints every N steps, skipped ones included, into output_dir/checkpoints (None: only the final one).
     checkpoint_every: Int | None = Field(default=None, ge=1)
     keep_checkpoints: Int = Field(default=2, ge=1)
 
