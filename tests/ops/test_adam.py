@@ -177,6 +177,19 @@ def test_clipped_step_is_clip_then_unclipped_step_bitwise(ours: type[Adam]) -> N
     a, b = make_model(), make_model()
     opt_a = ours(a.parameters(), lr=1e-2, clip_value=clip_value, fused=False)
     opt_b = ours(b.parameters(), lr=1e-2, fused=False)
+    assert_clipped_step_is_clip_then_step(a, opt_a, b, opt_b, clip_value)
+
+
+def assert_clipped_step_is_clip_then_step(
+    a: torch.nn.Module,
+    opt_a: torch.optim.Optimizer,
+    b: torch.nn.Module,
+    opt_b: torch.optim.Optimizer,
+    clip_value: float,
+) -> None:
+    """20 steps: ``opt_a`` clips to ``clip_value`` itself; ``b``'s gradients are clipped by hand with the same
+    coefficient before ``opt_b`` (no clip) steps. Both end bit-identical, the recorded norms are those used,
+    the clip bound holds, and more than 10 steps really clipped."""
     clipped_steps = 0
     for x, y in make_batches(20):
         for model, opt in ((a, opt_a), (b, opt_b)):

@@ -12,10 +12,10 @@ import torch.nn.functional as F
 
 import provetrain
 from provetrain.errors import ArgumentViolation, ContractViolation
-from provetrain.ops.clip import clip_coefficient, global_sum_of_squares, scale_gradient
 from provetrain.ops.sgd import SGD
 from tests.ops.test_adam import (
     assert_bitwise_equal,
+    assert_clipped_step_is_clip_then_step,
     make_batches,
     make_model,
     poisoned_step,
@@ -80,26 +80,7 @@ def test_clipped_step_is_clip_then_unclipped_step_bitwise(case: str) -> None:
     a, b = make_model(), make_model()
     opt_a = SGD(a.parameters(), clip_value=clip_value, **PARITY_CASES[case])
     opt_b = torch.optim.SGD(b.parameters(), foreach=False, **PARITY_CASES[case])
-    clipped_steps = 0
-    for x, y in make_batches(20):
-        for model, opt in ((a, opt_a), (b, opt_b)):
-            opt.zero_grad()
-            F.mse_loss(model(x), y).backward()
-        grads = [p.grad for p in b.parameters()]
-        total_norm, k = clip_coefficient(
-            global_sum_of_squares(grads), clip_value, numel=sum(g.numel() for g in grads), dtypes={torch.float32}
-        )
-        clipped_steps += int(k < 1)
-        for p in b.parameters():
-            p.grad = scale_gradient(p.grad, k)
-        used = torch.sqrt(global_sum_of_squares([p.grad for p in b.parameters()]))
-        opt_a.step()
-        opt_b.step()
-        assert_bitwise_equal(snapshot(a, opt_a), snapshot(b, opt_b))
-        assert torch.equal(opt_a.last_grad_norm, total_norm)
-        assert torch.equal(opt_a.last_clipped_grad_norm, used)
-        assert opt_a.last_clipped_grad_norm.item() <= clip_value
-    assert clipped_steps > 10
+    assert_clipped_step_is_clip_then_step(a, opt_a, b, opt_b, clip_value)
 
 
 @pytest.mark.parametrize("clip_value", [None, 0.2])
