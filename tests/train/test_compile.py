@@ -9,19 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import TensorDataset
 
-from provetrain.data.sources import DataSplits
 from provetrain.errors import ConfigError
 from provetrain.train.checkpoint import load_checkpoint
 from provetrain.train.trainer import Trainer
-
-
-def blobs(n: int = 128) -> DataSplits:
-    g = torch.Generator().manual_seed(0)
-    y = torch.randint(0, 2, (n,), generator=g)
-    x = torch.randn(n, 8, generator=g) + 3.0 * y[:, None].float()
-    return DataSplits(TensorDataset(x, y), None, "classification", (8,), 2)
+from tests.train.test_distributed import blobs
 
 
 def mlp() -> nn.Module:
@@ -36,9 +28,14 @@ def provetrain_test_broken(graph: torch.fx.GraphModule, inputs: list[torch.Tenso
 
 def test_a_compiled_run_equals_the_eager_run_and_checkpoints_the_plain_module(tmp_path: Path) -> None:
     settings = {"steps": 4, "checkpoint_every": 2, "batch_size": 32}
-    eager = Trainer(mlp(), blobs(), output_dir=str(tmp_path / "eager"), **settings)
+    eager = Trainer(mlp(), blobs(128, train=None), output_dir=str(tmp_path / "eager"), **settings)
     compiled = Trainer(
-        mlp(), blobs(), compile=True, compile_backend="eager", output_dir=str(tmp_path / "compiled"), **settings
+        mlp(),
+        blobs(128, train=None),
+        compile=True,
+        compile_backend="eager",
+        output_dir=str(tmp_path / "compiled"),
+        **settings,
     )
     eager.fit(), compiled.fit()
     assert type(compiled._train_module).__name__ == "OptimizedModule"
@@ -49,7 +46,7 @@ def test_a_compiled_run_equals_the_eager_run_and_checkpoints_the_plain_module(tm
 
 def test_a_model_compiled_by_the_user_is_unwrapped_and_trained_compiled(tmp_path: Path) -> None:
     model = mlp()
-    trainer = Trainer(torch.compile(model, backend="eager"), blobs(), steps=2, output_dir=str(tmp_path))
+    trainer = Trainer(torch.compile(model, backend="eager"), blobs(128, train=None), steps=2, output_dir=str(tmp_path))
     assert trainer.model is model
     trainer.fit()
     assert type(trainer._train_module).__name__ == "OptimizedModule"
@@ -57,7 +54,12 @@ def test_a_model_compiled_by_the_user_is_unwrapped_and_trained_compiled(tmp_path
 
 def test_a_backend_that_fails_is_a_config_error_and_writes_nothing(tmp_path: Path) -> None:
     trainer = Trainer(
-        mlp(), blobs(), steps=2, compile=True, compile_backend="provetrain_test_broken", output_dir=str(tmp_path / "r")
+        mlp(),
+        blobs(128, train=None),
+        steps=2,
+        compile=True,
+        compile_backend="provetrain_test_broken",
+        output_dir=str(tmp_path / "r"),
     )
     message = (
         "key 'compile': torch.compile (backend 'provetrain_test_broken') failed on the model's training forward "
@@ -71,4 +73,4 @@ def test_a_backend_that_fails_is_a_config_error_and_writes_nothing(tmp_path: Pat
 
 def test_an_unknown_backend_is_refused_before_training() -> None:
     with pytest.raises(ConfigError, match=re.escape("key 'compile_backend': compile_backend 'nope' is not a torch")):
-        Trainer(mlp(), blobs(), steps=2, compile=True, compile_backend="nope")
+        Trainer(mlp(), blobs(128, train=None), steps=2, compile=True, compile_backend="nope")

@@ -67,12 +67,16 @@ def on_two_ranks(worker: Callable[..., Any], directory: Path, *args: Any) -> lis
     return [pickle.loads((directory / f"rank{rank}.pkl").read_bytes()) for rank in range(WORLD)]
 
 
-def blobs(n: int = 256, seed: int = 0) -> DataSplits:
-    """Two well-separated Gaussian classes in 8 dimensions (200 training examples)."""
+def blobs(n: int = 256, seed: int = 0, *, train: int | None = 200) -> DataSplits:
+    """Two well-separated Gaussian classes in 8 dimensions: the first ``train`` examples for training, the
+    rest held out (``train=None``: all for training, no held-out set)."""
     g = torch.Generator().manual_seed(seed)
     y = torch.randint(0, 2, (n,), generator=g)
     x = torch.randn(n, 8, generator=g) + 3.0 * y[:, None].float()
-    return DataSplits(TensorDataset(x[:200], y[:200]), TensorDataset(x[200:], y[200:]), "classification", (8,), 2)
+    if train is None:
+        return DataSplits(TensorDataset(x, y), None, "classification", (8,), 2)
+    held_out = TensorDataset(x[train:], y[train:])
+    return DataSplits(TensorDataset(x[:train], y[:train]), held_out, "classification", (8,), 2)
 
 
 def mlp(dtype: torch.dtype = torch.float32) -> nn.Module:

@@ -11,21 +11,13 @@ from typing import Any
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import TensorDataset
 from typer.testing import CliRunner
 
-from provetrain.data.sources import DataSplits
 from provetrain.errors import ConfigError
 from provetrain.train.config import TrainConfig
 from provetrain.train.lr_max import PowerBudget, estimate_lr_max
 from provetrain.train.trainer import Trainer
-
-
-def blobs(n: int = 256) -> DataSplits:
-    g = torch.Generator().manual_seed(0)
-    y = torch.randint(0, 2, (n,), generator=g)
-    x = torch.randn(n, 8, generator=g) + 3.0 * y[:, None].float()
-    return DataSplits(TensorDataset(x[:200], y[:200]), TensorDataset(x[200:], y[200:]), "classification", (8,), 2)
+from tests.train.test_distributed import blobs
 
 
 def mlp() -> nn.Module:

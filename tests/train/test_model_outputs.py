@@ -14,19 +14,12 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from provetrain.data.sources import DataSplits
 from provetrain.errors import ConfigError
 from provetrain.train.config import load_config
 from provetrain.train.model_output import ModelOutputError, select_output
 from provetrain.train.run import prepare_trainer
 from provetrain.train.trainer import Trainer
-
-
-def blobs(n: int = 128) -> DataSplits:
-    g = torch.Generator().manual_seed(0)
-    y = torch.randint(0, 2, (n,), generator=g)
-    x = torch.randn(n, 8, generator=g) + 3.0 * y[:, None].float()
-    return DataSplits(TensorDataset(x[:96], y[:96]), TensorDataset(x[96:], y[96:]), "classification", (8,), 2)
+from tests.train.test_distributed import blobs
 
 
 class NanoStyle(nn.Module):
@@ -62,7 +55,7 @@ def hf_style() -> nn.Module:
     ids=["tuple-0", "dict-logits", "modeloutput-logits", "modeloutput-0"],
 )
 def test_a_model_with_structured_output_trains_with_output_key(tmp_path: Path, make: Any, key: Any) -> None:
-    result = Trainer(make(), blobs(), steps=6, lr=0.05, output_key=key, output_dir=str(tmp_path)).fit()
+    result = Trainer(make(), blobs(128, train=96), steps=6, lr=0.05, output_key=key, output_dir=str(tmp_path)).fit()
     assert result.applied_steps == 6 and result.certificate["outcome"] == "kept"
     assert result.evaluation is not None and result.evaluation["loss"] < 0.5  # ln 2 = 0.69 untrained
 
@@ -92,7 +85,7 @@ def test_a_regression_evaluation_reports_no_accuracy(tmp_path: Path, target_shap
 
 
 def test_a_classifier_evaluation_still_reports_its_accuracy(tmp_path: Path) -> None:
-    result = Trainer(NanoStyle(), blobs(), steps=6, lr=0.05, output_key=0, output_dir=str(tmp_path)).fit()
+    result = Trainer(NanoStyle(), blobs(128, train=96), steps=6, lr=0.05, output_key=0, output_dir=str(tmp_path)).fit()
     assert result.evaluation is not None and 0.5 < result.evaluation["accuracy"] <= 1.0  # logits at output_key 0
 
 
@@ -103,7 +96,7 @@ def test_a_tuple_without_output_key_is_refused_by_name(tmp_path: Path) -> None:
         "module:function to compute the loss from the whole output"
     )
     with pytest.raises(ModelOutputError, match=re.escape(message)):
-        Trainer(NanoStyle(), blobs(), steps=2, output_dir=str(tmp_path / "run")).fit()
+        Trainer(NanoStyle(), blobs(128, train=96), steps=2, output_dir=str(tmp_path / "run")).fit()
     assert not (tmp_path / "run").exists()
 
 

@@ -11,21 +11,13 @@ from typing import Any
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import TensorDataset
 from typer.testing import CliRunner
 
 from provetrain.contract.load import load_contract
-from provetrain.data.sources import DataSplits
 from provetrain.train.certificate import GRAD, GRADS_FINITE, LOSS, LOSS_FINITE, LOSS_NOT_NAN, LOSS_TREND, ClauseLedger
 from provetrain.train.checkpoint import load_checkpoint
 from provetrain.train.trainer import Trainer
-
-
-def blobs(n: int = 256) -> DataSplits:
-    g = torch.Generator().manual_seed(0)
-    y = torch.randint(0, 2, (n,), generator=g)
-    x = torch.randn(n, 8, generator=g) + 3.0 * y[:, None].float()
-    return DataSplits(TensorDataset(x[:200], y[:200]), TensorDataset(x[200:], y[200:]), "classification", (8,), 2)
+from tests.train.test_distributed import blobs
 
 
 class RaisesAtCall(nn.Module):

@@ -13,23 +13,14 @@ from typing import Any
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import TensorDataset
 
 from provetrain import ContractViolation
-from provetrain.data.sources import DataSplits
 from provetrain.errors import ConfigError
 from provetrain.train.checkpoint import ResumeError
 from provetrain.train.config import TrainConfig
 from provetrain.train.lr_max import LrMaxEstimate
 from provetrain.train.trainer import Callback, Terminated, Trainer
-
-
-def blobs(n: int = 256, seed: int = 0) -> DataSplits:
-    """Two well-separated Gaussian classes in 8 dimensions."""
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, 2, (n,), generator=g)
-    x = torch.randn(n, 8, generator=g) + 3.0 * y[:, None].float()
-    return DataSplits(TensorDataset(x[:200], y[:200]), TensorDataset(x[200:], y[200:]), "classification", (8,), 2)
+from tests.train.test_distributed import blobs
 
 
 class Poisoned(nn.Module):
