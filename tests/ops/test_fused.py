@@ -59,6 +59,16 @@ def num_threads(n: int):
         torch.set_num_threads(before)
 
 
+@pytest.fixture(params=fused.ACCESS_PATTERNS)
+def access_pattern(request):
+    """Run the test under each of the kernel's memory access patterns, then restore this machine's default."""
+    fused._select_access_pattern(request.param)
+    try:
+        yield request.param
+    finally:
+        fused._select_access_pattern(None)
+
+
 def make_state(sizes, seed=0, scale=1.0):
     gen = torch.Generator().manual_seed(seed)
     params = [torch.randn(n, generator=gen) for n in sizes]
@@ -98,6 +108,7 @@ def test_supports(tensors, expected):
 
 
 @pytest.mark.parametrize("scale", [1e-30, 1e-3, 1.0, 1e15, 1e30])
+@pytest.mark.usefixtures("access_pattern")
 def test_sum_sq_is_within_gamma_of_the_exact_sum(scale):
     grads = [torch.randn(n, generator=torch.Generator().manual_seed(n)) * scale for n in SIZES]
     total, finite = fused.sum_sq_and_finite(grads)
@@ -286,6 +297,7 @@ def python_threads_kernel(tmp_path_factory):
 
 
 @pytest.mark.parametrize("runtime", ["loaded", "python-threads"])
+@pytest.mark.usefixtures("access_pattern")
 def test_update_is_independent_of_the_thread_count(runtime, python_threads_kernel, monkeypatch):
     if runtime == "python-threads":
         monkeypatch.setattr(fused, "_kernel", python_threads_kernel)
@@ -494,6 +506,7 @@ def test_advance_step_counts_adds_one_in_place_and_tells_autograd() -> None:
         fused.advance_step_counts_([torch.tensor(1.0, dtype=torch.float64)])
 
 
+@pytest.mark.usefixtures("access_pattern")
 def test_pass_one_takes_bfloat16_exactly_and_thread_independently() -> None:
     sizes = (300_001, 4097, 1)
     grads = [torch.randn(n, generator=torch.Generator().manual_seed(n)).bfloat16() for n in sizes]
@@ -511,3 +524,29 @@ def test_pass_one_takes_bfloat16_exactly_and_thread_independently() -> None:
     assert not fused.sum_sq_and_finite(grads)[1]
     with pytest.raises(ValueError, match="mixes float32 and bfloat16"):
         fused.sum_sq_and_finite([grads[0], grads[1].float()])
+
+
+def test_access_patterns_update_the_same_bits_and_sum_within_gamma() -> None:
+    """The streamed and the interleaved walks differ only in the order of their float64 sums."""
+    sizes = (70_001, 4099, 17, 1)
+    grads = make_state(sizes, seed=5)[1]
+    exact, exact_clipped = exact_sum_sq(grads), exact_sum_sq([clipped(g, 0.3) for g in grads])
+    bound = gamma(sum(sizes) - 1)
+    states = []
+    try:
+        for pattern in fused.ACCESS_PATTERNS:
+            assert fused._select_access_pattern(pattern) == pattern
+            state = make_state(sizes, seed=5)
+            for flags in (dict(), dict(weight_decay=0.01, decoupled=True), dict(weight_decay=0.01), dict(beta1=0.2)):
+                returned = fused.adam_update_(*state, **hyper(k=0.3, **flags))
+                assert abs(returned - exact_clipped) <= bound * exact_clipped
+            total, finite = fused.sum_sq_and_finite(state[1])
+            assert finite and abs(total - exact) <= bound * exact
+            fused._bandwidth_probe_(*state)  # p, m, v += g under this pattern
+            states.append(state)
+    finally:
+        fused._select_access_pattern(None)
+    for group_a, group_b in zip(*states, strict=True):
+        for a, b in zip(group_a, group_b, strict=True):
+            assert torch.equal(a.view(torch.int32), b.view(torch.int32))
+    assert fused.access_pattern() in fused.ACCESS_PATTERNS

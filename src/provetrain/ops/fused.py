@@ -42,6 +42,11 @@ Guarantees:
       ``exp_avg_sqs`` are elementwise, and the float64 sums are formed per fixed block of 65,536 elements
       of the concatenation (``PT_BLOCK`` in the C source), added in block order. So ``k``, and with it the
       whole step, agrees across processes that run different thread counts.
+
+Memory access: each span is either streamed front to back (``"streams"``, the default: measured faster on
+AMD Zen 4) or walked as interleaved parts with software prefetch one page ahead (``"interleaved"``, the
+default on Intel CPUs: measured faster on Sapphire Rapids); the C source gives the figures.
+:func:`access_pattern` says which one runs; the choice changes only the order of the float64 sums.
 """
 
 from __future__ import annotations
@@ -76,7 +81,7 @@ __all__ = [
     "supports_sum",
 ]
 
-_ABI_VERSION = 4
+_ABI_VERSION = 5
 _SCALAR_COUNT = 9
 _FLOAT32, _BFLOAT16 = 0, 1  # element types of pass 1 (PT_FLOAT32, PT_BFLOAT16 in the C source)
 _MAXIMIZE, _L2, _DECOUPLED, _LERP_LARGE = 1, 2, 4, 8
@@ -108,6 +113,7 @@ class _Kernel:
         i64, f64, vp, c_int = ctypes.c_int64, ctypes.c_double, ctypes.c_void_p, ctypes.c_int
         signatures = {
             "pt_openmp": ((), c_int),
+            "pt_select_access": ((c_int,), c_int),
             "pt_sum_sq": ((i64, vp, vp, i64, i64, c_int), f64),
             "pt_adam": ((i64, vp, vp, i64, i64, f64, vp, c_int), f64),
             "pt_stream": ((i64, vp, vp, i64, i64), None),
@@ -126,6 +132,7 @@ class _Kernel:
         self.lib = lib
         self.path = path
         self.openmp = bool(lib.pt_openmp())
+        self.access = ACCESS_PATTERNS[lib.pt_select_access(-1)]
         self._pool: ThreadPoolExecutor | None = None
         self._pool_key = (-1, 0)  # (pid, workers) the pool was made for
 
@@ -185,6 +192,24 @@ _loaded = False
 def fused_available() -> bool:
     """Whether the C kernel is usable here; builds and loads it on the first call."""
     return _load() is not None
+
+
+ACCESS_PATTERNS = ("streams", "interleaved")
+"""The kernel's memory access patterns, in the C source's order (``PT_STREAMS``, ``PT_INTERLEAVED``)."""
+
+
+def access_pattern() -> str | None:
+    """The access pattern the loaded kernel uses (one of :data:`ACCESS_PATTERNS`), or None without a kernel."""
+    kernel = _load()
+    return None if kernel is None else kernel.access
+
+
+def _select_access_pattern(pattern: str | None) -> str:
+    """Make the kernel use ``pattern`` (None: this machine's default); for tests and ``bench/step.py``."""
+    kernel = _require_kernel()
+    code = -1 if pattern is None else ACCESS_PATTERNS.index(pattern)
+    kernel.access = ACCESS_PATTERNS[kernel.lib.pt_select_access(code)]
+    return kernel.access
 
 
 def fused_unavailable_reason() -> str | None:

@@ -28,7 +28,7 @@
 #include <omp.h>
 #endif
 
-#define PT_ABI_VERSION 4
+#define PT_ABI_VERSION 5
 /* The float64 sums are formed per block of PT_BLOCK elements of the concatenation, whatever thread runs it,
  * and the block sums are added in block order: the result does not depend on the thread count. */
 #define PT_BLOCK 65536
@@ -39,17 +39,27 @@
 #define PT_MAX_THREADS 1024
 
 /*
- * Memory-level parallelism. Each span is walked as PARTS contiguous parts in lockstep, so one core keeps
- * several streams of cache-line fills in flight, and every stream is prefetched PT_PREFETCH_AHEAD elements
- * (one 4 KiB page) ahead, across the page boundaries where the hardware prefetchers stop. Measured on a
- * 2-core Sapphire Rapids VM, one thread, 16M float32 from DRAM: pass 1 13.2 ms -> 6.5 ms (prefetch)
- * -> 4.0 ms (4 parts); pass 2 23.3 ms -> 19.3 ms (prefetch) -> 16.1 ms (2 parts; 4 parts was slower).
+ * Access pattern, chosen once per process (pt_select_access), since the two machines this was measured on
+ * disagree. One thread, 16M float32 from DRAM (bench/step.py --threads 1):
+ *
+ *   PT_STREAMS      every span is walked front to back; pass 1 with 4 independent parts. AMD EPYC (Zen 4,
+ *                   2-vCPU KVM): pass 1 2.3 ms, pass 2 9.4 ms, a no-arithmetic probe of pass 2's traffic
+ *                   8.7 ms (51.8 GB/s). The default everywhere but on Intel.
+ *   PT_INTERLEAVED  each span is walked as PARTS contiguous parts in lockstep, so one core keeps several
+ *                   streams of cache-line fills in flight, and every stream is prefetched PT_PREFETCH_AHEAD
+ *                   elements (one 4 KiB page) ahead, across the page boundaries where the hardware prefetchers
+ *                   stop. Sapphire Rapids (2-vCPU VM): pass 1 13.2 ms -> 6.5 ms (prefetch) -> 4.0 ms (4 parts);
+ *                   pass 2 23.3 ms -> 19.3 ms (prefetch) -> 16.1 ms (2 parts). On the Zen 4 above the same
+ *                   pattern is slower: pass 2 16.2 ms, the probe 15.1 ms. The default on Intel.
+ *
+ * Only the order of the float64 accumulations differs between the two (deterministic for each); every
+ * updated element is the same bits.
  */
+#define PT_STREAMS 0
+#define PT_INTERLEAVED 1
 #define PASS1_PARTS 4
-#define PASS2_PARTS 2
-#ifndef PT_PREFETCH_AHEAD
+#define PASS2_PARTS_INTERLEAVED 2
 #define PT_PREFETCH_AHEAD 1024
-#endif
 #if defined(__GNUC__) || defined(__clang__)
 #define PREFETCH_READ(ptr) __builtin_prefetch((ptr) + PT_PREFETCH_AHEAD, 0, 3)
 #define PREFETCH_WRITE(ptr) __builtin_prefetch((ptr) + PT_PREFETCH_AHEAD, 1, 3)
@@ -57,6 +67,22 @@
 #define PREFETCH_READ(ptr) ((void)0)
 #define PREFETCH_WRITE(ptr) ((void)0)
 #endif
+
+static int access_pattern = PT_STREAMS;
+
+/* pattern < 0: the machine's default (PT_INTERLEAVED on Intel x86, else PT_STREAMS). Returns the one in use.
+ * Called once when the library is loaded (and by tests and the benchmark), before any step runs. */
+int pt_select_access(int pattern) {
+    if (pattern < 0) {
+        pattern = PT_STREAMS;
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+        __builtin_cpu_init();
+        if (__builtin_cpu_is("intel")) pattern = PT_INTERLEAVED;
+#endif
+    }
+    access_pattern = pattern == PT_INTERLEAVED ? PT_INTERLEAVED : PT_STREAMS;
+    return access_pattern;
+}
 
 enum {
     PT_MAXIMIZE = 1,     /* y = -y: applied by negating k, since (float)((double)g * -k) == -y exactly */
@@ -97,25 +123,52 @@ static double sum_lanes(const double *acc) {
     return s;
 }
 
-static double sum_sq_span(const float *restrict g, int64_t n) {
+/* bfloat16 is the upper half of a float32: widening is a shift, exact. */
+static inline __attribute__((always_inline)) double widen_bf16(uint16_t bits) {
+    const uint32_t wide = (uint32_t)bits << 16;
+    float x;
+    memcpy(&x, &wide, sizeof x);
+    return x;
+}
+
+/* Sum of (double)g^2 over a span of float32 (dtype PT_FLOAT32) or bfloat16 (PT_BFLOAT16) elements. Each
+ * square is exact (24-bit mantissas squared fit in 53 bits) and the sum is formed in PASS1_PARTS x LANES
+ * float64 accumulators, each element straight from memory (no staging buffer). */
+static inline __attribute__((always_inline)) double sum_sq_span_as(const void *restrict data, int64_t n, int dtype,
+                                                                   int prefetch) {
+    const float *restrict f = (const float *)data;
+    const uint16_t *restrict b = (const uint16_t *)data;
+    /* interleaved (prefetch): part q is [q * part, (q + 1) * part); streams: part q takes the q-th run of
+     * LANES elements of every PASS1_PARTS * LANES, so the span is read front to back. */
     double acc[PASS1_PARTS][LANES] = {{0.0}};
     const int64_t part = n / PASS1_PARTS / LANES * LANES;
-    for (int64_t i = 0; i < part; i += LANES)
+    const int64_t part_stride = prefetch ? part : LANES, step = prefetch ? LANES : PASS1_PARTS * LANES;
+    for (int64_t i = 0; i < (prefetch ? part : PASS1_PARTS * part); i += step)
         for (int q = 0; q < PASS1_PARTS; ++q) {
-            const float *restrict h = g + q * part + i;
-            PREFETCH_READ(h);
+            const int64_t o = q * part_stride + i;
+            if (prefetch) {
+                if (dtype == PT_BFLOAT16) PREFETCH_READ(b + o);
+                else PREFETCH_READ(f + o);
+            }
             for (int j = 0; j < LANES; ++j) {
-                const double x = h[j];
-                acc[q][j] = fma(x, x, acc[q][j]); /* exact product: 24-bit mantissas squared fit in 53 bits */
+                const double x = dtype == PT_BFLOAT16 ? widen_bf16(b[o + j]) : (double)f[o + j];
+                acc[q][j] = fma(x, x, acc[q][j]);
             }
         }
     double total = 0.0;
     for (int64_t i = PASS1_PARTS * part; i < n; ++i) {
-        const double x = g[i];
+        const double x = dtype == PT_BFLOAT16 ? widen_bf16(b[i]) : (double)f[i];
         total = fma(x, x, total);
     }
     for (int q = 0; q < PASS1_PARTS; ++q) total += sum_lanes(acc[q]);
     return total;
+}
+
+static double sum_sq_span(const void *g, int64_t n, int dtype) {
+    const int prefetch = access_pattern == PT_INTERLEAVED;
+    if (dtype == PT_BFLOAT16)
+        return prefetch ? sum_sq_span_as(g, n, PT_BFLOAT16, 1) : sum_sq_span_as(g, n, PT_BFLOAT16, 0);
+    return prefetch ? sum_sq_span_as(g, n, PT_FLOAT32, 1) : sum_sq_span_as(g, n, PT_FLOAT32, 0);
 }
 
 /* One element of the update; the flags are compile-time constants in every instantiation below. */
@@ -140,64 +193,57 @@ static inline __attribute__((always_inline)) float adam_elem(float *restrict p, 
 
 static inline __attribute__((always_inline)) double adam_span(float *restrict p, const float *restrict g,
                                                               float *restrict m, float *restrict v, int64_t n,
-                                                              double k, const float *restrict s, int flags) {
-    double acc[PASS2_PARTS][LANES] = {{0.0}};
-    const int64_t part = n / PASS2_PARTS / LANES * LANES;
+                                                              double k, const float *restrict s, int flags,
+                                                              int parts, int prefetch) {
+    double acc[PASS2_PARTS_INTERLEAVED][LANES] = {{0.0}};
+    const int64_t part = n / parts / LANES * LANES;
     for (int64_t i = 0; i < part; i += LANES)
-        for (int q = 0; q < PASS2_PARTS; ++q) {
+        for (int q = 0; q < parts; ++q) {
             const int64_t o = q * part + i;
-            PREFETCH_WRITE(p + o);
-            PREFETCH_READ(g + o);
-            PREFETCH_WRITE(m + o);
-            PREFETCH_WRITE(v + o);
+            if (prefetch) {
+                PREFETCH_WRITE(p + o);
+                PREFETCH_READ(g + o);
+                PREFETCH_WRITE(m + o);
+                PREFETCH_WRITE(v + o);
+            }
             for (int j = 0; j < LANES; ++j) {
                 const double y = adam_elem(p + o + j, g + o + j, m + o + j, v + o + j, k, s, flags);
                 acc[q][j] = fma(y, y, acc[q][j]);
             }
         }
     double total = 0.0;
-    for (int64_t i = PASS2_PARTS * part; i < n; ++i) {
+    for (int64_t i = parts * part; i < n; ++i) {
         const double y = adam_elem(p + i, g + i, m + i, v + i, k, s, flags);
         total = fma(y, y, total);
     }
-    for (int q = 0; q < PASS2_PARTS; ++q) total += sum_lanes(acc[q]);
+    for (int q = 0; q < parts; ++q) total += sum_lanes(acc[q]);
     return total;
 }
 
+/* adam_span_F_A: flags F, access pattern A (S: PT_STREAMS, I: PT_INTERLEAVED), all compile-time constants. */
 #define SPAN(F) \
-    static double adam_span_##F(float *p, const float *g, float *m, float *v, int64_t n, double k, \
-                                const float *s) { return adam_span(p, g, m, v, n, k, s, F); }
+    static double adam_span_##F##_S(float *p, const float *g, float *m, float *v, int64_t n, double k, \
+                                    const float *s) { return adam_span(p, g, m, v, n, k, s, F, 1, 0); } \
+    static double adam_span_##F##_I(float *p, const float *g, float *m, float *v, int64_t n, double k, \
+                                    const float *s) { \
+        return adam_span(p, g, m, v, n, k, s, F, PASS2_PARTS_INTERLEAVED, 1); \
+    }
 SPAN(0) SPAN(2) SPAN(4) SPAN(8) SPAN(10) SPAN(12)
 #undef SPAN
 
 typedef double (*span_fn)(float *, const float *, float *, float *, int64_t, double, const float *);
 
 static span_fn select_span(int flags) {
+    const int interleaved = access_pattern == PT_INTERLEAVED;
     switch (flags & ~PT_MAXIMIZE) {
-        case 0: return adam_span_0;
-        case PT_L2: return adam_span_2;
-        case PT_DECOUPLED: return adam_span_4;
-        case PT_LERP_LARGE: return adam_span_8;
-        case PT_LERP_LARGE | PT_L2: return adam_span_10;
-        case PT_LERP_LARGE | PT_DECOUPLED: return adam_span_12;
+        case 0: return interleaved ? adam_span_0_I : adam_span_0_S;
+        case PT_L2: return interleaved ? adam_span_2_I : adam_span_2_S;
+        case PT_DECOUPLED: return interleaved ? adam_span_4_I : adam_span_4_S;
+        case PT_LERP_LARGE: return interleaved ? adam_span_8_I : adam_span_8_S;
+        case PT_LERP_LARGE | PT_L2: return interleaved ? adam_span_10_I : adam_span_10_S;
+        case PT_LERP_LARGE | PT_DECOUPLED: return interleaved ? adam_span_12_I : adam_span_12_S;
         default: return 0; /* L2 and decoupled together: rejected */
     }
-}
-
-/* bfloat16 is the upper half of a float32: widen a cache-sized piece by a shift (exact) into a buffer,
- * then sum it as float32 (sum_sq_span), so both loops vectorise. */
-#define BF16_PIECE 2048
-static double sum_sq_span_bf16(const uint16_t *restrict g, int64_t n) {
-    uint32_t bits[BF16_PIECE] __attribute__((aligned(64)));
-    float wide[BF16_PIECE] __attribute__((aligned(64)));
-    double total = 0.0;
-    for (int64_t start = 0; start < n; start += BF16_PIECE) {
-        const int64_t len = n - start < BF16_PIECE ? n - start : BF16_PIECE;
-        for (int64_t i = 0; i < len; ++i) bits[i] = (uint32_t)g[start + i] << 16;
-        memcpy(wide, bits, (size_t)len * sizeof(float));
-        total += sum_sq_span(wide, len);
-    }
-    return total;
 }
 
 /*
@@ -212,8 +258,8 @@ double pt_sum_sq(int64_t n_tensors, const int64_t *g_addrs, const int64_t *numel
         const int64_t lo = begin > offset ? begin - offset : 0;
         const int64_t hi = end - offset < numels[t] ? end - offset : numels[t];
         if (lo >= hi) continue;
-        total += dtype == PT_BFLOAT16 ? sum_sq_span_bf16((const uint16_t *)(intptr_t)g_addrs[t] + lo, hi - lo)
-                                      : sum_sq_span((const float *)(intptr_t)g_addrs[t] + lo, hi - lo);
+        const int64_t width = dtype == PT_BFLOAT16 ? 2 : 4;
+        total += sum_sq_span((const char *)(intptr_t)g_addrs[t] + lo * width, hi - lo, dtype);
     }
     return total;
 }
@@ -245,27 +291,35 @@ double pt_adam(int64_t n_tensors, const int64_t *addrs, const int64_t *numels, i
  * Pass 2's memory traffic, walked the same way, with no arithmetic to speak of (p += g, m += g, v += g):
  * the bandwidth this access pattern reaches here, for bench/step.py's floor.
  */
-static void stream_span(float *restrict p, const float *restrict g, float *restrict m, float *restrict v,
-                        int64_t n) {
-    const int64_t part = n / PASS2_PARTS / LANES * LANES;
+static inline __attribute__((always_inline)) void stream_span_as(float *restrict p, const float *restrict g,
+                                                                  float *restrict m, float *restrict v, int64_t n,
+                                                                  int parts, int prefetch) {
+    const int64_t part = n / parts / LANES * LANES;
     for (int64_t i = 0; i < part; i += LANES)
-        for (int q = 0; q < PASS2_PARTS; ++q) {
+        for (int q = 0; q < parts; ++q) {
             const int64_t o = q * part + i;
-            PREFETCH_WRITE(p + o);
-            PREFETCH_READ(g + o);
-            PREFETCH_WRITE(m + o);
-            PREFETCH_WRITE(v + o);
+            if (prefetch) {
+                PREFETCH_WRITE(p + o);
+                PREFETCH_READ(g + o);
+                PREFETCH_WRITE(m + o);
+                PREFETCH_WRITE(v + o);
+            }
             for (int j = 0; j < LANES; ++j) {
                 p[o + j] += g[o + j];
                 m[o + j] += g[o + j];
                 v[o + j] += g[o + j];
             }
         }
-    for (int64_t i = PASS2_PARTS * part; i < n; ++i) {
+    for (int64_t i = parts * part; i < n; ++i) {
         p[i] += g[i];
         m[i] += g[i];
         v[i] += g[i];
     }
+}
+
+static void stream_span(float *p, const float *g, float *m, float *v, int64_t n) {
+    if (access_pattern == PT_INTERLEAVED) stream_span_as(p, g, m, v, n, PASS2_PARTS_INTERLEAVED, 1);
+    else stream_span_as(p, g, m, v, n, 1, 0);
 }
 
 void pt_stream(int64_t n_tensors, const int64_t *addrs, const int64_t *numels, int64_t begin, int64_t end) {
