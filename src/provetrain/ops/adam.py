@@ -52,7 +52,6 @@ References:
 from __future__ import annotations
 
 import math
-import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
@@ -83,6 +82,7 @@ from provetrain.ops.guarded import (
     real_view,
     unscale_,
 )
+from provetrain.ops.state_cache import StateCache
 
 __all__ = ["Adam", "AdamW", "adam_step_"]
 
@@ -514,8 +514,7 @@ class Adam(GuardedOptimizer):
                 "pass fused=None (torch's fused kernel on the multi-tensor path takes amsgrad) or foreach=True"
             )
         self._init_params(params, defaults)
-        # exp_avg tensors checked for the C kernel, by id with a weak reference (ids are reused after a free)
-        self._kernel_ready_moments: dict[int, weakref.ref[Tensor]] = {}
+        self._forget_state_cache()
 
     # -- counters ---------------------------------------------------------------------------------
 
@@ -533,6 +532,21 @@ class Adam(GuardedOptimizer):
         _check_update_stays_finite(batches, self.clip_value)
         if self.clip_value is not None:
             check_gradual_underflow({b.params[0].device for b in batches})
+        cache = self._state_cache
+        self._step_cache = cache if cache is not None and cache.describes(self.state, batches) else None
+        try:
+            self._step_on_path(batches, loss, grad_scale, found_inf, observed)
+        finally:
+            self._step_cache = None  # it describes this step's batches only
+
+    def _step_on_path(
+        self,
+        batches: list[_GroupBatch],
+        loss: Tensor | float | None,
+        grad_scale: Tensor | None,
+        found_inf: Tensor | None,
+        observed: Tensor | None,
+    ) -> None:
         from provetrain.ops import sharded  # imported here: it builds on this module's adam_step_
 
         if sharded.holds_dtensors([p for b in batches for p in b.params]):  # FSDP2: one collective, shards
@@ -611,7 +625,12 @@ class Adam(GuardedOptimizer):
         """Fetch each parameter's state, creating it (zeros, step 0) on first use, after the raise check.
 
         A new count is float32 on the fast paths (their kernels read float32 counts, as torch's fused Adam
-        does) and otherwise float64 under ``torch.set_default_dtype(torch.float64)``, as in torch."""
+        does) and otherwise float64 under ``torch.set_default_dtype(torch.float64)``, as in torch. While the
+        parameters and their state are last step's (:class:`~provetrain.ops.state_cache.StateCache`), the
+        lists are last step's too."""
+        if self._step_cache is not None:
+            self._step_cache.attach(batches)
+            return
         for b in batches:
             if b.exp_avgs:
                 continue  # attached already (a path that hands the step over to the reference path)
@@ -628,6 +647,11 @@ class Adam(GuardedOptimizer):
                         state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     b.max_exp_avg_sqs.append(real_view(state["max_exp_avg_sq"]))
                 b.steps.append(state["step"])
+        self._state_cache = StateCache.of(self.state, batches)
+
+    def _forget_state_cache(self) -> None:
+        self._state_cache: StateCache | None = None
+        self._step_cache: StateCache | None = None  # the cache when it describes this step's batches
 
     def _multi_tensor_fits(self, batches: list[_GroupBatch]) -> bool:
         """Whether torch's fused kernel takes every parameter, gradient and moment of the step."""
@@ -654,21 +678,23 @@ class Adam(GuardedOptimizer):
                 )
             return False
         tensors = [t for b in batches for t in chain(b.params, b.grads)]
-        # Moments are checked once each (a loaded state may be strided differently from its parameter);
-        # load_state_dict forgets which were.
-        checked = self._kernel_ready_moments
-        for p in (p for b in batches for p in b.keys):
-            state = self.state.get(p)
-            if state and not _remembered(checked, state["exp_avg"]):
+        # Moments and counts are checked once per state cache (a loaded state may be strided differently
+        # from its parameter, or count in float64); parameters and gradients every step.
+        cache = self._step_cache
+        if cache is None or not cache.kernel_ready:
+            for p in (p for b in batches for p in b.keys):
+                state = self.state.get(p)
+                if not state:
+                    continue  # created by _attach_state as zeros_like(p): as p, which is checked
                 tensors += [real_view(state["exp_avg"]), real_view(state["exp_avg_sq"])]
-            if state and state["step"].dtype != torch.float32:
-                if self.fused:
-                    raise ValueError(
-                        f"fused=True, but a step count is {state['step'].dtype} (a state made or loaded under "
-                        "torch.set_default_dtype(torch.float64)) and the fused kernel counts in float32; "
-                        "construct with fused=None to fall back to the reference path."
-                    )
-                return False
+                if state["step"].dtype != torch.float32:
+                    if self.fused:
+                        raise ValueError(
+                            f"fused=True, but a step count is {state['step'].dtype} (a state made or loaded "
+                            "under torch.set_default_dtype(torch.float64)) and the fused kernel counts in "
+                            "float32; construct with fused=None to fall back to the reference path."
+                        )
+                    return False
         if self.fused is None:
             if not fused.supports(tensors):
                 return False
@@ -681,8 +707,8 @@ class Adam(GuardedOptimizer):
                     "contiguous float32 CPU tensors only; construct with fused=None to fall back to the "
                     "reference path."
                 )
-        for p in (p for b in batches for p in b.keys if self.state.get(p)):
-            checked[id(self.state[p]["exp_avg"])] = weakref.ref(self.state[p]["exp_avg"])
+        if cache is not None:
+            cache.kernel_ready = True
         return True
 
     def _step_multi_tensor(
@@ -813,7 +839,7 @@ class Adam(GuardedOptimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        self._kernel_ready_moments = {}  # loaded moments are checked afresh
+        self._forget_state_cache()  # loaded moments are fetched and checked afresh
         for group in self.param_groups:
             for key in _TORCH_ONLY_GROUP_KEYS:
                 group.pop(key, None)
@@ -907,19 +933,24 @@ class AdamW(Adam):
 
 
 def _fused_group_step_(batch: _GroupBatch, k: float) -> float:
-    """Pass 2 of the fused kernel for one group, once per distinct step count; returns sum of y**2."""
+    """Pass 2 of the fused kernel for one group, once per distinct step count (``indices`` None: every
+    parameter of the group); returns sum of y**2."""
     h = batch.hyperparameters()
-    by_step: dict[float, list[int]] = {}
-    for i, s in enumerate(torch.stack(batch.steps).tolist()):  # CPU tensors, one read: no synchronisation
-        by_step.setdefault(s, []).append(i)
+    counts = torch.stack(batch.steps).tolist()  # CPU tensors, one read: no synchronisation
+    if counts.count(counts[0]) == len(counts):  # the usual case: one count for the whole group
+        by_step = {counts[0]: None}
+    else:
+        by_step = {}
+        for i, count in enumerate(counts):
+            by_step.setdefault(count, []).append(i)
     clipped_sum_sq = 0.0
     for step, indices in by_step.items():
         t = step + 1
         clipped_sum_sq += fused.adam_update_(
-            [batch.params[i] for i in indices],
-            [batch.grads[i] for i in indices],
-            [batch.exp_avgs[i] for i in indices],
-            [batch.exp_avg_sqs[i] for i in indices],
+            *(
+                state if indices is None else [state[i] for i in indices]
+                for state in (batch.params, batch.grads, batch.exp_avgs, batch.exp_avg_sqs)
+            ),
             k=k,
             lr=float(h["lr"]),  # CPU tensors (the C kernel's tensors are on the CPU): no synchronisation
             beta1=float(h["beta1"]),
@@ -932,13 +963,8 @@ def _fused_group_step_(batch: _GroupBatch, k: float) -> float:
             bias_correction2_sqrt=(1 - float(h["beta2"]) ** t) ** 0.5,
             check=False,  # Adam._use_fused checked every tensor of the step
         )
-    fused.advance_step_counts_(batch.steps)
+    fused.advance_step_counts_(batch.steps, check=False)  # float32 CPU counts: Adam._use_fused checked them
     return clipped_sum_sq
-
-
-def _remembered(checked: dict[int, weakref.ref[Tensor]], t: Tensor) -> bool:
-    ref = checked.get(id(t))
-    return ref is not None and ref() is t
 
 
 def _fresh_state(p: Tensor, step_dtype: torch.dtype) -> dict[str, Tensor]:
@@ -1012,7 +1038,7 @@ def _check_update_stays_finite(batches: list[_GroupBatch], clip_value: float | N
       decays, and rounds to at most itself). Required: :math:`c \le` :func:`moment_limit` of :math:`d`,
       :math:`\sqrt{\max_d}\,(1 - 2^{-19})` (float16: 255.9; float32 and bfloat16: 1.8e19).
 
-    Outside these (L2 decay, which adds :math:`\lambda	heta` to the gradient, or no clip value) the update is
+    Outside these (L2 decay, which adds :math:`\lambda\theta` to the gradient, or no clip value) the update is
     not bounded by the hyper-parameters alone; a non-finite moment is then caught by the checkpoint's
     finiteness rule.
     """

@@ -242,17 +242,19 @@ class GuardedOptimizer(Optimizer):
         for group_index, group in enumerate(self.param_groups):
             batch = self._batch_type(group_index, group)
             for position, p in enumerate(group["params"]):
-                if p.grad is None:
+                grad = p.grad
+                if grad is None:
                     continue
-                if p.grad.is_sparse:
+                if grad.is_sparse:
                     raise RuntimeError(
                         f"{param_label(group, group_index, position)} has a sparse gradient, which "
                         f"{self._algorithm} does not support; use {self._sparse_alternative} for it."
                     )
                 batch.positions.append(position)
                 batch.keys.append(p)
-                batch.params.append(real_view(p))
-                batch.grads.append(real_view(p.grad))
+                # real_view, inlined: this loop runs for every parameter at every step
+                batch.params.append(torch.view_as_real(p) if p.is_complex() else p)
+                batch.grads.append(torch.view_as_real(grad) if grad.is_complex() else grad)
             if batch.params:
                 batches.append(batch)
         if not batches and self.on_empty == "raise":

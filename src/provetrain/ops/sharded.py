@@ -101,7 +101,8 @@ def holds_dtensors(params: Sequence[Tensor]) -> bool:
         return False
     from torch.distributed.tensor import DTensor
 
-    return any(isinstance(p, DTensor) for p in params)
+    # FSDP2's nn.Parameter(DTensor) is of type DTensor; one issubclass per distinct type, not per parameter.
+    return any(issubclass(kind, DTensor) for kind in set(map(type, params)))
 
 
 def sharded_adam_step_(

@@ -28,7 +28,7 @@
 #include <omp.h>
 #endif
 
-#define PT_ABI_VERSION 5
+#define PT_ABI_VERSION 6
 /* The float64 sums are formed per block of PT_BLOCK elements of the concatenation, whatever thread runs it,
  * and the block sums are added in block order: the result does not depend on the thread count. */
 #define PT_BLOCK 65536
@@ -406,6 +406,11 @@ void pt_stream_mt(int64_t n_tensors, const int64_t *addrs, const int64_t *numels
 #endif
     for (int t = 0; t < threads; ++t)
         pt_stream(n_tensors, addrs, numels, bound(total, t, threads), bound(total, t + 1, threads));
+}
+
+/* counts: n addresses of float32 step counts, each advanced by one (exact below 2^24). */
+void pt_add_one(int64_t n, const int64_t *counts) {
+    for (int64_t i = 0; i < n; ++i) *(float *)(intptr_t)counts[i] += 1.0f;
 }
 
 /* The clipped value alone, dst[i] = (float)((double)src[i] * k): lets tests pin y bit for bit. */

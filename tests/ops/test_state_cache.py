@@ -1,0 +1,147 @@
+"""provetrain.Adam re-uses last step's state lists (ops.state_cache) only while they are provably the state:
+every way of changing the parameters with a gradient or the state must be seen."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import provetrain
+from provetrain.ops import fused
+
+SIZES = (7, 33, 1000)
+
+
+def make(seed: int = 0, **kwargs) -> tuple[list[torch.nn.Parameter], provetrain.Adam]:
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.nn.Parameter(torch.randn(n, generator=gen)) for n in SIZES]
+    return params, provetrain.Adam(params, lr=1e-2, clip_value=1.0, **kwargs)
+
+
+def set_grads(params: list[torch.nn.Parameter], step: int) -> None:
+    gen = torch.Generator().manual_seed(100 + step)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen)
+
+
+def run(params, opt, steps: range) -> None:
+    for step in steps:
+        set_grads(params, step)
+        opt.step()
+
+
+def bits(tensors) -> list[torch.Tensor]:
+    return [t.detach().clone() for t in tensors]
+
+
+def assert_same_bits(a, b) -> None:
+    for x, y in zip(a, b, strict=True):
+        assert torch.equal(x.view(torch.int32), y.view(torch.int32))
+
+
+@pytest.mark.parametrize("path", [dict(), dict(foreach=True), dict(fused=False)])
+def test_steady_state_uses_the_cache_and_gives_the_uncached_result(path, monkeypatch):
+    params, opt = make(**path)
+    run(params, opt, range(3))
+    set_grads(params, 3)
+    batches = opt._gather()
+    assert opt._state_cache is not None and opt._state_cache.describes(opt.state, batches)
+    opt.step()
+    cached = bits(params)
+    # The same run with a cache that never describes the step: fetched afresh every step.
+    params2, opt2 = make(**path)
+    monkeypatch.setattr(provetrain.ops.state_cache.StateCache, "describes", lambda *a: False)
+    run(params2, opt2, range(4))
+    assert_same_bits(cached, params2)
+
+
+@pytest.mark.parametrize("path", [dict(), dict(foreach=True), dict(fused=False)])
+def test_a_replaced_state_entry_is_used(path):
+    """Lightning's optimizer_to_device replaces state entries in place of the dict: the new tensor is used."""
+    params, opt = make(**path)
+    run(params, opt, range(2))
+    p = params[1]
+    old = opt.state[p]["exp_avg"]
+    new = old.clone() + 1.0
+    opt.state[p]["exp_avg"] = new
+    kept_old = old.clone()
+    run(params, opt, range(2, 3))
+    assert torch.equal(old, kept_old)  # the replaced tensor is left alone
+    assert not torch.equal(new, kept_old + 1.0)  # the new one took the step
+    assert opt.state[p]["exp_avg"] is new
+
+
+def test_a_replaced_state_dict_and_a_load_are_seen():
+    params, opt = make()
+    run(params, opt, range(2))
+    p = params[0]
+    opt.state[p] = {k: v.clone() for k, v in opt.state[p].items()}
+    replaced = opt.state[p]["exp_avg_sq"]
+    before = replaced.clone()
+    run(params, opt, range(2, 3))
+    assert not torch.equal(replaced, before)
+    # A loaded copy puts new state tensors in place: the next step must update those, not the old ones.
+    saved = copy.deepcopy(opt.state_dict())
+    old_moments = [opt.state[q]["exp_avg"] for q in params]
+    opt.load_state_dict(saved)
+    new_moments = [opt.state[q]["exp_avg"] for q in params]
+    snapshot = bits(old_moments)
+    run(params, opt, range(3, 4))
+    assert_same_bits(snapshot, old_moments)
+    assert all(not torch.equal(a, b) for a, b in zip(new_moments, snapshot, strict=True))
+
+
+def test_a_parameter_without_gradient_then_with_one_again():
+    params, opt = make()
+    run(params, opt, range(2))
+    params[1].grad = None
+    for q in (params[0], params[2]):
+        q.grad = torch.ones_like(q)
+    count_before = opt.state[params[1]]["step"].item()
+    opt.step()
+    assert opt.state[params[1]]["step"].item() == count_before
+    assert opt.state[params[0]]["step"].item() == count_before + 1
+    run(params, opt, range(3, 4))
+    assert [opt.state[q]["step"].item() for q in params] == [count_before + 2, count_before + 1, count_before + 2]
+
+
+def replace_with_strided(opt, p) -> torch.Tensor:
+    strided = torch.zeros(2 * p.numel())[::2]
+    strided.copy_(opt.state[p]["exp_avg"])
+    opt.state[p]["exp_avg"] = strided
+    return strided
+
+
+@pytest.mark.skipif(not fused.fused_available(), reason=f"no C kernel: {fused.fused_unavailable_reason()}")
+def test_a_moment_replaced_by_a_strided_tensor_is_checked_again():
+    params, opt = make()
+    params_ref, opt_ref = make(fused=False)
+    for q, o in ((params, opt), (params_ref, opt_ref)):
+        run(q, o, range(2))
+    strided = replace_with_strided(opt, params[2])
+    replace_with_strided(opt_ref, params_ref[2])
+    set_grads(params, 2)
+    assert not opt._state_cache.describes(opt.state, opt._gather())
+    assert not opt._use_fused(opt._gather())  # the C kernel reads raw memory: it must refuse the strided moment
+    before = strided.clone()
+    run(params, opt, range(2, 3))
+    run(params_ref, opt_ref, range(2, 3))
+    assert not torch.equal(strided, before)
+    torch.testing.assert_close(params, params_ref)
+    params_c, opt_c = make(fused=True)
+    run(params_c, opt_c, range(2))
+    replace_with_strided(opt_c, params_c[2])
+    set_grads(params_c, 2)
+    with pytest.raises(ValueError, match="contiguous float32 CPU tensors only"):
+        opt_c.step()
+
+
+def test_amsgrad_switched_on_rebuilds_the_cache():
+    params, opt = make()
+    run(params, opt, range(2))
+    opt.param_groups[0]["amsgrad"] = True
+    run(params, opt, range(2, 4))
+    assert all("max_exp_avg_sq" in opt.state[q] for q in params)
+    assert opt._state_cache.batches[0].amsgrad
