@@ -446,3 +446,17 @@ def test_a_non_power_of_two_loss_scale_keeps_the_bound_near_the_threshold() -> N
                 _, divisor = clip_divisor(s, e, max_norm, numel=g.numel(), dtypes=[torch.float32], grad_scale=sigma)
             y = scaled / divisor  # the CPU kernel's float32 division
             assert exact_sum_of_squares([y]) <= Fraction(max_norm) ** 2, (trial, on_host)
+
+
+def test_fused_kernel_supports_reads_layout_dtype_and_device_per_tensor() -> None:
+    supports = multi_tensor_module.fused_kernel_supports
+    p = torch.zeros(4, 3)
+    assert supports([p, p.bfloat16().float()], [torch.ones(4, 3), torch.ones(4, 3)])
+    t = torch.zeros(3, 4).t()  # dense, not contiguous: accepted when every partner has the same strides
+    assert supports([t], [torch.zeros(3, 4).t()])
+    assert not supports([t], [torch.zeros(4, 3)])  # same shape, other layout: the kernel walks memory linearly
+    assert not supports([p], [torch.zeros(4, 6)[:, ::2]])  # not dense
+    assert not supports([p, p.double()])  # one dtype per list
+    assert not supports([p], [p.bfloat16()])
+    assert not supports([p, torch.zeros(4, 3, device="meta")])  # CPU and meta both have device index -1
+    assert not supports([torch.zeros(4, 3, device="meta")])  # no fused kernel on meta

@@ -383,15 +383,24 @@ def fused_kernel_supports(params: Sequence[Tensor], *others: Sequence[Tensor]) -
     first = params[0]
     if first.device.type not in _FUSED_DEVICE_TYPES or first.dtype not in _FUSED_DTYPES:
         return False
+    # Per tensor, the cheap reads only (this runs for every tensor at every step): the device by is_cpu and
+    # its index (-1 on the CPU and on meta) rather than a torch.device object; a mix of accelerator types
+    # with one index in one list is refused by the kernel itself.
+    dtype, cpu, index = first.dtype, first.is_cpu, first.get_device()
     for i, p in enumerate(params):
-        if type(p) not in _PLAIN_TENSOR_TYPES or p.dtype != first.dtype or p.device != first.device:
+        if type(p) not in _PLAIN_TENSOR_TYPES or p.dtype is not dtype or p.is_cpu is not cpu or p.get_device() != index:
             return False
         if not _dense(p):
             return False
         stride = p.stride()
         for tensors in others:
             t = tensors[i]
-            if type(t) not in _PLAIN_TENSOR_TYPES or t.dtype != p.dtype or t.device != p.device:
+            if (
+                type(t) not in _PLAIN_TENSOR_TYPES
+                or t.dtype is not dtype
+                or t.is_cpu is not cpu
+                or t.get_device() != index
+            ):
                 return False
             if t.stride() != stride or not _dense(t):
                 return False
@@ -400,8 +409,10 @@ def fused_kernel_supports(params: Sequence[Tensor], *others: Sequence[Tensor]) -
 
 def _dense(t: Tensor) -> bool:
     """Whether ``t``'s elements fill ``numel`` consecutive slots exactly once (any dimension order)."""
-    if t.layout != torch.strided:
+    if t.layout is not torch.strided:
         return False
+    if t.is_contiguous():
+        return True
     expected = 1
     for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape, strict=True) if sz != 1):
         if stride != expected:
