@@ -145,3 +145,42 @@ def test_amsgrad_switched_on_rebuilds_the_cache():
     run(params, opt, range(2, 4))
     assert all("max_exp_avg_sq" in opt.state[q] for q in params)
     assert opt._state_cache.batches[0].amsgrad
+
+
+def test_multi_tensor_path_checks_a_replaced_moment_again():
+    params, opt = make(foreach=True)
+    params_ref, opt_ref = make(fused=False)
+    for q, o in ((params, opt), (params_ref, opt_ref)):
+        run(q, o, range(2))
+    strided = replace_with_strided(opt, params[2])
+    replace_with_strided(opt_ref, params_ref[2])
+    set_grads(params, 2)
+    assert not opt._multi_tensor_fits(opt._gather())  # torch's kernel walks memory linearly: refused
+    before = strided.clone()
+    run(params, opt, range(2, 3))
+    run(params_ref, opt_ref, range(2, 3))
+    assert not torch.equal(strided, before)
+    torch.testing.assert_close(params, params_ref)
+
+
+def test_a_parameter_whose_layout_changes_under_a_cached_state_is_refused():
+    """model.to(memory_format=torch.channels_last) after the optimizer was made assigns p.data: the moments
+    keep the old layout, so torch's fused kernel (which walks memory linearly) must not take the step."""
+    p = torch.nn.Parameter(torch.randn(2, 3, 4, 5))
+    opt = provetrain.Adam([p], lr=1e-2, clip_value=1.0, foreach=True)
+    for _ in range(3):
+        p.grad = torch.randn_like(p)
+        opt.step()
+    p.data = p.data.to(memory_format=torch.channels_last)
+    p.grad = torch.randn_like(p)  # channels_last too, as autograd would make it
+    batches = opt._gather()
+    opt._step_cache = opt._state_cache if opt._state_cache.describes(opt.state, batches) else None
+    assert opt._step_cache is not None and opt._step_cache.multi_tensor_ready
+    assert not opt._multi_tensor_fits(batches)
+    opt._step_cache = None
+    reference = provetrain.Adam([q := torch.nn.Parameter(p.detach().clone())], lr=1e-2, fused=False, clip_value=1.0)
+    reference.load_state_dict(copy.deepcopy(opt.state_dict()))
+    q.grad = p.grad.clone()
+    opt.step()
+    reference.step()
+    torch.testing.assert_close(p, q, rtol=0, atol=0)

@@ -655,6 +655,16 @@ class Adam(GuardedOptimizer):
 
     def _multi_tensor_fits(self, batches: list[_GroupBatch]) -> bool:
         """Whether torch's fused kernel takes every parameter, gradient and moment of the step."""
+        cache = self._step_cache
+        if cache is not None and cache.multi_tensor_ready:
+            # The state was checked with this cache: only the parameters and gradients can have changed (a
+            # parameter's layout must still be its moments').
+            return all(
+                multi_tensor.fused_kernel_supports(
+                    b.params, b.grads, same_strides=[t for t in (c.exp_avgs, c.exp_avg_sqs, c.max_exp_avg_sqs) if t]
+                )
+                for b, c in zip(batches, cache.batches, strict=True)
+            )
         for b in batches:
             # A parameter without state yet gets zeros_like(p) (same strides): p stands in for its moments.
             keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if b.amsgrad else ("exp_avg", "exp_avg_sq")
@@ -664,6 +674,8 @@ class Adam(GuardedOptimizer):
             moments = [[real_view(s.get(key, p)) for s, p in zip(states, b.keys, strict=True)] for key in keys]
             if not multi_tensor.fused_kernel_supports(b.params, b.grads, *moments):
                 return False
+        if cache is not None:
+            cache.multi_tensor_ready = True
         return True
 
     def _use_fused(self, batches: list[_GroupBatch]) -> bool:

@@ -371,12 +371,15 @@ def clip_divisor_on_host(
     return total_norm, float(narrow)
 
 
-def fused_kernel_supports(params: Sequence[Tensor], *others: Sequence[Tensor]) -> bool:
+def fused_kernel_supports(
+    params: Sequence[Tensor], *others: Sequence[Tensor], same_strides: Sequence[Sequence[Tensor]] = ()
+) -> bool:
     """Whether torch's fused Adam kernel can take these tensors.
 
     Plain tensors (not subclasses) of one floating dtype on a device with a fused kernel, each dense and
     non-overlapping with the same strides as its parameter: the CPU kernel walks memory linearly (it does
-    not check layout), so ``p``, ``g``, ``m`` and ``v`` must lay their elements out alike.
+    not check layout), so ``p``, ``g``, ``m`` and ``v`` must lay their elements out alike. The tensors of
+    ``same_strides`` were checked before (a state that has not changed): only their strides are compared.
     """
     if not params:
         return True
@@ -404,6 +407,8 @@ def fused_kernel_supports(params: Sequence[Tensor], *others: Sequence[Tensor]) -
                 return False
             if t.stride() != stride or not _dense(t):
                 return False
+        if any(tensors[i].stride() != stride for tensors in same_strides):
+            return False
     return True
 
 
@@ -456,7 +461,10 @@ def adam_update_multi_tensor_(
     kernel = torch._fused_adamw_ if decoupled_weight_decay else torch._fused_adam_
     if isinstance(lr, Tensor):
         lr = lr.squeeze() if lr.device.type == "cpu" else lr.to(device, non_blocking=True).squeeze()
-    torch._foreach_add_(steps, 1.0)
+    if found_inf is None and device.type == "cpu" and fused.fused_available():
+        fused.advance_step_counts_(steps)  # one C call; _foreach_add_ costs about 1.7 us a 0-d CPU tensor
+    else:
+        torch._foreach_add_(steps, 1.0)
     kernel(
         params,
         grads,
