@@ -401,6 +401,8 @@ def main() -> None:
     notes: list[str] = []
     cases = torch_cases(params, grads)
     with_kernel = args.device == "cpu" and args.dtype == "float32" and not args.model and fused.fused_available()
+    if args.device == "cpu" and fused.fused_available():
+        notes.append(f"C kernel memory walk: {fused.access_pattern()} (ops/kernels/adam_step.c says why)")
     if with_kernel:
         kernel, k_source = kernel_cases(params, grads)
         cases += kernel
