@@ -114,9 +114,16 @@ def replace_with_strided(opt, p) -> torch.Tensor:
     return strided
 
 
-@pytest.mark.skipif(not fused.fused_available(), reason=f"no C kernel: {fused.fused_unavailable_reason()}")
-def test_a_moment_replaced_by_a_strided_tensor_is_checked_again():
-    params, opt = make()
+@pytest.mark.parametrize(
+    "path, takes_the_step",
+    [
+        pytest.param(dict(), "_use_fused", marks=pytest.mark.skipif(not fused.fused_available(), reason="no C kernel")),
+        (dict(foreach=True), "_multi_tensor_fits"),
+    ],
+)
+def test_a_moment_replaced_by_a_strided_tensor_is_checked_again(path, takes_the_step):
+    """Both kernels read memory linearly: a strided moment that replaced a checked one must be refused."""
+    params, opt = make(**path)
     params_ref, opt_ref = make(fused=False)
     for q, o in ((params, opt), (params_ref, opt_ref)):
         run(q, o, range(2))
@@ -124,18 +131,22 @@ def test_a_moment_replaced_by_a_strided_tensor_is_checked_again():
     replace_with_strided(opt_ref, params_ref[2])
     set_grads(params, 2)
     assert not opt._state_cache.describes(opt.state, opt._gather())
-    assert not opt._use_fused(opt._gather())  # the C kernel reads raw memory: it must refuse the strided moment
+    assert not getattr(opt, takes_the_step)(opt._gather())
     before = strided.clone()
     run(params, opt, range(2, 3))
     run(params_ref, opt_ref, range(2, 3))
     assert not torch.equal(strided, before)
     torch.testing.assert_close(params, params_ref)
-    params_c, opt_c = make(fused=True)
-    run(params_c, opt_c, range(2))
-    replace_with_strided(opt_c, params_c[2])
-    set_grads(params_c, 2)
+
+
+@pytest.mark.skipif(not fused.fused_available(), reason=f"no C kernel: {fused.fused_unavailable_reason()}")
+def test_fused_true_refuses_a_strided_moment_by_name():
+    params, opt = make(fused=True)
+    run(params, opt, range(2))
+    replace_with_strided(opt, params[2])
+    set_grads(params, 2)
     with pytest.raises(ValueError, match="contiguous float32 CPU tensors only"):
-        opt_c.step()
+        opt.step()
 
 
 def test_amsgrad_switched_on_rebuilds_the_cache():
@@ -145,22 +156,6 @@ def test_amsgrad_switched_on_rebuilds_the_cache():
     run(params, opt, range(2, 4))
     assert all("max_exp_avg_sq" in opt.state[q] for q in params)
     assert opt._state_cache.batches[0].amsgrad
-
-
-def test_multi_tensor_path_checks_a_replaced_moment_again():
-    params, opt = make(foreach=True)
-    params_ref, opt_ref = make(fused=False)
-    for q, o in ((params, opt), (params_ref, opt_ref)):
-        run(q, o, range(2))
-    strided = replace_with_strided(opt, params[2])
-    replace_with_strided(opt_ref, params_ref[2])
-    set_grads(params, 2)
-    assert not opt._multi_tensor_fits(opt._gather())  # torch's kernel walks memory linearly: refused
-    before = strided.clone()
-    run(params, opt, range(2, 3))
-    run(params_ref, opt_ref, range(2, 3))
-    assert not torch.equal(strided, before)
-    torch.testing.assert_close(params, params_ref)
 
 
 def test_a_parameter_whose_layout_changes_under_a_cached_state_is_refused():

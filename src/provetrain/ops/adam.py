@@ -532,38 +532,28 @@ class Adam(GuardedOptimizer):
         _check_update_stays_finite(batches, self.clip_value)
         if self.clip_value is not None:
             check_gradual_underflow({b.params[0].device for b in batches})
+        from provetrain.ops import sharded  # imported here: it builds on this module's adam_step_
+
         cache = self._state_cache
         self._step_cache = cache if cache is not None and cache.describes(self.state, batches) else None
         try:
-            self._step_on_path(batches, loss, grad_scale, found_inf, observed)
+            if sharded.holds_dtensors([p for b in batches for p in b.params]):  # FSDP2: one collective, shards
+                self._step_sharded(batches, sharded, loss, grad_scale, found_inf, observed)
+                return
+            path = self._choose_path(batches)
+            if path == "multi_tensor":
+                self._step_multi_tensor(batches, loss, grad_scale, found_inf, observed)
+                return
+            if grad_scale is not None:
+                # The other paths clip what is stored: unscale first, as GradScaler.unscale_ would.
+                unscale_(batches, grad_scale)
+            skip_scaled = None if found_inf is None else found_inf > 0
+            if path == "fused":
+                self._step_fused(batches, loss, skip_scaled, observed)
+            else:
+                self._step_reference(batches, loss, skip_scaled, observed)
         finally:
             self._step_cache = None  # it describes this step's batches only
-
-    def _step_on_path(
-        self,
-        batches: list[_GroupBatch],
-        loss: Tensor | float | None,
-        grad_scale: Tensor | None,
-        found_inf: Tensor | None,
-        observed: Tensor | None,
-    ) -> None:
-        from provetrain.ops import sharded  # imported here: it builds on this module's adam_step_
-
-        if sharded.holds_dtensors([p for b in batches for p in b.params]):  # FSDP2: one collective, shards
-            self._step_sharded(batches, sharded, loss, grad_scale, found_inf, observed)
-            return
-        path = self._choose_path(batches)
-        if path == "multi_tensor":
-            self._step_multi_tensor(batches, loss, grad_scale, found_inf, observed)
-            return
-        if grad_scale is not None:
-            # The other paths clip what is stored: unscale first, as GradScaler.unscale_ would.
-            unscale_(batches, grad_scale)
-        skip_scaled = None if found_inf is None else found_inf > 0
-        if path == "fused":
-            self._step_fused(batches, loss, skip_scaled, observed)
-        else:
-            self._step_reference(batches, loss, skip_scaled, observed)
 
     def _step_sharded(
         self,
