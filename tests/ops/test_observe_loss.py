@@ -124,3 +124,44 @@ def test_observe_loss_refuses_what_is_not_a_loss() -> None:
     opt = Adam(make_model().parameters())
     with pytest.raises(TypeError, match="loss must be a tensor or a real number"):
         opt.observe_loss("nan")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_an_empty_step_with_a_nonfinite_loss_counts_as_skipped_too(optimizer) -> None:
+    """on_empty="skip": nothing changes, the step counts in empty_steps, and a NaN loss (observed or given)
+    counts in skipped_steps as on any step, so the skip budget sees it; raise mode names it."""
+    from provetrain import SGD
+
+    model = make_model()
+    make = (
+        (lambda **kw: Adam(model.parameters(), clip_value=1.0, on_empty="skip", **kw))
+        if optimizer == "adam"
+        else (lambda **kw: SGD(model.parameters(), lr=0.1, clip_value=1.0, on_empty="skip", **kw))
+    )
+    opt = make()
+    opt.observe_loss(torch.tensor(math.nan))
+    opt.step()  # no gradients anywhere
+    opt.step(loss=torch.tensor(math.inf))
+    opt.step(loss=1.0)
+    opt.observe_loss(torch.tensor(2.0))
+    opt.step()
+    assert (int(opt.empty_steps), int(opt.skipped_steps)) == (4, 2)
+    strict = make(on_nonfinite="raise")
+    strict.observe_loss(math.nan)
+    with pytest.raises(ContractViolation, match="loss.is_finite"):
+        strict.step()
+    assert (int(strict.empty_steps), int(strict.skipped_steps)) == (0, 0)
+    strict.step()  # the flag was consumed by the step that raised
+    assert int(strict.empty_steps) == 1
+
+
+def test_load_state_dict_clears_an_observed_loss() -> None:
+    model = make_model()
+    opt = Adam(model.parameters(), clip_value=1.0)
+    saved = opt.state_dict()
+    opt.observe_loss(math.nan)
+    opt.load_state_dict(saved)  # e.g. a rollback: the accumulated step in progress belonged to the old state
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    assert int(opt.skipped_steps) == 0

@@ -80,7 +80,8 @@ class GuardedOptimizer(Optimizer):
     * ``last_grad_norm`` (float64): the global gradient norm of the last step, before clipping.
     * ``last_clipped_grad_norm`` (float64): the norm of the clipped gradient the last step used (NaN when
       it was skipped).
-    * ``empty_steps`` (int64, on the CPU): steps without any gradient under ``on_empty="skip"``.
+    * ``empty_steps`` (int64, on the CPU): steps without any gradient under ``on_empty="skip"`` (one whose
+      loss or observed micro-step loss is non-finite counts in ``skipped_steps`` too).
     """
 
     # torch.amp.GradScaler hands these optimizers its scale and inf flag (grad_scale, found_inf) instead of
@@ -219,10 +220,25 @@ class GuardedOptimizer(Optimizer):
         with torch.no_grad():
             batches = self._gather()
             if not batches:  # on_empty="skip": nothing to clip or update, as in torch.optim
-                self._empty_steps.add_(1)
+                self._count_empty_step(loss, observed)
                 return loss
             self._step_batches(batches, loss, grad_scale, found_inf, observed)
         return loss
+
+    def _count_empty_step(self, loss: Tensor | float | None, observed: Tensor | None) -> None:
+        """An empty step (``on_empty="skip"``) changes nothing and counts in ``empty_steps``. When its loss or an
+        observed micro-step loss is non-finite it also counts in ``skipped_steps``, as any step skipped for a
+        non-finite loss (on the device: no host read), or raises in ``on_nonfinite="raise"`` mode."""
+        skipped = self._counters["skipped_steps"]
+        flag = loss_nonfinite_flag(loss, skipped.device)
+        if observed is not None:
+            observed = observed.to(skipped.device, non_blocking=True)
+            flag = observed if flag is None else flag | observed
+        if flag is not None and self.on_nonfinite == "raise" and bool(flag):
+            self._raise_nonfinite([], loss, None, observed)
+        self._empty_steps.add_(1)
+        if flag is not None:
+            skipped.add_(flag)
 
     def _step_batches(
         self,
@@ -528,6 +544,8 @@ class GuardedOptimizer(Optimizer):
             counter.copy_(fresh[name] if saved is None else torch.as_tensor(saved[name]))
         # State dicts from before on_empty have no empty_steps: none were taken.
         self._empty_steps.fill_(0 if saved is None else int(saved.get("empty_steps", 0)))
+        # A loss observed before the load belongs to an accumulated step of the state that was replaced.
+        self._observed_nonfinite = None
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
