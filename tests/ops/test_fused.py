@@ -381,8 +381,10 @@ def test_bad_arguments_are_named(case, message):
 
 
 def test_pass_one_names_an_unsupported_gradient():
-    with pytest.raises(ValueError, match=re.escape("grads[1] is a torch.float16 torch.strided tensor on cpu")):
-        fused.sum_sq_and_finite([torch.zeros(3), torch.zeros(3, dtype=torch.float16)])
+    with pytest.raises(ValueError, match=re.escape("grads[1] is a torch.float64 torch.strided tensor on cpu")):
+        fused.sum_sq_and_finite([torch.zeros(3), torch.zeros(3, dtype=torch.float64)])
+    with pytest.raises(ValueError, match=re.escape("grads[0] is a torch.float16 torch.strided tensor on cpu (not")):
+        fused.sum_sq_and_finite([torch.zeros(6, dtype=torch.float16)[::2]])
 
 
 # -- build, cache and switches --------------------------------------------------------------------
@@ -506,11 +508,21 @@ def test_advance_step_counts_adds_one_in_place_and_tells_autograd() -> None:
         fused.advance_step_counts_([torch.tensor(1.0, dtype=torch.float64)])
 
 
+HALF_EXTREMES = {
+    # the largest finite value, the smallest normal and subnormal magnitudes, a negative subnormal
+    torch.bfloat16: [3.3895e38, 1.1755e-38, 9.2e-41, -9.2e-41],
+    torch.float16: [65504.0, 6.1035e-05, 5.96e-08, -5.96e-08],
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.usefixtures("access_pattern")
-def test_pass_one_takes_bfloat16_exactly_and_thread_independently() -> None:
+def test_pass_one_takes_16_bit_floats_exactly_and_thread_independently(dtype) -> None:
     sizes = (300_001, 4097, 1)
-    grads = [torch.randn(n, generator=torch.Generator().manual_seed(n)).bfloat16() for n in sizes]
-    grads[0][7] = 3e38  # squares far beyond float32: float64 holds them
+    grads = [torch.randn(n, generator=torch.Generator().manual_seed(n)).to(dtype) for n in sizes]
+    extremes = torch.tensor(HALF_EXTREMES[dtype]).to(dtype)
+    assert extremes[2] != 0 and extremes.isfinite().all()  # the subnormals are representable, not flushed
+    grads[0][7 : 7 + len(extremes)] = extremes  # squares far beyond the format's own range: float64 holds them
     sums = []
     for threads in (1, 2, 7):
         with num_threads(threads):
@@ -520,9 +532,14 @@ def test_pass_one_takes_bfloat16_exactly_and_thread_independently() -> None:
     assert sums[0] == sums[1] == sums[2]
     exact = exact_sum_sq([g.float() for g in grads])
     assert abs(float.fromhex(sums[0]) - exact) <= gamma(sum(sizes) - 1) * exact
-    grads[1][3] = math.nan
-    assert not fused.sum_sq_and_finite(grads)[1]
-    with pytest.raises(ValueError, match="mixes float32 and bfloat16"):
+    only_subnormals = [torch.tensor(HALF_EXTREMES[dtype][2:] * 40).to(dtype)]
+    assert fused.sum_sq_and_finite(only_subnormals)[0] == exact_sum_sq([only_subnormals[0].float()]) > 0
+    for bad in (math.nan, math.inf, -math.inf):
+        broken = [g.clone() for g in grads]
+        broken[1][3] = bad
+        total, finite = fused.sum_sq_and_finite(broken)
+        assert not finite and (math.isnan(total) if math.isnan(bad) else total == math.inf)
+    with pytest.raises(ValueError, match=f"mixes {str(dtype)[6:]} and float32"):
         fused.sum_sq_and_finite([grads[0], grads[1].float()])
 
 

@@ -81,9 +81,10 @@ __all__ = [
     "supports_sum",
 ]
 
-_ABI_VERSION = 6
+_ABI_VERSION = 7
 _SCALAR_COUNT = 9
-_FLOAT32, _BFLOAT16 = 0, 1  # element types of pass 1 (PT_FLOAT32, PT_BFLOAT16 in the C source)
+# Element types of pass 1 (PT_FLOAT32, PT_BFLOAT16, PT_FLOAT16 in the C source); pass 2 takes float32 only.
+_PASS1_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _MAXIMIZE, _L2, _DECOUPLED, _LERP_LARGE = 1, 2, 4, 8
 # Tried in order. -ffp-contract=off keeps the clipped value bit-identical to the torch reference path (the
 # explicit fmaf calls in the source are the only fused operations). -fopenmp shares torch's OpenMP threads
@@ -225,19 +226,20 @@ def supports(tensors: Sequence[torch.Tensor]) -> bool:
 
 
 def supports_sum(tensors: Sequence[torch.Tensor]) -> bool:
-    """Whether pass 1 can take these tensors: plain, CPU, dense, contiguous, all float32 or all bfloat16."""
+    """Whether pass 1 can take these tensors: plain, CPU, dense, contiguous, all float32, all bfloat16 or all
+    float16."""
     if not tensors:
         return True
     dtype = tensors[0].dtype
-    return dtype in (torch.float32, torch.bfloat16) and all(_is_plain_cpu_contiguous(t, dtype) for t in tensors)
+    return dtype in _PASS1_DTYPES and all(_is_plain_cpu_contiguous(t, dtype) for t in tensors)
 
 
 def sum_sq_and_finite(grads: Sequence[torch.Tensor], *, check: bool = True) -> tuple[float, bool]:
     """Pass 1: the float64 sum of squares of every element of ``grads``, and whether all are finite.
 
     Args:
-        grads: CPU contiguous tensors, all float32 or all bfloat16 (see :func:`supports_sum`); each square
-            is exact in float64 either way.
+        grads: CPU contiguous tensors, all float32, all bfloat16 or all float16 (see :func:`supports_sum`);
+            each square is exact in float64 for all three.
         check: ``False`` skips the per-tensor check, for a caller that has checked with :func:`supports`
             this step (the kernel reads raw memory: an unsupported tensor would be read wrongly).
 
@@ -250,19 +252,22 @@ def sum_sq_and_finite(grads: Sequence[torch.Tensor], *, check: bool = True) -> t
     dtype = grads[0].dtype if grads else torch.float32
     if check and not supports_sum(grads):
         for i, t in enumerate(grads):
-            if not any(_is_plain_cpu_contiguous(t, d) for d in (torch.float32, torch.bfloat16)):
+            if not any(_is_plain_cpu_contiguous(t, d) for d in _PASS1_DTYPES):
                 raise ValueError(
                     f"grads[{i}] is a {t.dtype} {t.layout} tensor on {t.device}"
                     f"{'' if t.layout is not torch.strided or t.is_contiguous() else ' (not contiguous)'}; pass 1 "
-                    "takes contiguous float32 or bfloat16 CPU tensors only: check `supports_sum(...)` first"
+                    "takes contiguous float32, bfloat16 or float16 CPU tensors only: check `supports_sum(...)` first"
                 )
-        raise ValueError("grads mixes float32 and bfloat16 tensors; pass 1 takes one dtype per call")
+        other = next(t.dtype for t in grads if t.dtype is not dtype)
+        raise ValueError(
+            f"grads mixes {str(dtype).removeprefix('torch.')} and {str(other).removeprefix('torch.')} tensors; "
+            "pass 1 takes one dtype per call"
+        )
     addrs, numels = [t.data_ptr() for t in grads], [t.numel() for t in grads]
     total = sum(numels)
     if total == 0:
         return 0.0, True
-    code = _BFLOAT16 if dtype is torch.bfloat16 else _FLOAT32
-    result = kernel.run("pt_sum_sq", total, _table(addrs), _table(numels), code)
+    result = kernel.run("pt_sum_sq", total, _table(addrs), _table(numels), _PASS1_DTYPES[dtype])
     return result, math.isfinite(result)
 
 

@@ -206,7 +206,7 @@ def scaled_sum_of_squares_multi_tensor(grads: Sequence[Tensor]) -> tuple[Tensor,
 def _exact_squares_sum(group: list[Tensor]) -> Tensor:
     """float64 sum of the exact squares of float16 / bfloat16 / float32 values: one norm per tensor, dotted.
 
-    On CPU, contiguous float32 and bfloat16 groups go through the C kernel's pass 1 when it is available: it
+    On CPU, contiguous float32, bfloat16 and float16 groups go through the C kernel's pass 1 when it is available: it
     reads each element once and widens it in registers, where torch's CPU norm first copies each tensor to
     float64 (2x to 4x its bytes; the multi-tensor path's CPU bottleneck). Its sum has at most ``n - 1``
     roundings per term, inside the ``n - 1 + EXTRA_ROUNDINGS`` budget, and does not depend on the thread

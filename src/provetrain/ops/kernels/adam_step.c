@@ -28,13 +28,14 @@
 #include <omp.h>
 #endif
 
-#define PT_ABI_VERSION 6
+#define PT_ABI_VERSION 7
 /* The float64 sums are formed per block of PT_BLOCK elements of the concatenation, whatever thread runs it,
  * and the block sums are added in block order: the result does not depend on the thread count. */
 #define PT_BLOCK 65536
 /* Element types pass 1 reads (pass 2 takes float32 only). */
 #define PT_FLOAT32 0
 #define PT_BFLOAT16 1
+#define PT_FLOAT16 2
 #define LANES 16
 #define PT_MAX_THREADS 1024
 
@@ -131,13 +132,30 @@ static inline __attribute__((always_inline)) double widen_bf16(uint16_t bits) {
     return x;
 }
 
-/* Sum of (double)g^2 over a span of float32 (dtype PT_FLOAT32) or bfloat16 (PT_BFLOAT16) elements. Each
- * square is exact (24-bit mantissas squared fit in 53 bits) and the sum is formed in PASS1_PARTS x LANES
- * float64 accumulators, each element straight from memory (no staging buffer). */
+/* float16 to double, exactly and without F16C: the half's exponent and mantissa bits moved to a float's
+ * positions are that float times 2^-112 (a half subnormal becomes a float subnormal), so one multiplication by
+ * 2^112 rebiases the exponent exactly; the sign is dropped (only squares are taken). An all-ones exponent is
+ * infinity (mantissa 0) or NaN. */
+static inline __attribute__((always_inline)) double widen_f16_magnitude(uint16_t bits) {
+    const uint32_t moved = (uint32_t)(bits & 0x7fffu) << 13;
+    float x;
+    memcpy(&x, &moved, sizeof x);
+    const double magnitude = (double)x * 0x1p112;
+    return (bits & 0x7c00u) != 0x7c00u ? magnitude : (bits & 0x3ffu) ? NAN : INFINITY;
+}
+
+static inline __attribute__((always_inline)) double widen(const void *restrict data, int64_t i, int dtype) {
+    if (dtype == PT_BFLOAT16) return widen_bf16(((const uint16_t *)data)[i]);
+    if (dtype == PT_FLOAT16) return widen_f16_magnitude(((const uint16_t *)data)[i]);
+    return ((const float *)data)[i];
+}
+
+/* Sum of (double)g^2 over a span of float32 (dtype PT_FLOAT32), bfloat16 (PT_BFLOAT16) or float16
+ * (PT_FLOAT16) elements. Each square is exact (mantissas of at most 24 bits squared fit in 53 bits) and the sum
+ * is formed in PASS1_PARTS x LANES float64 accumulators, each element straight from memory (no staging
+ * buffer). */
 static inline __attribute__((always_inline)) double sum_sq_span_as(const void *restrict data, int64_t n, int dtype,
                                                                    int prefetch) {
-    const float *restrict f = (const float *)data;
-    const uint16_t *restrict b = (const uint16_t *)data;
     /* interleaved (prefetch): part q is [q * part, (q + 1) * part); streams: part q takes the q-th run of
      * LANES elements of every PASS1_PARTS * LANES, so the span is read front to back. */
     double acc[PASS1_PARTS][LANES] = {{0.0}};
@@ -147,17 +165,17 @@ static inline __attribute__((always_inline)) double sum_sq_span_as(const void *r
         for (int q = 0; q < PASS1_PARTS; ++q) {
             const int64_t o = q * part_stride + i;
             if (prefetch) {
-                if (dtype == PT_BFLOAT16) PREFETCH_READ(b + o);
-                else PREFETCH_READ(f + o);
+                if (dtype == PT_FLOAT32) PREFETCH_READ((const float *)data + o);
+                else PREFETCH_READ((const uint16_t *)data + o);
             }
             for (int j = 0; j < LANES; ++j) {
-                const double x = dtype == PT_BFLOAT16 ? widen_bf16(b[o + j]) : (double)f[o + j];
+                const double x = widen(data, o + j, dtype);
                 acc[q][j] = fma(x, x, acc[q][j]);
             }
         }
     double total = 0.0;
     for (int64_t i = PASS1_PARTS * part; i < n; ++i) {
-        const double x = dtype == PT_BFLOAT16 ? widen_bf16(b[i]) : (double)f[i];
+        const double x = widen(data, i, dtype);
         total = fma(x, x, total);
     }
     for (int q = 0; q < PASS1_PARTS; ++q) total += sum_lanes(acc[q]);
@@ -166,9 +184,11 @@ static inline __attribute__((always_inline)) double sum_sq_span_as(const void *r
 
 static double sum_sq_span(const void *g, int64_t n, int dtype) {
     const int prefetch = access_pattern == PT_INTERLEAVED;
-    if (dtype == PT_BFLOAT16)
-        return prefetch ? sum_sq_span_as(g, n, PT_BFLOAT16, 1) : sum_sq_span_as(g, n, PT_BFLOAT16, 0);
-    return prefetch ? sum_sq_span_as(g, n, PT_FLOAT32, 1) : sum_sq_span_as(g, n, PT_FLOAT32, 0);
+    switch (dtype) {
+        case PT_BFLOAT16: return prefetch ? sum_sq_span_as(g, n, PT_BFLOAT16, 1) : sum_sq_span_as(g, n, PT_BFLOAT16, 0);
+        case PT_FLOAT16: return prefetch ? sum_sq_span_as(g, n, PT_FLOAT16, 1) : sum_sq_span_as(g, n, PT_FLOAT16, 0);
+        default: return prefetch ? sum_sq_span_as(g, n, PT_FLOAT32, 1) : sum_sq_span_as(g, n, PT_FLOAT32, 0);
+    }
 }
 
 /* One element of the update; the flags are compile-time constants in every instantiation below. */
@@ -247,7 +267,7 @@ static span_fn select_span(int flags) {
 }
 
 /*
- * g_addrs[t], numels[t] for t < n_tensors, elements of `dtype` (PT_FLOAT32 or PT_BFLOAT16). Returns the sum
+ * g_addrs[t], numels[t] for t < n_tensors, elements of `dtype` (PT_FLOAT32, PT_BFLOAT16 or PT_FLOAT16). Returns the sum
  * of squares over elements [begin, end) of the concatenation.
  */
 double pt_sum_sq(int64_t n_tensors, const int64_t *g_addrs, const int64_t *numels, int64_t begin, int64_t end,
@@ -258,7 +278,7 @@ double pt_sum_sq(int64_t n_tensors, const int64_t *g_addrs, const int64_t *numel
         const int64_t lo = begin > offset ? begin - offset : 0;
         const int64_t hi = end - offset < numels[t] ? end - offset : numels[t];
         if (lo >= hi) continue;
-        const int64_t width = dtype == PT_BFLOAT16 ? 2 : 4;
+        const int64_t width = dtype == PT_FLOAT32 ? 4 : 2;
         total += sum_sq_span((const char *)(intptr_t)g_addrs[t] + lo * width, hi - lo, dtype);
     }
     return total;
