@@ -543,27 +543,34 @@ def test_pass_one_takes_16_bit_floats_exactly_and_thread_independently(dtype) ->
         fused.sum_sq_and_finite([grads[0], grads[1].float()])
 
 
-def test_access_patterns_update_the_same_bits_and_sum_within_gamma() -> None:
-    """The streamed and the interleaved walks differ only in the order of their float64 sums."""
+def test_access_patterns_give_the_same_bits_sums_included() -> None:
+    """The streamed and the interleaved walks add the same terms into the same accumulators in the same order:
+    updates and float64 sums alike are the same bits, so processes on different CPUs agree on k."""
     sizes = (70_001, 4099, 17, 1)
     grads = make_state(sizes, seed=5)[1]
     exact, exact_clipped = exact_sum_sq(grads), exact_sum_sq([clipped(g, 0.3) for g in grads])
     bound = gamma(sum(sizes) - 1)
-    states = []
+    results = []
     try:
         for pattern in fused.ACCESS_PATTERNS:
             assert fused._select_access_pattern(pattern) == pattern
             state = make_state(sizes, seed=5)
+            sums = []
             for flags in (dict(), dict(weight_decay=0.01, decoupled=True), dict(weight_decay=0.01), dict(beta1=0.2)):
-                returned = fused.adam_update_(*state, **hyper(k=0.3, **flags))
-                assert abs(returned - exact_clipped) <= bound * exact_clipped
-            total, finite = fused.sum_sq_and_finite(state[1])
-            assert finite and abs(total - exact) <= bound * exact
+                sums.append(fused.adam_update_(*state, **hyper(k=0.3, **flags)))
+                assert abs(sums[-1] - exact_clipped) <= bound * exact_clipped
+            for dtype in (torch.float32, torch.bfloat16, torch.float16):
+                total, finite = fused.sum_sq_and_finite([g.to(dtype) for g in grads])
+                assert finite
+                sums.append(total)
+            assert abs(sums[4] - exact) <= bound * exact
             fused._bandwidth_probe_(*state)  # p, m, v += g under this pattern
-            states.append(state)
+            results.append(([x.hex() for x in sums], state))
     finally:
         fused._select_access_pattern(None)
-    for group_a, group_b in zip(*states, strict=True):
+    (sums_a, state_a), (sums_b, state_b) = results
+    assert sums_a == sums_b
+    for group_a, group_b in zip(state_a, state_b, strict=True):
         for a, b in zip(group_a, group_b, strict=True):
             assert torch.equal(a.view(torch.int32), b.view(torch.int32))
     assert fused.access_pattern() in fused.ACCESS_PATTERNS

@@ -43,23 +43,25 @@
  * Access pattern, chosen once per process (pt_select_access), since the two machines this was measured on
  * disagree. One thread, 16M float32 from DRAM (bench/step.py --threads 1):
  *
- *   PT_STREAMS      every span is walked front to back; pass 1 with 4 independent parts. AMD EPYC (Zen 4,
- *                   2-vCPU KVM): pass 1 2.3 ms, pass 2 9.4 ms, a no-arithmetic probe of pass 2's traffic
+ *   PT_STREAMS      every span is read front to back and the hardware prefetchers follow. AMD EPYC (Zen 4,
+ *                   2-vCPU KVM): pass 1 2.3 ms, pass 2 9.2 ms, a no-arithmetic probe of pass 2's traffic
  *                   8.7 ms (51.8 GB/s). The default everywhere but on Intel.
- *   PT_INTERLEAVED  each span is walked as PARTS contiguous parts in lockstep, so one core keeps several
- *                   streams of cache-line fills in flight, and every stream is prefetched PT_PREFETCH_AHEAD
- *                   elements (one 4 KiB page) ahead, across the page boundaries where the hardware prefetchers
- *                   stop. Sapphire Rapids (2-vCPU VM): pass 1 13.2 ms -> 6.5 ms (prefetch) -> 4.0 ms (4 parts);
- *                   pass 2 23.3 ms -> 19.3 ms (prefetch) -> 16.1 ms (2 parts). On the Zen 4 above the same
- *                   pattern is slower: pass 2 16.2 ms, the probe 15.1 ms. The default on Intel.
+ *   PT_INTERLEAVED  every stream is prefetched PT_PREFETCH_AHEAD elements (one 4 KiB page) ahead, across the
+ *                   page boundaries where the hardware prefetchers stop, and pass 2 walks each span as
+ *                   PASS2_PARTS contiguous parts in lockstep, so one core keeps more cache-line fills in
+ *                   flight. Sapphire Rapids (2-vCPU VM): pass 2 23.3 ms -> 19.3 ms (prefetch) -> 16.1 ms
+ *                   (2 parts); pass 1 13.2 ms -> 6.5 ms (prefetch) -> 4.0 ms (64 accumulators instead of 16,
+ *                   which both patterns now use). On the Zen 4 above this pattern is the slow one: pass 2
+ *                   16.2 ms, the probe 15.1 ms. The default on Intel.
  *
- * Only the order of the float64 accumulations differs between the two (deterministic for each); every
- * updated element is the same bits.
+ * The two patterns add the same terms into the same float64 accumulators in the same order (each
+ * accumulator's terms by increasing offset); only the order in time across accumulators differs. So every
+ * result, the sums included, is the same bits under both: processes on different CPUs agree.
  */
 #define PT_STREAMS 0
 #define PT_INTERLEAVED 1
 #define PASS1_PARTS 4
-#define PASS2_PARTS_INTERLEAVED 2
+#define PASS2_PARTS 2
 #define PT_PREFETCH_AHEAD 1024
 #if defined(__GNUC__) || defined(__clang__)
 #define PREFETCH_READ(ptr) __builtin_prefetch((ptr) + PT_PREFETCH_AHEAD, 0, 3)
@@ -156,14 +158,13 @@ static inline __attribute__((always_inline)) double widen(const void *restrict d
  * buffer). */
 static inline __attribute__((always_inline)) double sum_sq_span_as(const void *restrict data, int64_t n, int dtype,
                                                                    int prefetch) {
-    /* interleaved (prefetch): part q is [q * part, (q + 1) * part); streams: part q takes the q-th run of
-     * LANES elements of every PASS1_PARTS * LANES, so the span is read front to back. */
+    /* Accumulator q (of PASS1_PARTS, each LANES wide) takes the q-th run of LANES elements of every
+     * PASS1_PARTS * LANES: the span is read front to back, with PASS1_PARTS * LANES independent chains. */
     double acc[PASS1_PARTS][LANES] = {{0.0}};
-    const int64_t part = n / PASS1_PARTS / LANES * LANES;
-    const int64_t part_stride = prefetch ? part : LANES, step = prefetch ? LANES : PASS1_PARTS * LANES;
-    for (int64_t i = 0; i < (prefetch ? part : PASS1_PARTS * part); i += step)
+    const int64_t whole = n / (PASS1_PARTS * LANES) * (PASS1_PARTS * LANES);
+    for (int64_t i = 0; i < whole; i += PASS1_PARTS * LANES)
         for (int q = 0; q < PASS1_PARTS; ++q) {
-            const int64_t o = q * part_stride + i;
+            const int64_t o = i + q * LANES;
             if (prefetch) {
                 if (dtype == PT_FLOAT32) PREFETCH_READ((const float *)data + o);
                 else PREFETCH_READ((const uint16_t *)data + o);
@@ -174,7 +175,7 @@ static inline __attribute__((always_inline)) double sum_sq_span_as(const void *r
             }
         }
     double total = 0.0;
-    for (int64_t i = PASS1_PARTS * part; i < n; ++i) {
+    for (int64_t i = whole; i < n; ++i) {
         const double x = widen(data, i, dtype);
         total = fma(x, x, total);
     }
@@ -214,40 +215,43 @@ static inline __attribute__((always_inline)) float adam_elem(float *restrict p, 
 static inline __attribute__((always_inline)) double adam_span(float *restrict p, const float *restrict g,
                                                               float *restrict m, float *restrict v, int64_t n,
                                                               double k, const float *restrict s, int flags,
-                                                              int parts, int prefetch) {
-    double acc[PASS2_PARTS_INTERLEAVED][LANES] = {{0.0}};
-    const int64_t part = n / parts / LANES * LANES;
-    for (int64_t i = 0; i < part; i += LANES)
-        for (int q = 0; q < parts; ++q) {
-            const int64_t o = q * part + i;
-            if (prefetch) {
-                PREFETCH_WRITE(p + o);
-                PREFETCH_READ(g + o);
-                PREFETCH_WRITE(m + o);
-                PREFETCH_WRITE(v + o);
+                                                              int interleaved) {
+    /* Accumulator q takes part q = [q * part, (q + 1) * part) of the span (and the tail goes to `total`),
+     * whichever the walk: interleaved runs the parts in lockstep, streams runs part 0 then part 1. */
+    double acc[PASS2_PARTS][LANES] = {{0.0}};
+    const int64_t part = n / PASS2_PARTS / LANES * LANES;
+    const int rounds = interleaved ? 1 : PASS2_PARTS, lockstep = interleaved ? PASS2_PARTS : 1;
+    for (int r = 0; r < rounds; ++r)
+        for (int64_t i = 0; i < part; i += LANES)
+            for (int l = 0; l < lockstep; ++l) {
+                const int q = r + l;
+                const int64_t o = q * part + i;
+                if (interleaved) {
+                    PREFETCH_WRITE(p + o);
+                    PREFETCH_READ(g + o);
+                    PREFETCH_WRITE(m + o);
+                    PREFETCH_WRITE(v + o);
+                }
+                for (int j = 0; j < LANES; ++j) {
+                    const double y = adam_elem(p + o + j, g + o + j, m + o + j, v + o + j, k, s, flags);
+                    acc[q][j] = fma(y, y, acc[q][j]);
+                }
             }
-            for (int j = 0; j < LANES; ++j) {
-                const double y = adam_elem(p + o + j, g + o + j, m + o + j, v + o + j, k, s, flags);
-                acc[q][j] = fma(y, y, acc[q][j]);
-            }
-        }
     double total = 0.0;
-    for (int64_t i = parts * part; i < n; ++i) {
+    for (int64_t i = PASS2_PARTS * part; i < n; ++i) {
         const double y = adam_elem(p + i, g + i, m + i, v + i, k, s, flags);
         total = fma(y, y, total);
     }
-    for (int q = 0; q < parts; ++q) total += sum_lanes(acc[q]);
+    for (int q = 0; q < PASS2_PARTS; ++q) total += sum_lanes(acc[q]);
     return total;
 }
 
 /* adam_span_F_A: flags F, access pattern A (S: PT_STREAMS, I: PT_INTERLEAVED), all compile-time constants. */
 #define SPAN(F) \
     static double adam_span_##F##_S(float *p, const float *g, float *m, float *v, int64_t n, double k, \
-                                    const float *s) { return adam_span(p, g, m, v, n, k, s, F, 1, 0); } \
+                                    const float *s) { return adam_span(p, g, m, v, n, k, s, F, 0); } \
     static double adam_span_##F##_I(float *p, const float *g, float *m, float *v, int64_t n, double k, \
-                                    const float *s) { \
-        return adam_span(p, g, m, v, n, k, s, F, PASS2_PARTS_INTERLEAVED, 1); \
-    }
+                                    const float *s) { return adam_span(p, g, m, v, n, k, s, F, 1); }
 SPAN(0) SPAN(2) SPAN(4) SPAN(8) SPAN(10) SPAN(12)
 #undef SPAN
 
@@ -338,7 +342,7 @@ static inline __attribute__((always_inline)) void stream_span_as(float *restrict
 }
 
 static void stream_span(float *p, const float *g, float *m, float *v, int64_t n) {
-    if (access_pattern == PT_INTERLEAVED) stream_span_as(p, g, m, v, n, PASS2_PARTS_INTERLEAVED, 1);
+    if (access_pattern == PT_INTERLEAVED) stream_span_as(p, g, m, v, n, PASS2_PARTS, 1);
     else stream_span_as(p, g, m, v, n, 1, 0);
 }
 
