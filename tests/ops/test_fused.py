@@ -574,3 +574,20 @@ def test_access_patterns_give_the_same_bits_sums_included() -> None:
         for a, b in zip(group_a, group_b, strict=True):
             assert torch.equal(a.view(torch.int32), b.view(torch.int32))
     assert fused.access_pattern() in fused.ACCESS_PATTERNS
+
+
+@pytest.mark.usefixtures("access_pattern")
+def test_float16_pass_one_is_exact_for_every_finite_half_even_with_flush_denormal() -> None:
+    """Every finite float16 bit pattern's square, alone, is the exact square; subnormal halves stay exact
+    when the CPU treats float32 subnormals as zero (torch.set_flush_denormal(True)): the kernel never forms one."""
+    halves = torch.arange(0, 2**16, dtype=torch.int32).to(torch.int16).view(torch.float16)
+    halves = halves[torch.isfinite(halves)]
+    exact = [x * x for x in halves.double().tolist()]
+    for flush in (False, True):
+        if flush and not torch.set_flush_denormal(True):
+            continue  # no denormals-are-zero mode on this CPU
+        try:
+            got = [fused.sum_sq_and_finite([halves[i : i + 1]])[0] for i in range(halves.numel())]
+        finally:
+            torch.set_flush_denormal(False)
+        assert got == exact

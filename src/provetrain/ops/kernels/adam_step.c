@@ -134,16 +134,20 @@ static inline __attribute__((always_inline)) double widen_bf16(uint16_t bits) {
     return x;
 }
 
-/* float16 to double, exactly and without F16C: the half's exponent and mantissa bits moved to a float's
- * positions are that float times 2^-112 (a half subnormal becomes a float subnormal), so one multiplication by
- * 2^112 rebiases the exponent exactly; the sign is dropped (only squares are taken). An all-ones exponent is
- * infinity (mantissa 0) or NaN. */
+/* |float16| to double, exactly, without F16C and without ever forming a float32 subnormal (which a CPU in
+ * denormals-are-zero mode, torch.set_flush_denormal(True), would read as 0): a normal half's exponent and
+ * mantissa bits moved to a float's positions are that float times 2^-112, a normal float, so one
+ * multiplication by 2^112 rebiases it exactly; a subnormal half is its 10-bit mantissa times 2^-24, an exact
+ * integer conversion. The sign is dropped (only squares are taken). An all-ones exponent is infinity
+ * (mantissa 0) or NaN. */
 static inline __attribute__((always_inline)) double widen_f16_magnitude(uint16_t bits) {
+    const uint32_t exponent = bits & 0x7c00u, mantissa = bits & 0x3ffu;
     const uint32_t moved = (uint32_t)(bits & 0x7fffu) << 13;
     float x;
     memcpy(&x, &moved, sizeof x);
-    const double magnitude = (double)x * 0x1p112;
-    return (bits & 0x7c00u) != 0x7c00u ? magnitude : (bits & 0x3ffu) ? NAN : INFINITY;
+    const double normal = (double)x * 0x1p112;
+    const double subnormal = (double)(int32_t)mantissa * 0x1p-24;
+    return exponent == 0 ? subnormal : exponent != 0x7c00u ? normal : mantissa ? NAN : INFINITY;
 }
 
 static inline __attribute__((always_inline)) double widen(const void *restrict data, int64_t i, int dtype) {
