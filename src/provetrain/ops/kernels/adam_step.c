@@ -134,25 +134,26 @@ static inline __attribute__((always_inline)) double widen_bf16(uint16_t bits) {
     return x;
 }
 
-/* |float16| to double, exactly, without F16C and without ever forming a float32 subnormal (which a CPU in
- * denormals-are-zero mode, torch.set_flush_denormal(True), would read as 0): a normal half's exponent and
- * mantissa bits moved to a float's positions are that float times 2^-112, a normal float, so one
- * multiplication by 2^112 rebiases it exactly; a subnormal half is its 10-bit mantissa times 2^-24, an exact
- * integer conversion. The sign is dropped (only squares are taken). An all-ones exponent is infinity
- * (mantissa 0) or NaN. */
-static inline __attribute__((always_inline)) double widen_f16_magnitude(uint16_t bits) {
-    const uint32_t exponent = bits & 0x7c00u, mantissa = bits & 0x3ffu;
-    const uint32_t moved = (uint32_t)(bits & 0x7fffu) << 13;
-    float x;
+/* |float16| to float32, exactly, without F16C and without ever forming a float32 subnormal (which a CPU in
+ * denormals-are-zero mode, torch.set_flush_denormal(True), would read as 0), in branch-free integer steps that
+ * vectorise: the half's exponent and mantissa bits moved to a float's positions, the exponent rebiased by
+ * 127 - 15 = 112; an all-ones exponent (infinity, NaN) moved to 255; a subnormal half m 2^-24 built as the
+ * normal float 2^-14 (1 + m 2^-10) minus 2^-14 (exact: Sterbenz). The sign is dropped (only squares are
+ * taken). Every finite half is tested against torch's conversion, with and without flush-denormal. */
+static inline __attribute__((always_inline)) float half_magnitude(uint16_t bits) {
+    const uint32_t magnitude = bits & 0x7fffu, exponent = magnitude & 0x7c00u;
+    const uint32_t special = 0u - (uint32_t)(exponent == 0x7c00u), subnormal = 0u - (uint32_t)(exponent == 0u);
+    const uint32_t moved = (magnitude << 13) + (112u << 23) + (special & (112u << 23)) + (subnormal & (1u << 23));
+    const uint32_t offset = subnormal & 0x38800000u; /* 2^-14 for a subnormal half, else +0 */
+    float x, y;
     memcpy(&x, &moved, sizeof x);
-    const double normal = (double)x * 0x1p112;
-    const double subnormal = (double)(int32_t)mantissa * 0x1p-24;
-    return exponent == 0 ? subnormal : exponent != 0x7c00u ? normal : mantissa ? NAN : INFINITY;
+    memcpy(&y, &offset, sizeof y);
+    return x - y;
 }
 
 static inline __attribute__((always_inline)) double widen(const void *restrict data, int64_t i, int dtype) {
     if (dtype == PT_BFLOAT16) return widen_bf16(((const uint16_t *)data)[i]);
-    if (dtype == PT_FLOAT16) return widen_f16_magnitude(((const uint16_t *)data)[i]);
+    if (dtype == PT_FLOAT16) return half_magnitude(((const uint16_t *)data)[i]);
     return ((const float *)data)[i];
 }
 
@@ -166,7 +167,11 @@ static inline __attribute__((always_inline)) double sum_sq_span_as(const void *r
      * PASS1_PARTS * LANES: the span is read front to back, with PASS1_PARTS * LANES independent chains. */
     double acc[PASS1_PARTS][LANES] = {{0.0}};
     const int64_t whole = n / (PASS1_PARTS * LANES) * (PASS1_PARTS * LANES);
-    for (int64_t i = 0; i < whole; i += PASS1_PARTS * LANES)
+    for (int64_t i = 0; i < whole; i += PASS1_PARTS * LANES) {
+        /* float16 is widened a chunk at a time into registers first: its conversion only vectorises apart */
+        float halves[PASS1_PARTS * LANES];
+        if (dtype == PT_FLOAT16)
+            for (int k = 0; k < PASS1_PARTS * LANES; ++k) halves[k] = half_magnitude(((const uint16_t *)data)[i + k]);
         for (int q = 0; q < PASS1_PARTS; ++q) {
             const int64_t o = i + q * LANES;
             if (prefetch) {
@@ -174,10 +179,11 @@ static inline __attribute__((always_inline)) double sum_sq_span_as(const void *r
                 else PREFETCH_READ((const uint16_t *)data + o);
             }
             for (int j = 0; j < LANES; ++j) {
-                const double x = widen(data, o + j, dtype);
+                const double x = dtype == PT_FLOAT16 ? (double)halves[q * LANES + j] : widen(data, o + j, dtype);
                 acc[q][j] = fma(x, x, acc[q][j]);
             }
         }
+    }
     double total = 0.0;
     for (int64_t i = whole; i < n; ++i) {
         const double x = widen(data, i, dtype);
