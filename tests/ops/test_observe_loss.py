@@ -148,7 +148,7 @@ def test_an_empty_step_with_a_nonfinite_loss_counts_as_skipped_too(optimizer) ->
     assert (int(opt.empty_steps), int(opt.skipped_steps)) == (4, 2)
     strict = make(on_nonfinite="raise")
     strict.observe_loss(math.nan)
-    with pytest.raises(ContractViolation, match="loss.is_finite"):
+    with pytest.raises(ContractViolation, match=r"loss\.is_finite"):
         strict.step()
     assert (int(strict.empty_steps), int(strict.skipped_steps)) == (0, 0)
     strict.step()  # the flag was consumed by the step that raised

@@ -179,3 +179,85 @@ def test_a_parameter_whose_layout_changes_under_a_cached_state_is_refused():
     opt.step()
     reference.step()
     torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("path", [dict(), dict(foreach=True), dict(fused=False)])
+def test_a_parameter_resized_after_steps_is_refused_by_name_not_read_past(path, dtype):
+    """torch's CPU fused kernel checks no sizes: a moment smaller than its parameter must never reach it."""
+    w = torch.nn.Parameter(torch.randn(8, dtype=dtype))
+    opt = provetrain.Adam([w], lr=1e-2, clip_value=1.0, **path)
+    for _ in range(2):
+        w.grad = torch.ones_like(w)
+        opt.step()
+    moments = [opt.state[w][k].clone() for k in ("exp_avg", "exp_avg_sq", "step")]
+    w.data = torch.randn(100_000, dtype=dtype)  # same strides (1,), 12,500x the elements
+    w.grad = torch.ones_like(w)
+    with pytest.raises(
+        ValueError, match=r"of shape \(100000,\) but its exp_avg is a torch\.\w+ tensor of shape \(8,\)"
+    ):
+        opt.step()
+    assert all(torch.equal(a, opt.state[w][k]) for a, k in zip(moments, ("exp_avg", "exp_avg_sq", "step"), strict=True))
+
+
+@pytest.mark.parametrize("path", [dict(), dict(foreach=True), dict(fused=False)])
+def test_model_half_after_steps_is_refused_by_name_before_anything_changes(path):
+    """model.half() after steps: float16 parameters, float32 moments. Refused with the parameter's name before
+    any count or moment moves (torch's kernels would raise halfway, after the counts advanced)."""
+    w = torch.nn.Parameter(torch.randn(8))
+    opt = provetrain.Adam([w], lr=1e-2, clip_value=1.0, **path)
+    for _ in range(3):
+        w.grad = torch.ones_like(w)
+        opt.step()
+    w.data = w.data.half()
+    w.grad = torch.ones_like(w)
+    state = {k: t.clone() for k, t in opt.state[w].items()}
+    with pytest.raises(
+        ValueError, match=r"is a torch\.float16 tensor of shape \(8,\) but its exp_avg is a torch\.float32"
+    ):
+        opt.step()
+    assert all(torch.equal(state[k], opt.state[w][k]) for k in state)
+    # The remedy the message gives: a state dict round trip casts the moments to the parameter's dtype.
+    opt.load_state_dict(opt.state_dict())
+    opt.step()
+    assert opt.state[w]["exp_avg"].dtype == torch.float16 and opt.state[w]["step"].item() == 4
+
+
+@pytest.mark.skipif(not fused.fused_available(), reason=f"no C kernel: {fused.fused_unavailable_reason()}")
+def test_a_count_recast_under_the_cache_leaves_the_c_kernel():
+    """A count's .data recast to float64 after steps: the C kernel writes float32 counts through raw memory,
+    so it must refuse (the reference path then counts in float64, exactly)."""
+    w = torch.nn.Parameter(torch.zeros(16))
+    opt = provetrain.Adam([w], lr=1e-3, clip_value=1.0)
+    for _ in range(3):
+        w.grad = torch.ones(16)
+        opt.step()
+    count = opt.state[w]["step"]
+    count.data = count.data.double()
+    w.grad = torch.ones(16)
+    opt.step()
+    assert count.item() == 4.0 and count.dtype == torch.float64
+    strict = provetrain.Adam([v := torch.nn.Parameter(torch.zeros(16))], lr=1e-3, fused=True)
+    for _ in range(2):
+        v.grad = torch.ones(16)
+        strict.step()
+    strict.state[v]["step"].data = strict.state[v]["step"].data.double()
+    v.grad = torch.ones(16)
+    with pytest.raises(ValueError, match=r"fused=True, but a step count is a torch\.float64 tensor"):
+        strict.step()
+
+
+@pytest.mark.skipif(not fused.fused_available(), reason=f"no C kernel: {fused.fused_unavailable_reason()}")
+def test_a_moment_recast_under_the_cache_leaves_the_c_kernel():
+    """A moment's .data recast to a 2-byte dtype keeps its element count: the C kernel would write past it."""
+    w = torch.nn.Parameter(torch.zeros(16))
+    opt = provetrain.Adam([w], lr=1e-3, clip_value=1.0)
+    for _ in range(3):
+        w.grad = torch.ones(16)
+        opt.step()
+    opt.state[w]["exp_avg_sq"].data = opt.state[w]["exp_avg_sq"].data.bfloat16()
+    w.grad = torch.ones(16)
+    batches = opt._gather()
+    opt._step_cache = opt._state_cache if opt._state_cache.describes(opt.state, batches) else None
+    assert opt._step_cache is not None and not opt._use_fused(batches)
+    opt._step_cache = None

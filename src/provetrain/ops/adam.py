@@ -79,6 +79,7 @@ from provetrain.ops.guarded import (
     is_real,
     is_set,
     loss_is_finite,
+    param_label,
     real_view,
     unscale_,
 )
@@ -551,9 +552,30 @@ class Adam(GuardedOptimizer):
             if path == "fused":
                 self._step_fused(batches, loss, skip_scaled, observed)
             else:
+                self._check_state_shapes(batches)
                 self._step_reference(batches, loss, skip_scaled, observed)
         finally:
             self._step_cache = None  # it describes this step's batches only
+
+    def _check_state_shapes(self, batches: list[_GroupBatch]) -> None:
+        """Refuse, before anything changes, a moment whose shape or dtype is not its parameter's (the fast paths
+        refuse it by their layout checks and hand the step here): ``p.data`` resized, replaced or cast after
+        steps (``model.half()`` after the optimizer was made; torch's ``load_state_dict`` casts moments to
+        their parameter's dtype, so a loaded state always matches)."""
+        for b in batches:
+            for position, p in zip(b.positions, b.keys, strict=True):
+                state = self.state.get(p) or {}
+                for name in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+                    moment = state.get(name)
+                    if moment is not None and (moment.shape != p.shape or moment.dtype != p.dtype):
+                        raise ValueError(
+                            f"{param_label(b.group, b.group_index, position)} is a {p.dtype} tensor of shape "
+                            f"{tuple(p.shape)} but its {name} is a {moment.dtype} tensor of shape "
+                            f"{tuple(moment.shape)}: the optimizer state is not this parameter's (was the "
+                            "parameter resized, replaced or cast, e.g. by model.half(), after steps?); save and load "
+                            "the optimizer's state dict after the change (it casts the moments), or construct a new "
+                            "optimizer."
+                        )
 
     def _step_sharded(
         self,
@@ -647,11 +669,12 @@ class Adam(GuardedOptimizer):
         """Whether torch's fused kernel takes every parameter, gradient and moment of the step."""
         cache = self._step_cache
         if cache is not None and cache.multi_tensor_ready:
-            # The state was checked with this cache: only the parameters and gradients can have changed (a
-            # parameter's layout must still be its moments').
+            # The state was checked with this cache: the parameters and gradients are checked again, and each
+            # moment's dtype, shape and strides against its parameter's (p.data or a moment's may have been
+            # replaced in place: model.half(), channels_last, a resize).
             return all(
                 multi_tensor.fused_kernel_supports(
-                    b.params, b.grads, same_strides=[t for t in (c.exp_avgs, c.exp_avg_sqs, c.max_exp_avg_sqs) if t]
+                    b.params, b.grads, same_layout=[t for t in (c.exp_avgs, c.exp_avg_sqs, c.max_exp_avg_sqs) if t]
                 )
                 for b, c in zip(batches, cache.batches, strict=True)
             )
@@ -680,23 +703,37 @@ class Adam(GuardedOptimizer):
                 )
             return False
         tensors = [t for b in batches for t in chain(b.params, b.grads)]
-        # Moments and counts are checked once per state cache (a loaded state may be strided differently
-        # from its parameter, or count in float64); parameters and gradients every step.
+        # The kernel reads raw memory: every tensor it touches is checked every step. A cache spares the state
+        # lookups, and its tensors' Python types (fixed for an object) the type check.
         cache = self._step_cache
-        if cache is None or not cache.kernel_ready:
+        if cache is not None:
+            cached_moments = [t for c in cache.batches for t in chain(c.exp_avgs, c.exp_avg_sqs)]
+            counts = [t for c in cache.batches for t in c.steps]
+        else:
+            cached_moments, counts = [], []
             for p in (p for b in batches for p in b.keys):
                 state = self.state.get(p)
-                if not state:
-                    continue  # created by _attach_state as zeros_like(p): as p, which is checked
-                tensors += [real_view(state["exp_avg"]), real_view(state["exp_avg_sq"])]
-                if state["step"].dtype != torch.float32:
-                    if self.fused:
-                        raise ValueError(
-                            f"fused=True, but a step count is {state['step'].dtype} (a state made or loaded "
-                            "under torch.set_default_dtype(torch.float64)) and the fused kernel counts in "
-                            "float32; construct with fused=None to fall back to the reference path."
-                        )
-                    return False
+                if state:  # else created by _attach_state as zeros_like(p): as p, which is checked
+                    tensors += [real_view(state["exp_avg"]), real_view(state["exp_avg_sq"])]
+                    counts.append(state["step"])
+        if cache is not None and any(
+            p.numel() != m.numel() or p.numel() != v.numel()
+            for b, c in zip(batches, cache.batches, strict=True)
+            for p, m, v in zip(b.params, c.exp_avgs, c.exp_avg_sqs, strict=True)
+        ):
+            self._check_state_shapes(batches)  # p.data resized after steps: raises, naming the parameter
+        bad_count = next((c for c in counts if not fused.is_step_count(c)), None)
+        if bad_count is not None:
+            if self.fused:
+                raise ValueError(
+                    f"fused=True, but a step count is a {bad_count.dtype} tensor of {bad_count.numel()} "
+                    f"element(s) on {bad_count.device} (a state made or loaded under "
+                    "torch.set_default_dtype(torch.float64) counts in float64) and the fused kernel takes 0-d "
+                    "float32 CPU counts; construct with fused=None to fall back to the reference path."
+                )
+            return False
+        if not fused.fits_kernel(cached_moments):
+            tensors += cached_moments  # checked in full below, so that the error names the tensor
         if self.fused is None:
             if not fused.supports(tensors):
                 return False
@@ -709,8 +746,6 @@ class Adam(GuardedOptimizer):
                     "contiguous float32 CPU tensors only; construct with fused=None to fall back to the "
                     "reference path."
                 )
-        if cache is not None:
-            cache.kernel_ready = True
         return True
 
     def _step_multi_tensor(

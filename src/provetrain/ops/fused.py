@@ -74,8 +74,10 @@ import torch
 __all__ = [
     "adam_update_",
     "advance_step_counts_",
+    "fits_kernel",
     "fused_available",
     "fused_unavailable_reason",
+    "is_step_count",
     "sum_sq_and_finite",
     "supports",
     "supports_sum",
@@ -329,7 +331,7 @@ def advance_step_counts_(counts: Sequence[torch.Tensor], *, check: bool = True) 
     Exact below ``2^24``. ``check=False`` skips the per-count check, for a caller that has made it."""
     if check:
         for i, t in enumerate(counts):
-            if not (type(t) in _PLAIN_TENSOR_TYPES and t.is_cpu and t.dtype is torch.float32 and t.numel() == 1):
+            if not is_step_count(t):
                 raise ValueError(f"counts[{i}] is a {t.dtype} tensor of {t.numel()} elements on {t.device}; "
                                  "expected a 0-d float32 CPU step count")  # fmt: skip
     if not counts:
@@ -403,6 +405,19 @@ def _is_plain_cpu_contiguous(t: torch.Tensor, dtype: torch.dtype) -> bool:
         and t.layout is torch.strided
         and t.is_contiguous()
     )
+
+
+def fits_kernel(tensors: Sequence[torch.Tensor]) -> bool:
+    """:func:`supports` for tensors already known to be plain (a tensor's Python type cannot change): float32,
+    CPU and contiguous, read again each time since ``.data``, ``set_`` or ``resize_`` may change them."""
+    float32 = torch.float32
+    return all(t.dtype is float32 and t.is_cpu and t.is_contiguous() for t in tensors)
+
+
+def is_step_count(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a step count :func:`advance_step_counts_` can write: a plain 0-d or one-element
+    float32 CPU tensor."""
+    return type(t) in _PLAIN_TENSOR_TYPES and t.is_cpu and t.dtype is torch.float32 and t.numel() == 1
 
 
 def _is_supported(t: torch.Tensor) -> bool:

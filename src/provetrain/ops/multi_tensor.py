@@ -372,14 +372,16 @@ def clip_divisor_on_host(
 
 
 def fused_kernel_supports(
-    params: Sequence[Tensor], *others: Sequence[Tensor], same_strides: Sequence[Sequence[Tensor]] = ()
+    params: Sequence[Tensor], *others: Sequence[Tensor], same_layout: Sequence[Sequence[Tensor]] = ()
 ) -> bool:
     """Whether torch's fused Adam kernel can take these tensors.
 
     Plain tensors (not subclasses) of one floating dtype on a device with a fused kernel, each dense and
-    non-overlapping with the same strides as its parameter: the CPU kernel walks memory linearly (it does
-    not check layout), so ``p``, ``g``, ``m`` and ``v`` must lay their elements out alike. The tensors of
-    ``same_strides`` were checked before (a state that has not changed): only their strides are compared.
+    non-overlapping with the same shape and strides as its parameter: the CPU kernel walks memory linearly
+    and checks neither layout nor size (a moment smaller than its parameter is read and written past its
+    end), so ``p``, ``g``, ``m`` and ``v`` must lay their elements out alike. The tensors of ``same_layout``
+    were checked before (a state that has not changed, whose Python type cannot have): their dtype, shape
+    and strides are compared with the parameter's.
     """
     if not params:
         return True
@@ -405,10 +407,12 @@ def fused_kernel_supports(
                 or t.get_device() != index
             ):
                 return False
-            if t.stride() != stride or not _dense(t):
+            if t.stride() != stride or t.shape != p.shape or not _dense(t):
                 return False
-        if any(tensors[i].stride() != stride for tensors in same_strides):
-            return False
+        for tensors in same_layout:
+            t = tensors[i]
+            if t.dtype is not dtype or t.stride() != stride or t.shape != p.shape:
+                return False
     return True
 
 

@@ -1,10 +1,9 @@
-"""What :class:`provetrain.Adam` re-uses between steps: each parameter's state tensors, already fetched and checked.
+"""What :class:`provetrain.Adam` re-uses between steps: each parameter's state tensors, already fetched.
 
-Fetching a parameter's state (``Optimizer.state[p]``, three dictionary reads) and checking its moments for the C
-kernel cost about 2 us a parameter: 0.4 ms of a 2.0 ms step at 200 tensors of 5,000 elements. A :class:`StateCache`
-keeps, for the parameters that had a gradient last step, their state dictionaries and tensors, and whether the C
-kernel and torch's fused kernel take them (checked once per cache). It stands only while it provably describes the
-optimizer:
+Fetching a parameter's state (``Optimizer.state[p]``, three dictionary reads) and checking it cost about 2 us a
+parameter: 0.4 ms of a 2.0 ms step at 200 tensors of 5,000 elements. A :class:`StateCache` keeps, for the
+parameters that had a gradient last step, their state dictionaries and tensors, and whether torch's fused kernel
+took them. It stands only while it provably describes the optimizer:
 
 * the same parameters with a gradient, group by group, in the same order (by identity), with the same
   ``amsgrad`` setting, and
@@ -12,10 +11,15 @@ optimizer:
   makes new dictionaries, and a state entry replaced, as Lightning does when it moves a state to another
   device, ends the cache).
 
-Checking that is about 0.3 us a parameter. What is *not* re-checked is the metadata of a state tensor that is still
-the same object (dtype, device, contiguity): only ``Tensor.set_`` or an assignment to ``.data`` of a moment could
-change it. Addresses and element counts are read afresh every step, and parameters and gradients are checked every
-step.
+Checking that is about 0.3 us a parameter. A state tensor that is still the same object may still have changed
+in place (``.data`` assigned, ``set_``, ``resize_``, ``transpose_``): the kernels' checks therefore still run
+every step on what can change (the C kernel: dtype, device and contiguity of every moment and count, element
+counts against the parameters; torch's fused kernel: dtype, shape and strides against the parameters), and only
+a tensor's Python type, which cannot change, is not checked again. A mismatch leaves the fast paths, and a moment
+whose shape or dtype is not its parameter's is refused by name before anything changes.
+
+The cache holds last step's state tensors until the next step or until the optimizer goes: state dropped from
+``Optimizer.state`` by hand (``state.clear()``) is freed at the next step, not at once.
 """
 
 from __future__ import annotations
@@ -50,8 +54,7 @@ class StateCache:
 
     batches: list[_BatchState]
     states: list[tuple[dict[str, Any], tuple[Tensor, ...]]]  # per key, all batches in turn: the dict, its tensors
-    kernel_ready: bool = field(default=False)  # the C kernel takes the state (False: not checked, or not)
-    multi_tensor_ready: bool = field(default=False)  # torch's fused kernel takes it (likewise)
+    multi_tensor_ready: bool = field(default=False)  # torch's fused kernel takes the state (False: not checked)
 
     @classmethod
     def of(cls, container: Mapping[Tensor, Any], batches: Sequence[Any]) -> StateCache:
