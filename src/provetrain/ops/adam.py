@@ -716,12 +716,10 @@ class Adam(GuardedOptimizer):
                 if state:  # else created by _attach_state as zeros_like(p): as p, which is checked
                     tensors += [real_view(state["exp_avg"]), real_view(state["exp_avg_sq"])]
                     counts.append(state["step"])
-        if cache is not None and any(
-            p.numel() != m.numel() or p.numel() != v.numel()
-            for b, c in zip(batches, cache.batches, strict=True)
-            for p, m, v in zip(b.params, c.exp_avgs, c.exp_avg_sqs, strict=True)
-        ):
-            self._check_state_shapes(batches)  # p.data resized after steps: raises, naming the parameter
+        if cache is not None and [p.numel() for b in batches for p in b.params] != cache.numels:
+            # p.data resized after steps: raise, naming the parameter (pass 2 compares every moment's element
+            # count with its parameter's too, the kernel's own guard, but names no parameter)
+            self._check_state_shapes(batches)
         bad_count = next((c for c in counts if not fused.is_step_count(c)), None)
         if bad_count is not None:
             if self.fused:

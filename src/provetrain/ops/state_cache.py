@@ -54,6 +54,7 @@ class StateCache:
 
     batches: list[_BatchState]
     states: list[tuple[dict[str, Any], tuple[Tensor, ...]]]  # per key, all batches in turn: the dict, its tensors
+    numels: list[int]  # the element counts of the parameters (real views), all batches in turn, when cached
     multi_tensor_ready: bool = field(default=False)  # torch's fused kernel takes the state (False: not checked)
 
     @classmethod
@@ -67,7 +68,7 @@ class StateCache:
             for p in b.keys:
                 state = container[p]
                 states.append((state, tuple(state[name] for name in names)))
-        return cls(cached, states)
+        return cls(cached, states, [p.numel() for b in batches for p in b.params])
 
     def describes(self, container: Mapping[Tensor, Any], batches: Sequence[Any]) -> bool:
         """Whether this cache still holds the state of ``batches`` (see the module docstring)."""
