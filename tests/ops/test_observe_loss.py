@@ -148,8 +148,9 @@ def test_an_empty_step_with_a_nonfinite_loss_counts_as_skipped_too(optimizer) ->
     assert (int(opt.empty_steps), int(opt.skipped_steps)) == (4, 2)
     strict = make(on_nonfinite="raise")
     strict.observe_loss(math.nan)
-    with pytest.raises(ContractViolation, match=r"loss\.is_finite"):
+    with pytest.raises(ContractViolation, match=r"loss\.is_finite") as raised:
         strict.step()
+    assert raised.value.step == 1  # the 1-based number of the step that raised, for Adam and SGD alike
     assert (int(strict.empty_steps), int(strict.skipped_steps)) == (0, 0)
     strict.step()  # the flag was consumed by the step that raised
     assert int(strict.empty_steps) == 1

@@ -79,7 +79,7 @@ class GuardedOptimizer(Optimizer):
     * ``skipped_steps`` (int64): steps skipped for a non-finite loss or gradient.
     * ``last_grad_norm`` (float64): the global gradient norm of the last step, before clipping.
     * ``last_clipped_grad_norm`` (float64): the norm of the clipped gradient the last step used (NaN when
-      it was skipped).
+      it was skipped). A step without any gradient (``on_empty="skip"``) leaves both norms as they were.
     * ``empty_steps`` (int64, on the CPU): steps without any gradient under ``on_empty="skip"`` (one whose
       loss or observed micro-step loss is non-finite counts in ``skipped_steps`` too).
     """

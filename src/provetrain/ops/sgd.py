@@ -235,12 +235,12 @@ class SGD(GuardedOptimizer):
         found_inf: Tensor | None,
         observed: Tensor | None,
     ) -> None:
-        self._steps_taken += 1
         if self.clip_value is not None:
             check_gradual_underflow({b.params[0].device for b in batches})
         if grad_scale is not None:
             unscale_(batches, grad_scale)
         self._step_reference(batches, loss, None if found_inf is None else found_inf > 0, observed)
+        self._steps_taken += 1  # applied or skipped; a step that raised was not taken
 
     def _attach_state(self, batches: list[_SGDBatch], step_dtype: torch.dtype) -> None:
         for b in batches:
@@ -271,7 +271,8 @@ class SGD(GuardedOptimizer):
         return clipped
 
     def _current_step(self) -> int:
-        return self._steps_taken
+        """1-based number of this step: the steps taken (applied or skipped, empty ones not counted), plus one."""
+        return self._steps_taken + 1
 
     # -- parameter groups and state dicts ---------------------------------------------------------
 
