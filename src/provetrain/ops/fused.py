@@ -44,9 +44,10 @@ Guarantees:
       whole step, agrees across processes that run different thread counts.
 
 Memory access: each span is either streamed front to back (``"streams"``, the default: measured faster on
-AMD Zen 4) or walked as interleaved parts with software prefetch one page ahead (``"interleaved"``, the
+AMD Zen 4) or prefetched one page ahead and, in pass 2, walked as interleaved parts (``"interleaved"``, the
 default on Intel CPUs: measured faster on Sapphire Rapids); the C source gives the figures.
-:func:`access_pattern` says which one runs; the choice changes only the order of the float64 sums.
+:func:`access_pattern` says which one runs. Both add the same terms into the same accumulators in the same
+order: every result is the same bits under either, so processes on Intel and AMD CPUs agree.
 """
 
 from __future__ import annotations
