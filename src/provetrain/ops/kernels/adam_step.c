@@ -50,8 +50,9 @@
  *                   page boundaries where the hardware prefetchers stop, and pass 2 walks each span as
  *                   PASS2_PARTS contiguous parts in lockstep, so one core keeps more cache-line fills in
  *                   flight. Sapphire Rapids (2-vCPU VM): pass 2 23.3 ms -> 19.3 ms (prefetch) -> 16.1 ms
- *                   (2 parts); pass 1 13.2 ms -> 6.5 ms (prefetch) -> 4.0 ms (64 accumulators instead of 16,
- *                   which both patterns now use). On the Zen 4 above this pattern is the slow one: pass 2
+ *                   (2 parts); pass 1 13.2 ms -> 6.5 ms (prefetch) -> 4.0 ms (4 parts, so 64 accumulators
+ *                   instead of 16; pass 1 now keeps the 64 in one stream on both: not re-measured on Intel).
+ *                   On the Zen 4 above this pattern is the slow one: pass 2
  *                   16.2 ms, the probe 15.1 ms. The default on Intel.
  *
  * The two patterns add the same terms into the same float64 accumulators in the same order (each
