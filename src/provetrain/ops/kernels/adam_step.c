@@ -223,6 +223,15 @@ static inline __attribute__((always_inline)) float adam_elem(float *restrict p, 
     return clipped;
 }
 
+/* The interleaved walk's prefetch of pass 2's four streams at element offset o. */
+static inline __attribute__((always_inline)) void prefetch_pass2(const float *p, const float *g, const float *m,
+                                                                 const float *v, int64_t o) {
+    PREFETCH_WRITE(p + o);
+    PREFETCH_READ(g + o);
+    PREFETCH_WRITE(m + o);
+    PREFETCH_WRITE(v + o);
+}
+
 static inline __attribute__((always_inline)) double adam_span(float *restrict p, const float *restrict g,
                                                               float *restrict m, float *restrict v, int64_t n,
                                                               double k, const float *restrict s, int flags,
@@ -237,12 +246,7 @@ static inline __attribute__((always_inline)) double adam_span(float *restrict p,
             for (int l = 0; l < lockstep; ++l) {
                 const int q = r + l;
                 const int64_t o = q * part + i;
-                if (interleaved) {
-                    PREFETCH_WRITE(p + o);
-                    PREFETCH_READ(g + o);
-                    PREFETCH_WRITE(m + o);
-                    PREFETCH_WRITE(v + o);
-                }
+                if (interleaved) prefetch_pass2(p, g, m, v, o);
                 for (int j = 0; j < LANES; ++j) {
                     const double y = adam_elem(p + o + j, g + o + j, m + o + j, v + o + j, k, s, flags);
                     acc[q][j] = fma(y, y, acc[q][j]);
@@ -328,24 +332,21 @@ double pt_adam(int64_t n_tensors, const int64_t *addrs, const int64_t *numels, i
  */
 static inline __attribute__((always_inline)) void stream_span_as(float *restrict p, const float *restrict g,
                                                                   float *restrict m, float *restrict v, int64_t n,
-                                                                  int parts, int prefetch) {
-    const int64_t part = n / parts / LANES * LANES;
-    for (int64_t i = 0; i < part; i += LANES)
-        for (int q = 0; q < parts; ++q) {
-            const int64_t o = q * part + i;
-            if (prefetch) {
-                PREFETCH_WRITE(p + o);
-                PREFETCH_READ(g + o);
-                PREFETCH_WRITE(m + o);
-                PREFETCH_WRITE(v + o);
+                                                                  int interleaved) {
+    const int64_t part = n / PASS2_PARTS / LANES * LANES;
+    const int rounds = interleaved ? 1 : PASS2_PARTS, lockstep = interleaved ? PASS2_PARTS : 1;
+    for (int r = 0; r < rounds; ++r)
+        for (int64_t i = 0; i < part; i += LANES)
+            for (int l = 0; l < lockstep; ++l) {
+                const int64_t o = (r + l) * part + i;
+                if (interleaved) prefetch_pass2(p, g, m, v, o);
+                for (int j = 0; j < LANES; ++j) {
+                    p[o + j] += g[o + j];
+                    m[o + j] += g[o + j];
+                    v[o + j] += g[o + j];
+                }
             }
-            for (int j = 0; j < LANES; ++j) {
-                p[o + j] += g[o + j];
-                m[o + j] += g[o + j];
-                v[o + j] += g[o + j];
-            }
-        }
-    for (int64_t i = parts * part; i < n; ++i) {
+    for (int64_t i = PASS2_PARTS * part; i < n; ++i) {
         p[i] += g[i];
         m[i] += g[i];
         v[i] += g[i];
@@ -353,8 +354,8 @@ static inline __attribute__((always_inline)) void stream_span_as(float *restrict
 }
 
 static void stream_span(float *p, const float *g, float *m, float *v, int64_t n) {
-    if (access_pattern == PT_INTERLEAVED) stream_span_as(p, g, m, v, n, PASS2_PARTS, 1);
-    else stream_span_as(p, g, m, v, n, 1, 0);
+    if (access_pattern == PT_INTERLEAVED) stream_span_as(p, g, m, v, n, 1);
+    else stream_span_as(p, g, m, v, n, 0);
 }
 
 void pt_stream(int64_t n_tensors, const int64_t *addrs, const int64_t *numels, int64_t begin, int64_t end) {
