@@ -552,12 +552,12 @@ class Adam(GuardedOptimizer):
             if path == "fused":
                 self._step_fused(batches, loss, skip_scaled, observed)
             else:
-                self._check_state_shapes(batches)
+                self._check_state_matches_params(batches)
                 self._step_reference(batches, loss, skip_scaled, observed)
         finally:
             self._step_cache = None  # it describes this step's batches only
 
-    def _check_state_shapes(self, batches: list[_GroupBatch]) -> None:
+    def _check_state_matches_params(self, batches: list[_GroupBatch]) -> None:
         """Refuse, before anything changes, a moment whose shape or dtype is not its parameter's (the fast paths
         refuse it by their layout checks and hand the step here): ``p.data`` resized, replaced or cast after
         steps (``model.half()`` after the optimizer was made; torch's ``load_state_dict`` casts moments to
@@ -719,7 +719,7 @@ class Adam(GuardedOptimizer):
         if cache is not None and [p.numel() for b in batches for p in b.params] != cache.numels:
             # p.data resized after steps: raise, naming the parameter (pass 2 compares every moment's element
             # count with its parameter's too, the kernel's own guard, but names no parameter)
-            self._check_state_shapes(batches)
+            self._check_state_matches_params(batches)
         bad_count = next((c for c in counts if not fused.is_step_count(c)), None)
         if bad_count is not None:
             if self.fused:
@@ -968,8 +968,8 @@ class AdamW(Adam):
 
 
 def _fused_group_step_(batch: _GroupBatch, k: float) -> float:
-    """Pass 2 of the fused kernel for one group, once per distinct step count (``indices`` None: every
-    parameter of the group); returns sum of y**2."""
+    """Pass 2 of the fused kernel for one group, one call per distinct step count (a single call over the
+    whole group in the usual case of one count); returns sum of y**2."""
     h = batch.hyperparameters()
     counts = torch.stack(batch.steps).tolist()  # CPU tensors, one read: no synchronisation
     if counts.count(counts[0]) == len(counts):  # the usual case: one count for the whole group
