@@ -261,3 +261,24 @@ def test_a_moment_recast_under_the_cache_leaves_the_c_kernel():
     opt._step_cache = opt._state_cache if opt._state_cache.describes(opt.state, batches) else None
     assert opt._step_cache is not None and not opt._use_fused(batches)
     opt._step_cache = None
+
+
+@pytest.mark.parametrize("path", [dict(), dict(foreach=True), dict(fused=False)])
+def test_another_parameter_of_the_same_shape_taking_the_gradient_gets_its_own_state(path, monkeypatch):
+    """Steps alternate between two same-shaped parameters (one gradient each time): same count of parameters
+    with a gradient, same shapes, other identities. Each must step on its own state."""
+
+    def run_alternating(opt_kwargs):
+        a, b = (torch.nn.Parameter(torch.full((5,), float(i))) for i in (1, 2))
+        opt = provetrain.Adam([a, b], lr=0.1, clip_value=1.0, **opt_kwargs)
+        for step in range(6):
+            a.grad, b.grad = (torch.full((5,), 0.5), None) if step % 2 == 0 else (None, torch.full((5,), -2.0))
+            opt.step()
+        return a, b, opt
+
+    a, b, opt = run_alternating(path)
+    assert opt.state[a]["step"].item() == 3 and opt.state[b]["step"].item() == 3
+    assert (opt.state[a]["exp_avg"] > 0).all() and (opt.state[b]["exp_avg"] < 0).all()
+    monkeypatch.setattr(provetrain.ops.state_cache.StateCache, "describes", lambda *args: False)
+    a2, b2, _ = run_alternating(path)
+    assert torch.equal(a, a2) and torch.equal(b, b2)
