@@ -456,7 +456,39 @@ def test_fused_kernel_supports_reads_layout_dtype_and_device_per_tensor() -> Non
     assert supports([t], [torch.zeros(3, 4).t()])
     assert not supports([t], [torch.zeros(4, 3)])  # same shape, other layout: the kernel walks memory linearly
     assert not supports([p], [torch.zeros(4, 6)[:, ::2]])  # not dense
-    assert not supports([p, p.double()])  # one dtype per list
-    assert not supports([p], [p.bfloat16()])
+    assert supports([p, p.double(), p.half()], [p, p.double(), p.half()])  # one kernel call per dtype group
+    assert not supports([p], [p.bfloat16()])  # a moment of another dtype than its parameter's
+    assert not supports([p.half(), p], [p.half(), p.half()])
     assert not supports([p, torch.zeros(4, 3, device="meta")])  # CPU and meta both have device index -1
     assert not supports([torch.zeros(4, 3, device="meta")])  # no fused kernel on meta
+
+
+@pytest.mark.parametrize("free_cpu_reads", [True, False], ids=["host_math", "device_math"])
+def test_a_group_of_mixed_dtypes_takes_the_multi_tensor_path_and_matches_torch_fused(
+    free_cpu_reads: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """float32 norms beside bfloat16/float16 weights (and a float64 one) in one group: one kernel call per dtype,
+    as torch's fused Adam does, not the reference path."""
+    monkeypatch.setattr(adam_module, "_FREE_CPU_READS", free_cpu_reads)
+    monkeypatch.setattr(multi_tensor_module, "_C_PASS1_ON_CPU", free_cpu_reads)
+    paths: list[str] = []
+    choose = Adam._choose_path
+    monkeypatch.setattr(Adam, "_choose_path", lambda self, b: paths.append(choose(self, b)) or paths[-1])
+    gen = torch.Generator().manual_seed(0)
+    layout = [((30,), torch.float32), ((7, 5), torch.bfloat16), ((11,), torch.float16), ((4,), torch.float64)]
+    ours = [torch.nn.Parameter(torch.randn(shape, generator=gen).to(dtype)) for shape, dtype in layout]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    opt_a = Adam(ours, lr=1e-2, eps=1e-3, clip_value=0.3)  # the default path
+    opt_b = torch.optim.Adam(theirs, lr=1e-2, eps=1e-3, fused=True)
+    for _ in range(40):
+        for p, q in zip(ours, theirs, strict=True):
+            p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
+            q.grad = p.grad.clone()
+        divisor = divisor_of([q.grad for q in theirs], 0.3, on_host=free_cpu_reads)
+        assert divisor.item() > 1.0  # clipping every step
+        opt_b.grad_scale, opt_b.found_inf = divisor, torch.zeros(())
+        opt_a.step()
+        opt_b.step()
+    assert set(paths) == {"multi_tensor"}
+    for p, q in zip(ours, theirs, strict=True):
+        assert_same_bits([p.detach(), *opt_a.state[p].values()], [q.detach(), *opt_b.state[q].values()])

@@ -374,28 +374,25 @@ def clip_divisor_on_host(
 def fused_kernel_supports(
     params: Sequence[Tensor], *others: Sequence[Tensor], same_layout: Sequence[Sequence[Tensor]] = ()
 ) -> bool:
-    """Whether torch's fused Adam kernel can take these tensors.
+    """Whether torch's fused Adam kernel can take these tensors, one (device, dtype) group at a time.
 
-    Plain tensors (not subclasses) of one floating dtype on a device with a fused kernel, each dense and
-    non-overlapping with the same shape and strides as its parameter: the CPU kernel walks memory linearly
-    and checks neither layout nor size (a moment smaller than its parameter is read and written past its
-    end), so ``p``, ``g``, ``m`` and ``v`` must lay their elements out alike. The tensors of ``same_layout``
-    were checked before (a state that has not changed, whose Python type cannot have): their dtype, shape
-    and strides are compared with the parameter's.
+    Each parameter a plain tensor (not a subclass) of a floating dtype on a device with a fused kernel; the
+    parameters may mix dtypes and devices (the step runs the kernel once per group, as torch's fused Adam
+    does). Each gradient and moment a plain tensor of its parameter's dtype and device, dense and
+    non-overlapping, with its parameter's shape and strides: the CPU kernel walks memory linearly and checks
+    neither layout nor size (a moment smaller than its parameter is read and written past its end), so ``p``,
+    ``g``, ``m`` and ``v`` must lay their elements out alike. The tensors of ``same_layout`` were checked
+    before (a state that has not changed, whose Python type cannot have): their dtype, shape and strides are
+    compared with the parameter's.
     """
-    if not params:
-        return True
-    first = params[0]
-    if first.device.type not in _FUSED_DEVICE_TYPES or first.dtype not in _FUSED_DTYPES:
-        return False
     # Per tensor, the cheap reads only (this runs for every tensor at every step): the device by is_cpu and
-    # its index (-1 on the CPU and on meta) rather than a torch.device object; a mix of accelerator types
-    # with one index in one list is refused by the kernel itself.
-    dtype, cpu, index = first.dtype, first.is_cpu, first.get_device()
+    # its index (-1 on the CPU and on meta) rather than a torch.device object, which only a parameter on
+    # neither the CPU nor CUDA needs.
     for i, p in enumerate(params):
-        if type(p) not in _PLAIN_TENSOR_TYPES or p.dtype is not dtype or p.is_cpu is not cpu or p.get_device() != index:
+        dtype, cpu, index = p.dtype, p.is_cpu, p.get_device()
+        if type(p) not in _PLAIN_TENSOR_TYPES or dtype not in _FUSED_DTYPES or not _dense(p):
             return False
-        if not _dense(p):
+        if not (cpu or p.is_cuda or p.device.type in _FUSED_DEVICE_TYPES):
             return False
         stride = p.stride()
         for tensors in others:
