@@ -61,7 +61,7 @@
  */
 #define PT_STREAMS 0
 #define PT_INTERLEAVED 1
-#define PASS1_PARTS 4
+#define PASS1_GROUPS 4 /* pass 1: groups of LANES accumulators, PASS1_GROUPS * LANES independent chains */
 #define PASS2_PARTS 2
 #define PT_PREFETCH_AHEAD 1024
 #if defined(__GNUC__) || defined(__clang__)
@@ -160,20 +160,20 @@ static inline __attribute__((always_inline)) double widen(const void *restrict d
 
 /* Sum of (double)g^2 over a span of float32 (dtype PT_FLOAT32), bfloat16 (PT_BFLOAT16) or float16
  * (PT_FLOAT16) elements. Each square is exact (mantissas of at most 24 bits squared fit in 53 bits) and the sum
- * is formed in PASS1_PARTS x LANES float64 accumulators, each element straight from memory (no staging
+ * is formed in PASS1_GROUPS x LANES float64 accumulators, each element straight from memory (no staging
  * buffer). */
 static inline __attribute__((always_inline)) double sum_sq_span_as(const void *restrict data, int64_t n, int dtype,
                                                                    int prefetch) {
-    /* Accumulator q (of PASS1_PARTS, each LANES wide) takes the q-th run of LANES elements of every
-     * PASS1_PARTS * LANES: the span is read front to back, with PASS1_PARTS * LANES independent chains. */
-    double acc[PASS1_PARTS][LANES] = {{0.0}};
-    const int64_t whole = n / (PASS1_PARTS * LANES) * (PASS1_PARTS * LANES);
-    for (int64_t i = 0; i < whole; i += PASS1_PARTS * LANES) {
+    /* Accumulator q (of PASS1_GROUPS, each LANES wide) takes the q-th run of LANES elements of every
+     * PASS1_GROUPS * LANES: the span is read front to back, with PASS1_GROUPS * LANES independent chains. */
+    double acc[PASS1_GROUPS][LANES] = {{0.0}};
+    const int64_t whole = n / (PASS1_GROUPS * LANES) * (PASS1_GROUPS * LANES);
+    for (int64_t i = 0; i < whole; i += PASS1_GROUPS * LANES) {
         /* float16 is widened a chunk at a time into registers first: its conversion only vectorises apart */
-        float halves[PASS1_PARTS * LANES];
+        float halves[PASS1_GROUPS * LANES];
         if (dtype == PT_FLOAT16)
-            for (int k = 0; k < PASS1_PARTS * LANES; ++k) halves[k] = half_magnitude(((const uint16_t *)data)[i + k]);
-        for (int q = 0; q < PASS1_PARTS; ++q) {
+            for (int k = 0; k < PASS1_GROUPS * LANES; ++k) halves[k] = half_magnitude(((const uint16_t *)data)[i + k]);
+        for (int q = 0; q < PASS1_GROUPS; ++q) {
             const int64_t o = i + q * LANES;
             if (prefetch) {
                 if (dtype == PT_FLOAT32) PREFETCH_READ((const float *)data + o);
@@ -190,7 +190,7 @@ static inline __attribute__((always_inline)) double sum_sq_span_as(const void *r
         const double x = widen(data, i, dtype);
         total = fma(x, x, total);
     }
-    for (int q = 0; q < PASS1_PARTS; ++q) total += sum_lanes(acc[q]);
+    for (int q = 0; q < PASS1_GROUPS; ++q) total += sum_lanes(acc[q]);
     return total;
 }
 
