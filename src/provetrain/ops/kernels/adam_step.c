@@ -160,8 +160,8 @@ static inline __attribute__((always_inline)) double widen(const void *restrict d
 
 /* Sum of (double)g^2 over a span of float32 (dtype PT_FLOAT32), bfloat16 (PT_BFLOAT16) or float16
  * (PT_FLOAT16) elements. Each square is exact (mantissas of at most 24 bits squared fit in 53 bits) and the sum
- * is formed in PASS1_GROUPS x LANES float64 accumulators, each element straight from memory (no staging
- * buffer). */
+ * is formed in PASS1_GROUPS x LANES float64 accumulators, each element read once (float16 widened
+ * PASS1_GROUPS * LANES at a time into a local array first). */
 static inline __attribute__((always_inline)) double sum_sq_span_as(const void *restrict data, int64_t n, int dtype,
                                                                    int prefetch) {
     /* Accumulator q (of PASS1_GROUPS, each LANES wide) takes the q-th run of LANES elements of every
