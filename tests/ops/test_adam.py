@@ -866,3 +866,32 @@ def test_argument_violation_is_exported() -> None:
     assert provetrain.ArgumentViolation is ArgumentViolation
     with pytest.raises(provetrain.ArgumentViolation):
         provetrain.Adam(make_model().parameters(), lr=-1.0)
+
+
+@pytest.mark.parametrize("opt_cls", [Adam, AdamW])
+def test_float16_on_the_reference_path_refuses_an_eps_that_rounds_to_zero(opt_cls) -> None:
+    """torch's loop in float16 with eps=1e-8 (0 in float16) writes 0/0 = NaN where a gradient element is 0;
+    provetrain's reference path refuses before anything changes, and steps finitely with an eps float16 holds
+    or on the multi-tensor path (float32 math)."""
+
+    def setup(**kwargs):
+        w = torch.nn.Parameter(torch.randn(6, generator=torch.Generator().manual_seed(0)).half())
+        return w, opt_cls([w], lr=1e-2, clip_value=1.0, **kwargs)
+
+    w_torch = torch.nn.Parameter(torch.randn(6, generator=torch.Generator().manual_seed(0)).half())
+    torch_opt = torch.optim.Adam([w_torch], lr=1e-2, foreach=False)
+    w_torch.grad = torch.tensor([0.0, 1.0, 0.0, 1.0, 0.0, 1.0]).half()
+    torch_opt.step()
+    assert torch.isnan(w_torch[0]) and torch.isfinite(w_torch[1])  # the hazard, in torch itself
+    w, opt = setup(fused=False)
+    before = w.detach().clone()
+    w.grad = torch.tensor([0.0, 1.0, 0.0, 1.0, 0.0, 1.0]).half()
+    with pytest.raises(ValueError, match=r"eps=1e-08 rounds to 0 in float16.*Use eps >= 6e-8"):
+        opt.step()
+    assert torch.equal(w, before) and not opt.state  # nothing changed, no state made
+    for kwargs in (dict(fused=False, eps=6e-8), dict(fused=False, eps=1e-4), dict()):
+        w, opt = setup(**kwargs)
+        for _ in range(3):
+            w.grad = torch.tensor([0.0, 1.0, 0.0, 1.0, 0.0, 1.0]).half()
+            opt.step()
+        assert torch.isfinite(w).all(), kwargs

@@ -553,6 +553,7 @@ class Adam(GuardedOptimizer):
                 self._step_fused(batches, loss, skip_scaled, observed)
             else:
                 self._check_state_matches_params(batches)
+                _check_eps_fits_float16(batches)
                 self._step_reference(batches, loss, skip_scaled, observed)
         finally:
             self._step_cache = None  # it describes this step's batches only
@@ -1098,6 +1099,31 @@ def _check_update_stays_finite(batches: list[_GroupBatch], clip_value: float | N
                     f"grows to about clip_value**2, could overflow {dtype}; use clip_value <= {largest:.4g} or "
                     "wider parameters"
                 )
+
+
+_FLOAT16_EPS_FLOOR = 2.0**-25
+"""The largest eps that rounds to 0 in float16: half of float16's smallest value, 2^-24 (ties go to even, 0)."""
+
+
+def _check_eps_fits_float16(batches: list[_GroupBatch]) -> None:
+    """Refuse float16 parameters on the reference path when eps rounds to 0 in float16.
+
+    The reference path computes in the parameters' dtype, as torch's loop does: ``denom = sqrt(v) /
+    sqrt(bias_correction2) + eps`` is 0 in float16 wherever the second moment is 0 (a zero or underflowing
+    gradient element), and the update ``m / denom`` writes 0/0 = NaN or m/0 = inf into the weights from finite
+    inputs. (The multi-tensor path, which contiguous float16 tensors take by default, computes in float32.)
+    """
+    for b in batches:
+        eps = b.group["eps"]
+        if eps <= _FLOAT16_EPS_FLOOR and any(p.dtype is torch.float16 for p in b.params):
+            raise ValueError(
+                f"param_groups[{b.group_index}]: eps={eps!r} rounds to 0 in float16, and this step takes the "
+                "reference path (fused=False, or a tensor no kernel takes: strided, a subclass), which computes "
+                "in the parameters' dtype as torch's loop does: an element whose second moment is 0 would get "
+                "0/0 = NaN written into the weights. Use eps >= 6e-8 (float16's smallest value), or let the "
+                "float16 parameters take the multi-tensor path (fused=None with contiguous tensors), which "
+                "computes in float32."
+            )
 
 
 def _check_hyperparameters(values: dict[str, Any], *, where: str) -> dict[str, Any]:
